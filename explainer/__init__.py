@@ -1,0 +1,33 @@
+"""Diffusion X-Ray: what a text-to-image diffusion model does at every denoising step.
+
+The library behind the app, usable on its own (no Gradio here):
+
+    >>> from explainer import InstrumentedRun, RunSettings, load_model
+    >>> run = InstrumentedRun(load_model(), RunSettings(prompt="a red circle on the left", width=64, height=64))
+    >>> for record in run.steps():
+    ...     print(record.label, record.attention.shape)
+"""
+
+from .capture import AttentionRecorder, capture_attention
+from .config import DEFAULTS, LIMITS, MODELS, default_model_id
+from .models import LoadedModel, load_model
+from .run import InstrumentedRun, RunSettings, StepRecord
+from .schedules import timesteps
+from .tokens import PromptTokens, tokenize
+
+__all__ = [
+    "DEFAULTS",
+    "LIMITS",
+    "MODELS",
+    "AttentionRecorder",
+    "InstrumentedRun",
+    "LoadedModel",
+    "PromptTokens",
+    "RunSettings",
+    "StepRecord",
+    "capture_attention",
+    "default_model_id",
+    "load_model",
+    "timesteps",
+    "tokenize",
+]

@@ -1,0 +1,206 @@
+"""Cross-attention capture through diffusers attention processors (SPEC §2).
+
+``with capture_attention(pipe) as layers:`` swaps in processors that can record, and restores the
+originals on exit, also after an exception. The processors themselves hold no run state: a run
+passes its own ``AttentionRecorder`` to the UNet call (``cross_attention_kwargs={"recorder": r}``),
+so two runs in two threads on one pipeline never see each other's maps. Without a recorder the
+processors run the original code. Self-attention keeps its fused kernel; only cross-attention
+layers compute their probabilities explicitly (their key length is the text length: small).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+_PROCESSOR_SUFFIX = ".processor"
+
+
+class AttentionRecorder:
+    """Collects one step's cross-attention maps of one run (conditional half, heads averaged).
+
+    Args:
+        latent_size: ``(H_lat, W_lat)``, the grid every layer's map is resized to.
+        kept_positions: token positions kept one by one (start, prompt pieces, end token);
+            the remaining positions (padding) are summed into one extra row.
+        conditional_index: which item of the UNet batch is the conditional prompt
+            (1 under classifier-free guidance, where diffusers puts the negative prompt first).
+        batch_size: the UNet batch size (2 under guidance).
+        per_layer: also keep each layer's map at its own resolution.
+    """
+
+    def __init__(
+        self,
+        latent_size: tuple[int, int],
+        kept_positions: int,
+        conditional_index: int,
+        batch_size: int,
+        per_layer: bool = False,
+    ):
+        self.latent_size = latent_size
+        self.kept_positions = kept_positions
+        self.conditional_index = conditional_index
+        self.batch_size = batch_size
+        self.per_layer = per_layer
+        self._reset()
+
+    def _reset(self) -> None:
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+        self._layers: dict[str, np.ndarray] = {}
+
+    def add(self, layer: str, probs: torch.Tensor, heads: int) -> None:
+        """Record ``probs`` of shape (batch * heads, N image tokens, L text tokens)."""
+        _, tokens, text_length = probs.shape
+        # (batch, heads, N, L) -> conditional prompt, mean over heads -> (N, L)
+        probs = probs.view(self.batch_size, heads, tokens, text_length)[self.conditional_index].float().mean(0)
+        kept = self.kept_positions
+        reduced = torch.cat([probs[:, :kept], probs[:, kept:].sum(1, keepdim=True)], dim=1)  # (N, kept + 1)
+        height, width = layer_grid(tokens, self.latent_size)
+        maps = reduced.T.reshape(kept + 1, height, width)
+        if self.per_layer:
+            self._layers[layer] = maps.to(torch.float16).cpu().numpy()
+        if (height, width) != self.latent_size:
+            # bilinear weights are convex, so the maps still sum to 1 over tokens
+            maps = F.interpolate(maps[None], size=self.latent_size, mode="bilinear", align_corners=False)[0]
+        self._sum = maps if self._sum is None else self._sum + maps
+        self._count += 1
+
+    def finish_step(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The step's layer-averaged maps (kept + 1, H_lat, W_lat) in float16, and the per-layer maps."""
+        if self._sum is None:
+            raise RuntimeError(
+                "No cross-attention was captured in this step: is the UNet inside `capture_attention`, "
+                "and was the recorder passed as cross_attention_kwargs={'recorder': ...}?"
+            )
+        mean = (self._sum / self._count).to(torch.float16).cpu().numpy()
+        layers = self._layers
+        self._reset()
+        return mean, layers
+
+
+def layer_grid(tokens: int, latent_size: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) of a layer with ``tokens`` image tokens: the latent grid halved k times (rounding up)."""
+    height, width = latent_size
+    while height * width > tokens and (height > 1 or width > 1):
+        height, width = -(-height // 2), -(-width // 2)
+    if height * width != tokens:
+        raise ValueError(f"Cannot place {tokens} image tokens on a grid derived from latent size {latent_size}.")
+    return height, width
+
+
+class CrossAttentionRecordingProcessor:
+    """Runs the original processor, or, given a recorder, computes and records the probabilities.
+
+    The recording path is diffusers' classic ``AttnProcessor`` maths (explicit softmax(QK^T)).
+    """
+
+    def __init__(self, layer: str, original):
+        self.layer = layer
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, recorder=None, **kwargs):
+        if recorder is None or encoder_hidden_states is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = encoder_hidden_states.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        # (batch, tokens, heads * dim) -> (batch * heads, tokens, dim)
+        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
+        probs = attn.get_attention_scores(query, key, attention_mask)  # (batch * heads, N, L)
+        recorder.add(self.layer, probs, attn.heads)
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear projection, dropout
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+class RecorderPassthrough:
+    """Wraps a self-attention processor so it accepts (and ignores) ``recorder``: fused kernel kept."""
+
+    def __init__(self, original):
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, recorder=None, **kwargs):
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+
+@dataclass
+class _Installation:
+    originals: dict
+    users: int
+
+
+# Which UNets have our processors installed, and by how many open `capture_attention` blocks.
+# Only installation bookkeeping lives here; captured maps live in each run's recorder.
+_INSTALLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_INSTALL_LOCK = threading.Lock()
+
+
+def cross_attention_layers(unet) -> list[str]:
+    """Processor keys of the UNet's cross-attention layers, in forward order."""
+    return [
+        key
+        for key in unet.attn_processors
+        if getattr(unet.get_submodule(key.removesuffix(_PROCESSOR_SUFFIX)), "is_cross_attention", False)
+    ]
+
+
+@contextmanager
+def capture_attention(pipe_or_unet) -> Iterator[list[str]]:
+    """Install recording processors on a UNet for the duration of the block; yields the layer keys.
+
+    Nested or concurrent blocks on one UNet share one installation; the last to leave restores
+    the original processors, whatever happened inside.
+
+    Example:
+        >>> with capture_attention(pipe) as layers:
+        ...     unet(x, t, encoder_hidden_states=e, cross_attention_kwargs={"recorder": recorder})
+    """
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    layers = cross_attention_layers(unet)
+    if not layers:
+        raise ValueError("This UNet has no cross-attention layers to capture.")
+    with _INSTALL_LOCK:
+        installation = _INSTALLED.get(unet)
+        if installation is None:
+            originals = unet.attn_processors
+            unet.set_attn_processor(
+                {
+                    key: CrossAttentionRecordingProcessor(key, proc) if key in layers else RecorderPassthrough(proc)
+                    for key, proc in originals.items()
+                }
+            )
+            installation = _INSTALLED[unet] = _Installation(originals=originals, users=0)
+        installation.users += 1
+    try:
+        yield layers
+    finally:
+        with _INSTALL_LOCK:
+            installation.users -= 1
+            if installation.users == 0:
+                unet.set_attn_processor(installation.originals)
+                del _INSTALLED[unet]

@@ -1,0 +1,197 @@
+"""One place for every fact a person duplicating the Space may want to change.
+
+Model ids, what each model defaults to, and the limits the library enforces all live here.
+Nothing else in the project names a model id or a limit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ASSETS_DIR = REPO_ROOT / "assets"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model the app may load.
+
+    Attributes:
+        id: the name users pass (UI dropdown, API, ``load_model``).
+        source: a local folder (embedded model) or a Hugging Face Hub repo id.
+        label: what the UI shows.
+        hub: True when ``source`` is a Hub repo id (only loadable on the Space).
+        width, height, steps, guidance: defaults the UI starts from for this model.
+        vae_decode_every: decode both views with the VAE every this many steps while
+            streaming (0: only the final image); the fast linear preview is always made.
+        latent_rgb: optional fixed 4x3 latent-channel -> RGB map for the fast preview;
+            fitted from the VAE at load time when absent.
+        examples: prompts shown as examples for this model.
+    """
+
+    id: str
+    source: str
+    label: str
+    hub: bool
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    vae_decode_every: int = 1
+    latent_rgb: tuple[tuple[float, float, float], ...] | None = None
+    examples: tuple[str, ...] = ()
+
+
+# Approximate latent -> RGB map of the SD v1 VAE (widely used for live previews).
+SD_V1_LATENT_RGB = (
+    (0.298, 0.207, 0.208),
+    (0.187, 0.286, 0.173),
+    (-0.158, 0.189, 0.264),
+    (-0.184, -0.271, -0.473),
+)
+
+PAPER_PROMPTS = (
+    "a photo of an astronaut riding a horse",
+    "a cat playing soccer",
+    "A portrait photo of a zebra and a giraffe and a tiger",
+    "a photo of some plants surrounding lightbulb",
+    "a portrait photo of an apple on the banana",
+    "A cat riding on a bicycle",
+    "A bear playing piano",
+    "A Lego Statue of Liberty",
+    "A shark in the desert",
+    "An angry duck doing heavy weightlifting at the gym",
+)
+
+SHAPES_PROMPTS = (
+    "a red circle on the left",
+    "a big blue square at the top",
+    "a small green triangle in the center and a yellow circle on the right",
+    "a purple triangle at the bottom",
+    "an orange square on the right",
+)
+
+EMBEDDED_MODEL_ID = "embedded/shapes-ldm"
+TINY_RANDOM_MODEL_ID = "tiny-random"
+
+MODELS: dict[str, ModelSpec] = {
+    spec.id: spec
+    for spec in (
+        ModelSpec(
+            id=EMBEDDED_MODEL_ID,
+            source=str(ASSETS_DIR / "shapes-ldm"),
+            label="Shapes world (embedded, runs on CPU)",
+            hub=False,
+            width=64,
+            height=64,
+            steps=20,
+            guidance=5.0,
+            examples=SHAPES_PROMPTS,
+        ),
+        ModelSpec(
+            id=TINY_RANDOM_MODEL_ID,
+            source="",  # built from configs by explainer.tiny, random weights
+            label="Tiny random model (for tests; pictures mean nothing)",
+            hub=False,
+            width=64,
+            height=64,
+            steps=10,
+            guidance=5.0,
+            examples=("a cat playing soccer",),
+        ),
+        ModelSpec(
+            id="CompVis/stable-diffusion-v1-4",
+            source="CompVis/stable-diffusion-v1-4",
+            label="Stable Diffusion v1.4 (the paper's model, GPU)",
+            hub=True,
+            width=512,
+            height=512,
+            steps=30,
+            guidance=7.5,
+            vae_decode_every=5,
+            latent_rgb=SD_V1_LATENT_RGB,
+            examples=PAPER_PROMPTS,
+        ),
+        ModelSpec(
+            id="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            source="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            label="Stable Diffusion v1.5 (GPU)",
+            hub=True,
+            width=512,
+            height=512,
+            steps=30,
+            guidance=7.5,
+            vae_decode_every=5,
+            latent_rgb=SD_V1_LATENT_RGB,
+            examples=PAPER_PROMPTS,
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds enforced by the library (and shown in the UI)."""
+
+    max_steps: int = 100
+    min_side: int = 8
+    max_side: int = 1024
+    side_multiple: int = 8
+    max_guidance: float = 30.0
+    max_lam: float = 500.0
+    max_prompt_chars: int = 1000
+    max_seed: int = 2**63 - 1
+    max_masks: int = 4000
+    max_concurrent_runs: int = 2
+    max_queue: int = 32
+    max_runs_per_session: int = 4
+
+
+LIMITS = Limits()
+
+SCHEDULERS = ("dpm++", "ddim")
+SCHEDULE_KINDS = ("uniform", "early", "latter")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Settings a run starts from when the caller gives none."""
+
+    seed: int = 1
+    schedule: str = "uniform"
+    lam: float = 60.0
+    scheduler: str = "dpm++"
+    negative_prompt: str = ""
+
+
+DEFAULTS = Defaults()
+
+# Hub ids are only loaded where the Hub is reachable (the Space); tests and CI set this.
+HUB_OFFLINE = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def default_model_id() -> str:
+    """The embedded model once its weights are in assets/, else the tiny random one."""
+    if Path(MODELS[EMBEDDED_MODEL_ID].source, "model_index.json").is_file():
+        return EMBEDDED_MODEL_ID
+    return TINY_RANDOM_MODEL_ID
+
+
+def model_spec(model_id: str) -> ModelSpec:
+    """The spec of an allowed model; a clear ValueError for anything else."""
+    if model_id not in MODELS:
+        allowed = ", ".join(repr(m) for m in MODELS)
+        raise ValueError(f"Unknown model {model_id!r}: this app only loads the models in its config ({allowed}).")
+    return MODELS[model_id]
+
+
+__all__ = [
+    "DEFAULTS",
+    "LIMITS",
+    "MODELS",
+    "ModelSpec",
+    "default_model_id",
+    "model_spec",
+]

@@ -1,0 +1,92 @@
+"""Loading the models the config allows: one pipeline per id per process.
+
+CUDA with float16 where a GPU is present, else CPU with float32. Only ids in
+``config.MODELS`` load; ``trust_remote_code`` is never passed.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+
+from . import config
+from .images import fit_latent_rgb
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline with what the explainer needs to know about it."""
+
+    id: str
+    pipe: StableDiffusionPipeline
+    latent_rgb: np.ndarray  # (C [+1]) x 3 fast-preview map
+    spec: config.ModelSpec | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.unet.dtype
+
+    @classmethod
+    def from_pipeline(cls, pipe: StableDiffusionPipeline, model_id: str = "custom", spec=None) -> LoadedModel:
+        """Wrap a pipeline built elsewhere (tests, notebooks)."""
+        if spec is not None and spec.latent_rgb is not None:
+            factors = np.asarray(spec.latent_rgb, dtype=np.float32)
+        else:
+            factors = fit_latent_rgb(pipe.vae)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(id=model_id, pipe=pipe, latent_rgb=factors, spec=spec)
+
+
+def preferred_device() -> tuple[torch.device, torch.dtype]:
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+_CACHE: dict[str, LoadedModel] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_model(model_id: str | None = None) -> LoadedModel:
+    """Load (once per process) the model ``model_id`` from the config; the default model when None.
+
+    Raises:
+        ValueError: the id is not in the config, or it needs the Hub while the Hub is offline,
+            or the embedded weights are missing.
+    """
+    model_id = model_id or config.default_model_id()
+    spec = config.model_spec(model_id)
+    with _CACHE_LOCK:  # one load at a time: two users asking at once share one pipeline
+        if model_id not in _CACHE:
+            _CACHE[model_id] = LoadedModel.from_pipeline(_build_pipeline(spec), model_id, spec)
+        return _CACHE[model_id]
+
+
+def _build_pipeline(spec: config.ModelSpec) -> StableDiffusionPipeline:
+    device, dtype = preferred_device()
+    if spec.id == config.TINY_RANDOM_MODEL_ID:
+        from .tiny import tiny_pipeline
+
+        return tiny_pipeline().to(device=device, dtype=dtype)
+    if spec.hub and config.HUB_OFFLINE:
+        raise ValueError(f"Model {spec.id!r} comes from the Hugging Face Hub, which is offline here (HF_HUB_OFFLINE=1).")
+    if not spec.hub and not (Path(spec.source) / "model_index.json").is_file():
+        raise ValueError(f"Model {spec.id!r} has no weights at {spec.source}; train it first (see assets/README.md).")
+    pipe = StableDiffusionPipeline.from_pretrained(
+        spec.source,
+        torch_dtype=dtype,
+        safety_checker=None,
+        requires_safety_checker=False,
+        local_files_only=not spec.hub,
+        use_safetensors=True,
+    )
+    return pipe.to(device)

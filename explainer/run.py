@@ -1,0 +1,317 @@
+"""The instrumented denoising run: one record per step, yielded as soon as the step is done.
+
+The loop is written out like ``StableDiffusionPipeline.__call__`` (encode prompt, timesteps,
+latents, then per step: expand for guidance, denoise, guide, scheduler step), built from the
+pipeline's public pieces and never patching it. Writing it out, rather than driving the
+pipeline's ``callback_on_step_end``, is what gives us ``x0_hat``, both guidance halves and a
+per-run attention recorder without touching the pipeline's own state, so runs can share it.
+
+Example:
+    >>> run = InstrumentedRun(load_model(), RunSettings(prompt="a red circle on the left"))
+    >>> for record in run.steps():
+    ...     print(record.index, record.timestep, record.attention.shape)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from . import config, images
+from .capture import AttentionRecorder, capture_attention
+from .models import LoadedModel
+from .schedules import timesteps as schedule_timesteps
+from .tokens import PromptTokens, tokenize
+
+
+@dataclass
+class RunSettings:
+    """Everything that defines a run; round-trips to JSON with ``to_dict``/``from_dict``.
+
+    ``seed=-1`` means a random seed; the run reports the seed it used. ``schedule`` is
+    "uniform", "early", "latter" or an explicit list of timesteps (SPEC §1).
+    """
+
+    prompt: str
+    negative_prompt: str = config.DEFAULTS.negative_prompt
+    seed: int = config.DEFAULTS.seed
+    steps: int = 20
+    guidance: float = 7.5
+    width: int = 512
+    height: int = 512
+    schedule: str | list[int] = config.DEFAULTS.schedule
+    lam: float = config.DEFAULTS.lam
+    scheduler: str = config.DEFAULTS.scheduler
+    per_layer: bool = False
+    vae_decode_every: int = 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunSettings:
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+    def validated(self, limits: config.Limits = config.LIMITS) -> RunSettings:
+        """A copy with a concrete seed; ValueError naming the argument for anything out of range."""
+        prompt = self.prompt if isinstance(self.prompt, str) else ""
+        if not prompt.strip():
+            raise ValueError("prompt is empty: type what the image should show.")
+        if len(prompt) > limits.max_prompt_chars:
+            raise ValueError(f"prompt has {len(prompt)} characters; the limit is {limits.max_prompt_chars}.")
+        _check_int("steps", self.steps, 1, limits.max_steps)
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            _check_int(name, value, limits.min_side, limits.max_side)
+            if value % limits.side_multiple:
+                raise ValueError(f"{name} must be a multiple of {limits.side_multiple}, got {value}.")
+        _check_number("guidance", self.guidance, 0.0, limits.max_guidance)
+        _check_number("lam", self.lam, 0.0, limits.max_lam)
+        _check_int("vae_decode_every", self.vae_decode_every, 0, limits.max_steps)
+        if self.scheduler not in config.SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {config.SCHEDULERS}, got {self.scheduler!r}.")
+        seed = self.seed
+        if seed == -1:
+            seed = random.SystemRandom().randrange(2**31)
+        _check_int("seed", seed, 0, limits.max_seed, hint=" (-1 means random)")
+        schedule = self.schedule if isinstance(self.schedule, str) else list(self.schedule)
+        schedule_timesteps(schedule, self.steps, self.lam)  # raises on a bad schedule
+        if not isinstance(schedule, str):
+            steps = len(schedule)
+            _check_int("number of explicit timesteps", steps, 1, limits.max_steps)
+        else:
+            steps = self.steps
+        return dataclasses.replace(self, prompt=prompt, seed=seed, schedule=schedule, steps=steps)
+
+
+def _check_int(name: str, value, low: int, high: int, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}]{hint}, got {value!r}.")
+
+
+def _check_number(name: str, value, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+        raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value!r}.")
+
+
+@dataclass
+class StepRecord:
+    """What the model did at step ``index`` (1-based) of ``total``: from ``x_t`` to ``x_{t-1}``.
+
+    Latents are CPU float32 tensors (1, C, h, w) in the UNet's scale. ``attention`` is float16
+    (P + 1, h, w): rows 0..P-1 are token positions 0 (start) to the end token, the last row is all
+    padding positions summed; rows sum to 1 at every latent pixel. ``layer_attention`` holds the
+    per-layer maps at their own resolution when the run asked for them.
+    """
+
+    index: int
+    total: int
+    timestep: int
+    next_timestep: int | None  # None: the last step, which lands on the clean latent
+    alpha_bar: float
+    sigma: float  # noise level sqrt((1 - alpha_bar) / alpha_bar)
+    latents: torch.Tensor
+    next_latents: torch.Tensor
+    x0_hat: torch.Tensor
+    noise_pred: torch.Tensor  # guided eps_hat (in the scheduler's prediction type)
+    preview_noisy: Image.Image
+    preview_prediction: Image.Image
+    attention: np.ndarray
+    noisy_view: Image.Image | None = None
+    prediction_view: Image.Image | None = None
+    layer_attention: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"step {self.index} of {self.total}, t = {self.timestep}"
+
+
+class InstrumentedRun:
+    """One run of a model with one set of settings; ``steps()`` generates its records.
+
+    All state of the run (scheduler, generator, attention recorder, records) lives in this
+    object: runs on one shared pipeline in several threads do not interfere.
+    """
+
+    def __init__(self, model: LoadedModel, settings: RunSettings):
+        self.model = model
+        self.settings = settings.validated()
+        self.tokens: PromptTokens = tokenize(model.pipe.tokenizer, self.settings.prompt)
+        self.messages: list[str] = [m for m in (self.tokens.truncation_message,) if m]
+        self.scheduler = make_scheduler(model.pipe, self.settings)
+        self.timesteps: list[int] = [int(t) for t in self.scheduler.timesteps]
+        self.records: list[StepRecord] = []
+        self.final_latents: torch.Tensor | None = None
+        self.final_array: np.ndarray | None = None  # (H, W, 3) float in [0, 1], as pipe(output_type="np")
+        self.final_image: Image.Image | None = None
+
+    @property
+    def guided(self) -> bool:
+        return self.settings.guidance > 1.0  # as diffusers: no unconditional half at w <= 1
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        factor = self.model.pipe.vae_scale_factor
+        return self.settings.height // factor, self.settings.width // factor
+
+    def steps(self) -> Iterator[StepRecord]:
+        """Run the denoising loop, yielding a ``StepRecord`` after every step."""
+        pipe, settings = self.model.pipe, self.settings
+        device, dtype = self.model.device, self.model.dtype
+        with torch.inference_mode():
+            embeddings = self._encode_prompt(device)
+            generator = torch.Generator("cpu").manual_seed(settings.seed)
+            shape = (1, pipe.unet.config.in_channels, *self.latent_size)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            latents = latents * self.scheduler.init_noise_sigma
+        recorder = AttentionRecorder(
+            self.latent_size,
+            kept_positions=self.tokens.stored_positions,
+            conditional_index=1 if self.guided else 0,
+            batch_size=2 if self.guided else 1,
+            per_layer=settings.per_layer,
+        )
+        extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, 0.0)
+        with capture_attention(pipe.unet):
+            for index, timestep in enumerate(self.scheduler.timesteps):
+                with torch.inference_mode():
+                    noise_pred = self._denoise(latents, timestep, embeddings, recorder)
+                    next_latents = self.scheduler.step(noise_pred, timestep, latents, **extra_step_kwargs).prev_sample
+                record = self._record(index, int(timestep), latents, next_latents, noise_pred, recorder)
+                self.records.append(record)
+                latents = next_latents
+                yield record
+        with torch.inference_mode():
+            self.final_latents = latents.float().cpu()
+            self.final_array = images.decode(pipe, latents, output_type="np")[0]
+        self.final_image = Image.fromarray((self.final_array * 255).round().astype(np.uint8))
+
+    def run_all(self) -> InstrumentedRun:
+        """Run to the end without streaming; returns self."""
+        for _ in self.steps():
+            pass
+        return self
+
+    def _encode_prompt(self, device) -> torch.Tensor:
+        prompt_embeds, negative_embeds = self.model.pipe.encode_prompt(
+            self.settings.prompt,
+            device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=self.guided,
+            negative_prompt=self.settings.negative_prompt or None,
+        )
+        # diffusers' batch order under guidance: [unconditional, conditional]
+        return torch.cat([negative_embeds, prompt_embeds]) if self.guided else prompt_embeds
+
+    def _denoise(self, latents, timestep, embeddings, recorder) -> torch.Tensor:
+        latent_input = torch.cat([latents] * 2) if self.guided else latents
+        latent_input = self.scheduler.scale_model_input(latent_input, timestep)
+        output = self.model.pipe.unet(
+            latent_input,
+            timestep,
+            encoder_hidden_states=embeddings,
+            cross_attention_kwargs={"recorder": recorder},
+            return_dict=False,
+        )[0]
+        if not self.guided:
+            return output
+        unconditional, conditional = output.chunk(2)
+        return unconditional + self.settings.guidance * (conditional - unconditional)
+
+    def _record(self, index, timestep, latents, next_latents, noise_pred, recorder) -> StepRecord:
+        attention, layers = recorder.finish_step()
+        alpha_bar = float(self.scheduler.alphas_cumprod[timestep])
+        x0_hat = predicted_original(latents.float(), noise_pred.float(), alpha_bar, self.scheduler.config.prediction_type)
+        total = len(self.timesteps)
+        size = (self.settings.width, self.settings.height)
+        record = StepRecord(
+            index=index + 1,
+            total=total,
+            timestep=timestep,
+            next_timestep=self.timesteps[index + 1] if index + 1 < total else None,
+            alpha_bar=alpha_bar,
+            sigma=math.sqrt((1 - alpha_bar) / alpha_bar),
+            latents=latents.float().cpu(),
+            next_latents=next_latents.float().cpu(),
+            x0_hat=x0_hat.cpu(),
+            noise_pred=noise_pred.float().cpu(),
+            preview_noisy=images.preview(latents, self.model.latent_rgb, size),
+            preview_prediction=images.preview(x0_hat, self.model.latent_rgb, size),
+            attention=attention,
+            layer_attention=layers,
+        )
+        every = self.settings.vae_decode_every
+        if (every and (index + 1) % every == 0) or index + 1 == total:
+            stacked = torch.cat([latents, x0_hat.to(latents.device, latents.dtype)])
+            record.noisy_view, record.prediction_view = images.decode(self.model.pipe, stacked)
+        return record
+
+    def reproduction(self) -> dict:
+        """Everything needed to run this again: settings, model, scheduler, versions, device."""
+        import diffusers
+        import transformers
+
+        settings = self.settings.to_dict()
+        settings["timesteps"] = self.timesteps
+        return {
+            "settings": settings,
+            "model_id": self.model.id,
+            "model_source": self.model.spec.source if self.model.spec else "",
+            "scheduler": {"class": type(self.scheduler).__name__, "config": dict(self.scheduler.config)},
+            "tokens": self.tokens.to_dict(),
+            "device": str(self.model.device),
+            "dtype": str(self.model.dtype),
+            "versions": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__,
+                "numpy": np.__version__,
+            },
+            "messages": self.messages,
+        }
+
+
+def predicted_original(latents, model_output, alpha_bar: float, prediction_type: str) -> torch.Tensor:
+    """``x0_hat``, the clean latent the model currently predicts, from its output at ``alpha_bar``."""
+    a, s = math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
+    if prediction_type == "epsilon":
+        return (latents - s * model_output) / a
+    if prediction_type == "v_prediction":
+        return a * latents - s * model_output
+    if prediction_type == "sample":
+        return model_output
+    raise ValueError(f"Unsupported prediction type {prediction_type!r}.")
+
+
+def make_scheduler(pipe, settings: RunSettings):
+    """A fresh scheduler for one run (schedulers keep per-run state), on the run's timesteps.
+
+    DDIM derives each previous timestep from ``T / n``, so it cannot follow a custom list; for
+    those, DPM-Solver++ of order 1 is used instead, which is the same update as DDIM (eta = 0).
+    """
+    base = pipe.scheduler.config
+    custom = schedule_timesteps(settings.schedule, settings.steps, settings.lam, base.num_train_timesteps)
+    if settings.scheduler == "ddim" and custom is None:
+        scheduler = DDIMScheduler.from_config(base)
+    else:
+        order = 1 if settings.scheduler == "ddim" else 2
+        scheduler = DPMSolverMultistepScheduler.from_config(
+            base, algorithm_type="dpmsolver++", solver_order=order, use_karras_sigmas=False
+        )
+    device = pipe.unet.device
+    if custom is None:
+        scheduler.set_timesteps(settings.steps, device=device)
+    else:
+        scheduler.set_timesteps(timesteps=custom, device=device)
+    return scheduler

@@ -1,0 +1,48 @@
+from pathlib import Path
+
+import pytest
+
+from explainer import config
+from explainer.models import LoadedModel, load_model, preferred_device
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_unknown_model_is_refused_with_the_allowed_list():
+    with pytest.raises(ValueError, match=r"Unknown model 'evil/model'.*stable-diffusion-v1-4"):
+        load_model("evil/model")
+
+
+def test_hub_models_are_refused_offline():
+    with pytest.raises(ValueError, match="offline"):
+        load_model("CompVis/stable-diffusion-v1-4")
+
+
+def test_config_allows_the_paper_models_and_the_embedded_one():
+    assert {"CompVis/stable-diffusion-v1-4", "stable-diffusion-v1-5/stable-diffusion-v1-5"} <= set(config.MODELS)
+    embedded = config.MODELS[config.EMBEDDED_MODEL_ID]
+    assert not embedded.hub and Path(embedded.source).parent == config.ASSETS_DIR
+
+
+def test_one_pipeline_per_id_per_process():
+    first = load_model(config.TINY_RANDOM_MODEL_ID)
+    assert isinstance(first, LoadedModel)
+    assert load_model(config.TINY_RANDOM_MODEL_ID) is first
+    device, dtype = preferred_device()
+    assert first.device.type == device.type and first.dtype == dtype
+
+
+def test_default_model_is_the_embedded_one_when_its_weights_exist():
+    has_weights = (Path(config.MODELS[config.EMBEDDED_MODEL_ID].source) / "model_index.json").is_file()
+    expected = config.EMBEDDED_MODEL_ID if has_weights else config.TINY_RANDOM_MODEL_ID
+    assert config.default_model_id() == expected
+
+
+def test_no_code_trusts_remote_code():
+    sources = list((ROOT / "explainer").rglob("*.py")) + [ROOT / "app.py"]
+    offenders = [str(path) for path in sources if path.exists() and "trust_remote_code=True" in path.read_text()]
+    assert offenders == []
+
+
+def test_fitted_preview_map_tracks_the_vae(tiny_model):
+    assert tiny_model.latent_rgb.shape == (5, 3)  # 4 latent channels + bias
