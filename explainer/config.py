@@ -40,6 +40,7 @@ class ModelSpec:
     steps: int
     guidance: float
     vae_decode_every: int = 1
+    gpu_seconds_per_step: float = 0.05  # per 512x512 guided step on the Space GPU: an estimate, not yet measured
     latent_rgb: tuple[tuple[float, float, float], ...] | None = None
     examples: tuple[str, ...] = ()
 
@@ -111,6 +112,7 @@ MODELS: dict[str, ModelSpec] = {
             steps=30,
             guidance=7.5,
             vae_decode_every=5,
+            gpu_seconds_per_step=0.12,
             latent_rgb=SD_V1_LATENT_RGB,
             examples=PAPER_PROMPTS,
         ),
@@ -124,6 +126,7 @@ MODELS: dict[str, ModelSpec] = {
             steps=30,
             guidance=7.5,
             vae_decode_every=5,
+            gpu_seconds_per_step=0.12,
             latent_rgb=SD_V1_LATENT_RGB,
             examples=PAPER_PROMPTS,
         ),
@@ -147,6 +150,7 @@ class Limits:
     max_concurrent_runs: int = 2
     max_queue: int = 32
     max_runs_per_session: int = 4
+    gpu_overhead_seconds: float = 15.0  # model to GPU, prompt encoding, final decode
 
 
 LIMITS = Limits()
@@ -177,6 +181,12 @@ def default_model_id() -> str:
     if Path(MODELS[EMBEDDED_MODEL_ID].source, "model_index.json").is_file():
         return EMBEDDED_MODEL_ID
     return TINY_RANDOM_MODEL_ID
+
+
+def gpu_seconds(spec: ModelSpec, steps: int, width: int, height: int) -> int:
+    """The ZeroGPU duration to ask for a run: from the work (steps, pixels), never a constant."""
+    pixels = (width * height) / (512 * 512)
+    return int(LIMITS.gpu_overhead_seconds + 2 * spec.gpu_seconds_per_step * steps * max(pixels, 0.05))
 
 
 def model_spec(model_id: str) -> ModelSpec:

@@ -136,33 +136,69 @@ class StepRecord:
         return f"step {self.index} of {self.total}, t = {self.timestep}"
 
 
+@dataclass
+class RunData:
+    """What a run produced, on the CPU only: safe to keep in a session, pickle or export.
+
+    ``records`` fills up step by step; ``final_*`` and ``reproduction`` are set at the end.
+    """
+
+    settings: RunSettings
+    model_id: str
+    tokens: PromptTokens
+    timesteps: list[int]
+    noise_levels: list[float]  # sigma_t at every timestep, known before the run starts
+    latent_size: tuple[int, int]
+    messages: list[str] = field(default_factory=list)
+    records: list[StepRecord] = field(default_factory=list)
+    final_array: np.ndarray | None = None  # (H, W, 3) float in [0, 1], as pipe(output_type="np")
+    final_image: Image.Image | None = None
+    reproduction: dict = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.final_image is not None
+
+
 class InstrumentedRun:
     """One run of a model with one set of settings; ``steps()`` generates its records.
 
     All state of the run (scheduler, generator, attention recorder, records) lives in this
-    object: runs on one shared pipeline in several threads do not interfere.
+    object: runs on one shared pipeline in several threads do not interfere. What it produced
+    is in ``self.data`` (CPU objects only).
     """
 
     def __init__(self, model: LoadedModel, settings: RunSettings):
         self.model = model
         self.settings = settings.validated()
-        self.tokens: PromptTokens = tokenize(model.pipe.tokenizer, self.settings.prompt)
-        self.messages: list[str] = [m for m in (self.tokens.truncation_message,) if m]
         self.scheduler = make_scheduler(model.pipe, self.settings)
-        self.timesteps: list[int] = [int(t) for t in self.scheduler.timesteps]
-        self.records: list[StepRecord] = []
-        self.final_latents: torch.Tensor | None = None
-        self.final_array: np.ndarray | None = None  # (H, W, 3) float in [0, 1], as pipe(output_type="np")
-        self.final_image: Image.Image | None = None
+        tokens = tokenize(model.pipe.tokenizer, self.settings.prompt)
+        timesteps = [int(t) for t in self.scheduler.timesteps]
+        alphas = self.scheduler.alphas_cumprod
+        factor = model.pipe.vae_scale_factor
+        self.data = RunData(
+            settings=self.settings,
+            model_id=model.id,
+            tokens=tokens,
+            timesteps=timesteps,
+            noise_levels=[math.sqrt((1 - float(alphas[t])) / float(alphas[t])) for t in timesteps],
+            latent_size=(self.settings.height // factor, self.settings.width // factor),
+            messages=[m for m in (tokens.truncation_message,) if m],
+        )
+
+    # Shortcuts to what the run produced.
+    tokens = property(lambda self: self.data.tokens)
+    timesteps = property(lambda self: self.data.timesteps)
+    records = property(lambda self: self.data.records)
+    messages = property(lambda self: self.data.messages)
+    latent_size = property(lambda self: self.data.latent_size)
+    noise_levels = property(lambda self: self.data.noise_levels)
+    final_array = property(lambda self: self.data.final_array)
+    final_image = property(lambda self: self.data.final_image)
 
     @property
     def guided(self) -> bool:
         return self.settings.guidance > 1.0  # as diffusers: no unconditional half at w <= 1
-
-    @property
-    def latent_size(self) -> tuple[int, int]:
-        factor = self.model.pipe.vae_scale_factor
-        return self.settings.height // factor, self.settings.width // factor
 
     def steps(self) -> Iterator[StepRecord]:
         """Run the denoising loop, yielding a ``StepRecord`` after every step."""
@@ -188,13 +224,14 @@ class InstrumentedRun:
                     noise_pred = self._denoise(latents, timestep, embeddings, recorder)
                     next_latents = self.scheduler.step(noise_pred, timestep, latents, **extra_step_kwargs).prev_sample
                 record = self._record(index, int(timestep), latents, next_latents, noise_pred, recorder)
-                self.records.append(record)
+                self.data.records.append(record)
                 latents = next_latents
                 yield record
         with torch.inference_mode():
-            self.final_latents = latents.float().cpu()
-            self.final_array = images.decode(pipe, latents, output_type="np")[0]
-        self.final_image = Image.fromarray((self.final_array * 255).round().astype(np.uint8))
+            final = images.decode(pipe, latents, output_type="np")[0]
+        self.data.final_array = final
+        self.data.final_image = Image.fromarray((final * 255).round().astype(np.uint8))
+        self.data.reproduction = self.reproduction()
 
     def run_all(self) -> InstrumentedRun:
         """Run to the end without streaming; returns self."""
@@ -315,3 +352,15 @@ def make_scheduler(pipe, settings: RunSettings):
     else:
         scheduler.set_timesteps(timesteps=custom, device=device)
     return scheduler
+
+
+def stream_run(model: LoadedModel, settings: RunSettings) -> Iterator[RunData | StepRecord]:
+    """Yield the run's ``RunData`` (no records yet), then each ``StepRecord``, then the finished ``RunData``.
+
+    Only CPU objects cross this boundary, so it can run in a GPU worker process (ZeroGPU)
+    while the caller keeps the records.
+    """
+    run = InstrumentedRun(model, settings)
+    yield dataclasses.replace(run.data, records=[])
+    yield from run.steps()
+    yield dataclasses.replace(run.data, records=[])

@@ -1,0 +1,62 @@
+"""Pictures of what was computed: map overlays (SPEC §4) and the noise-level chart."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+_JET = matplotlib.colormaps["jet"]
+
+
+def normalise(saliency: np.ndarray) -> np.ndarray:
+    """Min-max to [0, 1] in float32; a constant map becomes all zeros."""
+    saliency = np.asarray(saliency, dtype=np.float32)
+    low, high = float(saliency.min()), float(saliency.max())
+    if high - low < 1e-12:
+        return np.zeros_like(saliency)
+    return (saliency - low) / (high - low)
+
+
+def overlay(image: Image.Image, saliency: np.ndarray, opacity: float = 1.0) -> Image.Image:
+    """JET overlay as in the paper: ``(1 - m^0.8) I + m^0.8 H`` with ``m`` the map in [0, 1].
+
+    The map is min-max normalised, resized bilinearly to the image, and ``opacity`` scales the mix.
+    """
+    m = normalise(saliency)
+    m = np.asarray(Image.fromarray(m).resize(image.size, Image.Resampling.BILINEAR), dtype=np.float32).clip(0, 1)
+    weight = (m**0.8 * opacity)[..., None]
+    heat = _JET(m)[..., :3]
+    base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    mixed = (1 - weight) * base + weight * heat
+    return Image.fromarray((mixed * 255).round().astype(np.uint8))
+
+
+def figure_to_image(figure) -> Image.Image:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def noise_level_chart(timesteps: Sequence[int], sigmas: Sequence[float], current: int | None = None) -> Image.Image:
+    """Noise level sigma_t over the steps, log scale, with step ``current`` (1-based) marked."""
+    figure, axis = plt.subplots(figsize=(4.2, 2.4))
+    steps = np.arange(1, len(sigmas) + 1)
+    axis.plot(steps, sigmas, marker="o", markersize=2.5, color="#4a6fa5", linewidth=1.4)
+    if current is not None and 1 <= current <= len(sigmas):
+        axis.scatter([current], [sigmas[current - 1]], s=60, color="#d1495b", zorder=3)
+        axis.set_title(f"step {current}: t = {timesteps[current - 1]}, σ = {sigmas[current - 1]:.3g}", fontsize=9)
+    axis.set_yscale("log")
+    axis.set_xlabel("step", fontsize=8)
+    axis.set_ylabel("noise level σ (log)", fontsize=8)
+    axis.tick_params(labelsize=7)
+    axis.grid(alpha=0.3)
+    return figure_to_image(figure)

@@ -1,0 +1,126 @@
+"""From records to what a person looks at: per-word maps, overlays and step summaries.
+
+Everything here reads stored records; nothing recomputes the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from .plots import overlay
+from .run import RunData, StepRecord
+
+START, END, PADDING = "<start>", "<end>", "<padding>"
+
+
+def token_labels(run: RunData, include_special: bool = False) -> list[str]:
+    """The words of the prompt, and with ``include_special`` the start, end and padding tokens."""
+    words = run.tokens.word_texts
+    return [START, *words, END, PADDING] if include_special else list(words)
+
+
+def _rows(run: RunData, label_index: int, include_special: bool) -> list[int]:
+    """Rows of ``StepRecord.attention`` that make up one label (a word's BPE pieces summed)."""
+    tokens = run.tokens
+    if not include_special:
+        return list(tokens.words[label_index].positions)
+    if label_index == 0:
+        return [tokens.start_position]
+    if label_index <= len(tokens.words):
+        return list(tokens.words[label_index - 1].positions)
+    if label_index == len(tokens.words) + 1:
+        return [tokens.end_position]
+    return [tokens.stored_positions]  # the summed padding row
+
+
+def word_map(
+    run: RunData,
+    label_index: int,
+    steps: Sequence[StepRecord] | None = None,
+    include_special: bool = False,
+    layers: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Attention map (H_lat, W_lat) of one word, averaged over ``steps`` (default: all).
+
+    With ``layers`` the map averages those layers' own maps (each resized to the latent grid);
+    this needs a run made with ``per_layer=True``.
+    """
+    labels = token_labels(run, include_special)
+    if not 0 <= label_index < len(labels):
+        raise ValueError(f"token index must be in [0, {len(labels) - 1}], got {label_index}.")
+    steps = list(run.records if steps is None else steps)
+    if not steps:
+        raise ValueError("No steps recorded yet.")
+    rows = _rows(run, label_index, include_special)
+    total = np.zeros(run.latent_size, np.float32)
+    for record in steps:
+        sources = _sources(record, layers)
+        total += sum(_resize(source[rows].astype(np.float32).sum(0), run.latent_size) for source in sources) / len(sources)
+    return total / len(steps)
+
+
+def _sources(record: StepRecord, layers: Sequence[str] | None) -> list[np.ndarray]:
+    if not layers:
+        return [record.attention]
+    missing = [layer for layer in layers if layer not in record.layer_attention]
+    if missing:
+        raise ValueError(f"Per-layer maps were not recorded for {missing}; run with per_layer=True.")
+    return [record.layer_attention[layer] for layer in layers]
+
+
+def _resize(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if values.shape == tuple(size):
+        return values
+    image = Image.fromarray(values.astype(np.float32))
+    return np.asarray(image.resize((size[1], size[0]), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def token_scores(run: RunData, record: StepRecord) -> dict[str, float]:
+    """The cheap concept score (SPEC §3): each word's attention mass, min-max normalised across words."""
+    words = run.tokens.words
+    if not words:
+        return {}
+    masses = np.array([record.attention[list(w.positions)].astype(np.float32).sum() for w in words])
+    span = masses.max() - masses.min()
+    normalised = (masses - masses.min()) / span if span > 0 else np.zeros_like(masses)
+    return {f"{i}:{w.text}": float(v) for i, (w, v) in enumerate(zip(words, normalised))}
+
+
+def step_picture(record: StepRecord, view: str = "prediction") -> Image.Image:
+    """The step's picture: the VAE view when decoded at that step, else the fast preview."""
+    if view == "prediction":
+        return record.prediction_view or record.preview_prediction
+    if view == "noisy":
+        return record.noisy_view or record.preview_noisy
+    raise ValueError(f"view must be 'prediction' or 'noisy', got {view!r}.")
+
+
+def word_overlays(
+    run: RunData,
+    record: StepRecord,
+    view: str = "prediction",
+    opacity: float = 0.8,
+    include_special: bool = False,
+) -> list[tuple[Image.Image, str]]:
+    """One overlay per word of the prompt at one step, captioned with the word."""
+    picture = step_picture(record, view)
+    labels = token_labels(run, include_special)
+    return [
+        (overlay(picture, word_map(run, i, [record], include_special), opacity), label) for i, label in enumerate(labels)
+    ]
+
+
+def step_summary(run: RunData, record: StepRecord) -> dict:
+    """JSON-ready facts of one step (for the API and the status line)."""
+    return {
+        "step": record.index,
+        "total": record.total,
+        "timestep": record.timestep,
+        "next_timestep": record.next_timestep,
+        "sigma": record.sigma,
+        "alpha_bar": record.alpha_bar,
+        "token_scores": token_scores(run, record),
+    }
