@@ -47,8 +47,8 @@ def _step_outputs(data: RunData, record: StepRecord, opacity: float = 0.8):
     if data.messages:
         status += "  \n⚠️ " + " ".join(data.messages)
     return (
-        views.step_picture(record, "prediction"),
-        views.step_picture(record, "noisy"),
+        views.for_display(views.step_picture(record, "prediction")),
+        views.for_display(views.step_picture(record, "noisy")),
         status,
         chart,
         views.word_overlays(data, record, opacity=opacity),
@@ -145,7 +145,7 @@ def build_demo() -> gr.Blocks:
                         noisy = gr.Image(label="Noisy view: the current latent x_t, decoded", type="pil", height=320)
                     step_slider = gr.Slider(1, DEFAULT_SPEC.steps, value=1, step=1, label="Step (scrub after the run)", interactive=False)
                     with gr.Row():
-                        chart = gr.Image(label="Noise level over the steps", type="pil", height=220)
+                        chart = gr.Image(label="Noise level over the steps", show_label=False, type="pil", height=220)
                         step_data = gr.JSON(label="This step's data")
                     overlays = gr.Gallery(label="Cross-attention per word at this step", columns=6, height=220)
 

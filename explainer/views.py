@@ -98,6 +98,14 @@ def step_picture(record: StepRecord, view: str = "prediction") -> Image.Image:
     raise ValueError(f"view must be 'prediction' or 'noisy', got {view!r}.")
 
 
+def for_display(image: Image.Image, min_side: int = 320) -> Image.Image:
+    """Enlarge small pictures (the embedded model makes 64x64) with crisp pixels for the screen."""
+    scale = -(-min_side // min(image.size))
+    if scale <= 1:
+        return image
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+
+
 def word_overlays(
     run: RunData,
     record: StepRecord,
@@ -106,7 +114,7 @@ def word_overlays(
     include_special: bool = False,
 ) -> list[tuple[Image.Image, str]]:
     """One overlay per word of the prompt at one step, captioned with the word."""
-    picture = step_picture(record, view)
+    picture = for_display(step_picture(record, view), min_side=128)
     labels = token_labels(run, include_special)
     return [
         (overlay(picture, word_map(run, i, [record], include_special), opacity), label) for i, label in enumerate(labels)
