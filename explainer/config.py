@@ -40,6 +40,7 @@ class ModelSpec:
     steps: int
     guidance: float
     vae_decode_every: int = 1
+    closed_vocabulary: bool = False  # every word must be one token of the tokenizer (the shapes model)
     gpu_seconds_per_step: float = 0.05  # per 512x512 guided step on the Space GPU: an estimate, not yet measured
     latent_rgb: tuple[tuple[float, float, float], ...] | None = None
     examples: tuple[str, ...] = ()
@@ -89,6 +90,7 @@ MODELS: dict[str, ModelSpec] = {
             height=64,
             steps=20,
             guidance=5.0,
+            closed_vocabulary=True,
             examples=SHAPES_PROMPTS,
         ),
         ModelSpec(

@@ -6,6 +6,7 @@ CUDA with float16 where a GPU is present, else CPU with float32. Only ids in
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,20 @@ class LoadedModel:
     @property
     def dtype(self) -> torch.dtype:
         return self.pipe.unet.dtype
+
+    def check_prompt(self, prompt: str) -> None:
+        """For a closed-vocabulary model, a ValueError naming the words it does not know."""
+        if self.spec is None or not self.spec.closed_vocabulary:
+            return
+        vocabulary = self.pipe.tokenizer.get_vocab()
+        words = re.findall(r"[^\s,.;:!?]+", prompt.lower())
+        unknown = sorted({w for w in words if w + "</w>" not in vocabulary})
+        if unknown:
+            known = sorted(t.removesuffix("</w>") for t in vocabulary if t.endswith("</w>") and t[:-4].isalpha() and len(t) > 5)
+            raise ValueError(
+                f"Words not in the {self.id} model's vocabulary: {', '.join(map(repr, unknown))}. "
+                f"It knows: {', '.join(known)}."
+            )
 
     @classmethod
     def from_pipeline(cls, pipe: StableDiffusionPipeline, model_id: str = "custom", spec=None) -> LoadedModel:

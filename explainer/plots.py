@@ -60,3 +60,40 @@ def noise_level_chart(timesteps: Sequence[int], sigmas: Sequence[float], current
     axis.tick_params(labelsize=7)
     axis.grid(alpha=0.3)
     return figure_to_image(figure)
+
+
+def concept_chart(
+    steps: Sequence[int], series: dict[str, Sequence[float]], title: str, score_name: str = "attention mass"
+) -> Image.Image:
+    """Score vs step, one line per word (SPEC §3's concept chart)."""
+    figure, axis = plt.subplots(figsize=(5.2, 2.8))
+    for label, values in series.items():
+        axis.plot(steps[: len(values)], values, marker="o", markersize=2.5, linewidth=1.3, label=label)
+    axis.set_title(title, fontsize=9)
+    axis.set_xlabel("step", fontsize=8)
+    axis.set_ylabel(f"{score_name} (min-max per step)", fontsize=8)
+    axis.set_ylim(-0.05, 1.05)
+    axis.tick_params(labelsize=7)
+    axis.grid(alpha=0.3)
+    if series:
+        axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    return figure_to_image(figure)
+
+
+def token_bars(totals: dict[str, float], title: str) -> Image.Image:
+    """Each word's score summed over the steps."""
+    figure, axis = plt.subplots(figsize=(4.2, 2.8))
+    labels = list(totals)
+    axis.barh(range(len(labels)), list(totals.values()), color="#4a6fa5")
+    axis.set_yticks(range(len(labels)), labels, fontsize=7)
+    axis.invert_yaxis()
+    axis.set_title(title, fontsize=9)
+    axis.set_xlabel("score summed over steps", fontsize=8)
+    axis.tick_params(labelsize=7)
+    return figure_to_image(figure)
+
+
+def colour_scale(width: int = 320, height: int = 18) -> Image.Image:
+    """The JET colour bar used by every overlay: blue = least, red = most of that map."""
+    ramp = np.tile(np.linspace(0, 1, width, dtype=np.float32), (height, 1))
+    return Image.fromarray((_JET(ramp)[..., :3] * 255).astype(np.uint8))

@@ -354,13 +354,28 @@ def make_scheduler(pipe, settings: RunSettings):
     return scheduler
 
 
-def stream_run(model: LoadedModel, settings: RunSettings) -> Iterator[RunData | StepRecord]:
-    """Yield the run's ``RunData`` (no records yet), then each ``StepRecord``, then the finished ``RunData``.
+def stream_runs(model: LoadedModel, settings: list[RunSettings]) -> Iterator[tuple[str, int, RunData | StepRecord]]:
+    """Run several settings side by side (e.g. two prompts from the same noise), step by step.
 
-    Only CPU objects cross this boundary, so it can run in a GPU worker process (ZeroGPU)
-    while the caller keeps the records.
+    Yields ``("start", i, RunData)`` for every run first, then ``("step", i, StepRecord)`` with the
+    runs' steps interleaved (step k of every run before step k + 1), then ``("end", i, RunData)``.
+    Only CPU objects cross this boundary, so it can run in a GPU worker process (ZeroGPU).
     """
-    run = InstrumentedRun(model, settings)
-    yield dataclasses.replace(run.data, records=[])
-    yield from run.steps()
-    yield dataclasses.replace(run.data, records=[])
+    runs = [InstrumentedRun(model, one) for one in settings]  # all validated before any work
+    for index, run in enumerate(runs):
+        yield "start", index, dataclasses.replace(run.data, records=[])
+    generators = [run.steps() for run in runs]
+    active = list(range(len(runs)))
+    try:
+        while active:
+            for index in list(active):
+                record = next(generators[index], None)
+                if record is None:
+                    active.remove(index)
+                else:
+                    yield "step", index, record
+    finally:  # a cancelled stream closes every run now, restoring the attention processors
+        for generator in generators:
+            generator.close()
+    for index, run in enumerate(runs):
+        yield "end", index, dataclasses.replace(run.data, records=[])

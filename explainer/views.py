@@ -121,6 +121,23 @@ def word_overlays(
     ]
 
 
+def concept_series(run: RunData) -> dict[str, list[float]]:
+    """The cheap concept score of every word at every recorded step (one list per word)."""
+    per_step = [token_scores(run, record) for record in run.records]
+    return {label: [scores[label] for scores in per_step] for label in (per_step[0] if per_step else {})}
+
+
+def layer_groups(run: RunData) -> dict[str, list[str]]:
+    """Per-layer map keys grouped by block and resolution, e.g. "down 16×16" -> [keys]."""
+    groups: dict[str, list[str]] = {}
+    layers = run.records[0].layer_attention if run.records else {}
+    for key, values in layers.items():
+        block = key.split(".", 1)[0].removesuffix("_blocks").removesuffix("_block")  # down, mid, up
+        label = f"{block} {values.shape[1]}×{values.shape[2]}"
+        groups.setdefault(label, []).append(key)
+    return groups
+
+
 def step_summary(run: RunData, record: StepRecord) -> dict:
     """JSON-ready facts of one step (for the API and the status line)."""
     return {

@@ -1,9 +1,15 @@
 """The launched app, driven through gradio_client as an API user would."""
 
+import json
 import socket
+import zipfile
 
+import numpy as np
 import pytest
 from gradio_client import Client
+
+# /denoise outputs, in order
+PRED_A, NOISY_A, PRED_B, NOISY_B, STATUS, CHART, OVERLAYS, CONCEPTS, DATA = range(9)
 
 
 def _free_port() -> int:
@@ -13,20 +19,25 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def client():
+def url():
     import app
 
     port = _free_port()
     app.demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
-        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+        yield f"http://127.0.0.1:{port}/"
     finally:
         app.demo.close()
 
 
+@pytest.fixture(scope="module")
+def client(url):
+    return Client(url, verbose=False)
+
+
 def denoise_args(prompt="a cat on a red circle", steps=4, **changes):
     args = dict(
-        model_id="tiny-random", prompt=prompt, negative="", seed=1, steps=steps, guidance=5.0,
+        model_id="tiny-random", prompt=prompt, prompt_b="", negative="", seed=1, steps=steps, guidance=5.0,
         width=64, height=64, schedule="uniform", lam=60, custom="",
     )
     args.update(changes)
@@ -35,25 +46,59 @@ def denoise_args(prompt="a cat on a red circle", steps=4, **changes):
 
 def test_only_named_endpoints_are_public(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert set(endpoints) == {"/denoise"}
+    assert set(endpoints) == {"/denoise", "/attention", "/concepts", "/compare_schedules", "/export"}
 
 
 def test_denoise_streams_one_update_per_step(client):
-    job = client.submit(*denoise_args(steps=4), api_name="/denoise")
-    updates = list(job)
-    assert len(updates) == 4
-    steps = [update[5]["step"] for update in updates]
-    assert steps == [1, 2, 3, 4]
+    updates = list(client.submit(*denoise_args(steps=4), api_name="/denoise"))
+    assert [update[DATA]["step"] for update in updates] == [1, 2, 3, 4]
     last = updates[-1]
-    assert last[5]["words"] == ["a", "cat", "on", "a", "red", "circle"]
-    assert set(last[5]["token_scores"]) == {"0:a", "1:cat", "2:on", "3:a", "4:red", "5:circle"}
-    assert last[0].endswith((".webp", ".png")) and "step 4 of 4" in last[2]
-    assert len(last[4]) == 6  # one overlay per word
+    assert last[DATA]["words"] == ["a", "cat", "on", "a", "red", "circle"]
+    assert set(last[DATA]["token_scores"]) == {"0:a", "1:cat", "2:on", "3:a", "4:red", "5:circle"}
+    assert last[PRED_A].endswith((".webp", ".png")) and "step 4 of 4" in last[STATUS]
+    assert last[PRED_B] is None
+    assert len(last[OVERLAYS]) == 6  # one overlay per word
+
+
+def test_second_prompt_runs_from_the_same_noise(client):
+    last = list(client.submit(*denoise_args(prompt_b="a dog", steps=3), api_name="/denoise"))[-1]
+    assert last[PRED_B] is not None
+    assert last[DATA]["second_prompt"]["step"] == 3
 
 
 def test_custom_schedule_through_the_api(client):
     updates = list(client.submit(*denoise_args(schedule="custom", custom="999, 500, 100"), api_name="/denoise"))
-    assert [u[5]["timestep"] for u in updates] == [999, 500, 100]
+    assert [u[DATA]["timestep"] for u in updates] == [999, 500, 100]
+
+
+def test_attention_concepts_and_export_read_the_session_run(url):
+    session_client = Client(url, verbose=False)  # a client of its own: a session of its own
+    list(session_client.submit(*denoise_args(steps=3), api_name="/denoise"))
+    overlay, npy, summary = session_client.predict(
+        "cat", 2, "this step", 1, 3, [], "prediction", 0.8, False, "first prompt", api_name="/attention"
+    )
+    saliency = np.load(npy)
+    assert saliency.shape == (8, 8) and summary["steps"] == [2] and summary["word"] == "cat"
+    _, _, summary = session_client.predict("cat", 3, "all steps", 1, 3, [], "noisy", 0.5, False, "first prompt", api_name="/attention")
+    assert summary["steps"] == [1, 2, 3]
+    with pytest.raises(Exception, match="'dog' is not in the prompt"):
+        session_client.predict("dog", 1, "this step", 1, 3, [], "prediction", 0.8, False, "first prompt", api_name="/attention")
+    chart, bars, data = session_client.predict(api_name="/concepts")
+    assert data["steps"] == [1, 2, 3] and set(data["series"]) == {"0:a", "1:cat", "2:on", "3:a", "4:red", "5:circle"}
+    archive, gif = session_client.predict(api_name="/export")
+    with zipfile.ZipFile(archive) as opened:
+        names = opened.namelist()
+        record = json.loads(opened.read("run.json"))
+    assert "step_001/attention.npy" in names and "final.png" in names
+    assert record["reproduction"]["settings"]["seed"] == 1 and len(record["steps"]) == 3
+
+
+def test_compare_schedules_streams_three_runs(client):
+    updates = list(client.submit("tiny-random", "a cat", "", 1, 4, 5.0, 64, 64, 2.0, api_name="/compare_schedules"))
+    assert len(updates) == 4
+    data = updates[-1][-1]
+    assert set(data) == {"uniform", "early", "latter"}
+    assert data["early"]["timesteps"] != data["uniform"]["timesteps"]
 
 
 @pytest.mark.parametrize(
@@ -69,4 +114,10 @@ def test_custom_schedule_through_the_api(client):
 def test_bad_input_gets_a_clear_message_and_the_app_keeps_serving(client, changes, message):
     with pytest.raises(Exception, match=message):
         client.predict(*denoise_args(**changes), api_name="/denoise")
-    assert client.predict(*denoise_args(steps=2), api_name="/denoise")[5]["step"] == 2
+    assert client.predict(*denoise_args(steps=2), api_name="/denoise")[DATA]["step"] == 2
+
+
+def test_api_before_any_run_explains_itself(url):
+    fresh = Client(url, verbose=False)
+    with pytest.raises(Exception, match="No run yet"):
+        fresh.predict(api_name="/concepts")

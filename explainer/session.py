@@ -1,0 +1,57 @@
+"""What one visitor has run: the last few runs (bounded) and a private folder for their files."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+from . import config
+from .run import RunData
+
+OUTPUT_ROOT = Path(tempfile.gettempdir()) / "diffusion-xray"
+
+
+class Session:
+    """Keeps at most ``limit`` groups of runs (a prompt, or two compared), newest last.
+
+    Scrubbing, switching words or exporting reads these records; nothing is recomputed. Files
+    written for the visitor go to a folder of the session's own, removed by ``close()``.
+    """
+
+    def __init__(self, limit: int = config.LIMITS.max_runs_per_session):
+        self.limit = limit
+        self.groups: OrderedDict[int, list[RunData]] = OrderedDict()
+        self._next_id = 1
+        OUTPUT_ROOT.mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix="session-", dir=OUTPUT_ROOT))
+
+    def add(self, runs: list[RunData]) -> int:
+        group_id = self._next_id
+        self._next_id += 1
+        self.groups[group_id] = runs
+        while len(self.groups) > self.limit:
+            self.groups.popitem(last=False)
+        return group_id
+
+    def latest(self) -> list[RunData]:
+        if not self.groups:
+            raise ValueError("No run yet: run the model on the Denoise tab (or call /denoise) first.")
+        return next(reversed(self.groups.values()))
+
+    def run(self, which: int = 0) -> RunData:
+        """Run ``which`` (0: the first prompt, 1: the second) of the latest group."""
+        runs = self.latest()
+        if not 0 <= which < len(runs):
+            raise ValueError("There is no second prompt in the latest run." if which else "No run yet.")
+        return runs[which]
+
+    def file(self, name: str) -> Path:
+        """A path in the session's own folder (created if the folder was cleaned meanwhile)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return self.folder / name
+
+    def close(self) -> None:
+        self.groups.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)
