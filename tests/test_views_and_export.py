@@ -1,0 +1,112 @@
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from explainer import config, export, plots, views
+from explainer.models import LoadedModel
+from explainer.run import InstrumentedRun, RunSettings, stream_runs
+from explainer.session import Session
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model):
+    settings = RunSettings(prompt="a cat and a dog", steps=4, guidance=5.0, width=64, height=64, per_layer=True)
+    return InstrumentedRun(tiny_model, settings).run_all().data
+
+
+def test_overlay_follows_the_papers_mix():
+    image = Image.new("RGB", (4, 4), (0, 0, 0))
+    saliency = np.zeros((4, 4), np.float32)
+    saliency[0, 0] = 1.0
+    mixed = np.asarray(plots.overlay(image, saliency), dtype=np.float32) / 255
+    jet_top = np.asarray(plots._JET(1.0)[:3])
+    # m = 1: all heat map; m = 0: the image untouched
+    np.testing.assert_allclose(mixed[0, 0], jet_top, atol=1 / 255)
+    assert mixed[3, 3].max() == 0
+
+
+def test_word_map_sums_a_words_pieces(run):
+    word = run.tokens.find("and")
+    positions = list(run.tokens.words[word].positions)
+    assert len(positions) == 3
+    record = run.records[1]
+    expected = record.attention[positions].astype(np.float32).sum(0)
+    np.testing.assert_allclose(views.word_map(run, word, [record]), expected, rtol=1e-6)
+
+
+def test_word_map_over_all_steps_is_the_mean_of_steps(run):
+    per_step = [views.word_map(run, 1, [r]) for r in run.records]
+    np.testing.assert_allclose(views.word_map(run, 1), np.mean(per_step, axis=0), rtol=1e-5)
+
+
+def test_special_tokens_come_behind_a_toggle(run):
+    assert views.token_labels(run) == ["a", "cat", "and", "a", "dog"]
+    labels = views.token_labels(run, include_special=True)
+    assert labels[0] == views.START and labels[-2:] == [views.END, views.PADDING]
+    total = sum(views.word_map(run, i, [run.records[0]], include_special=True) for i in range(len(labels)))
+    np.testing.assert_allclose(total, 1.0, atol=2e-3)  # all rows together: attention sums to one
+
+
+def test_layer_choice_averages_those_layers(run):
+    groups = views.layer_groups(run)
+    assert all(label.split()[0] in {"down", "mid", "up"} for label in groups)
+    one_group = next(iter(groups.values()))
+    chosen = views.word_map(run, 1, [run.records[0]], layers=one_group)
+    assert chosen.shape == run.latent_size
+    assert not np.allclose(chosen, views.word_map(run, 1, [run.records[0]], layers=next(reversed(groups.values()))))
+
+
+def test_concept_series_has_one_line_per_word(run):
+    series = views.concept_series(run)
+    assert list(series) == ["0:a", "1:cat", "2:and", "3:a", "4:dog"]
+    assert all(len(values) == 4 for values in series.values())
+    for step in range(4):
+        column = [values[step] for values in series.values()]
+        assert min(column) == 0.0 and max(column) == 1.0
+
+
+def test_export_zip_reproduces_the_run(run, tmp_path, tiny_model):
+    archive = export.export_zip(run, tmp_path / "run.zip")
+    with zipfile.ZipFile(archive) as opened:
+        names = set(opened.namelist())
+        saved = json.loads(opened.read("run.json"))
+        maps = np.load(__import__("io").BytesIO(opened.read("step_002/attention.npy")))
+    assert {"final.png", "step_001/prediction.png", "step_004/noisy.png", "step_003/attention_01_cat.png"} <= names
+    np.testing.assert_array_equal(maps, run.records[1].attention)
+    again = InstrumentedRun(tiny_model, RunSettings.from_dict(saved["reproduction"]["settings"])).run_all()
+    np.testing.assert_array_equal(again.final_array, run.final_array)
+
+
+def test_animation_has_a_frame_per_step_and_the_final_image(run, tmp_path):
+    gif = Image.open(export.animation(run, tmp_path / "run.gif"))
+    assert gif.n_frames == len(run.records) + 1
+
+
+def test_session_keeps_a_bounded_number_of_runs(run):
+    session = Session(limit=2)
+    for _ in range(3):
+        session.add([run])
+    assert len(session.groups) == 2 and session.run(0) is run
+    with pytest.raises(ValueError, match="no second prompt"):
+        session.run(1)
+    path = session.file("x.txt")
+    path.write_text("x")
+    session.close()
+    assert not path.exists()
+
+
+def test_stream_runs_interleaves_steps(tiny_model):
+    settings = [RunSettings(prompt=p, steps=3, width=64, height=64, guidance=5.0) for p in ("a cat", "a dog")]
+    events = [(kind, index) for kind, index, _ in stream_runs(tiny_model, settings)]
+    assert events == [("start", 0), ("start", 1)] + [("step", i) for _ in range(3) for i in (0, 1)] + [("end", 0), ("end", 1)]
+
+
+def test_closed_vocabulary_names_unknown_words(tiny_model):
+    spec = config.MODELS[config.EMBEDDED_MODEL_ID]
+    closed = LoadedModel(id="shapes", pipe=tiny_model.pipe, latent_rgb=tiny_model.latent_rgb, spec=spec)
+    closed.check_prompt("a red circle")  # the tiny tokenizer has these as whole words
+    with pytest.raises(ValueError, match=r"Words not in the shapes model's vocabulary: 'playing', 'soccer', 'zebra'. It knows: cat, circle, dog, red"):
+        closed.check_prompt("a zebra playing soccer")
