@@ -141,6 +141,7 @@ def layer_groups(run: RunData) -> dict[str, list[str]]:
 def step_summary(run: RunData, record: StepRecord) -> dict:
     """JSON-ready facts of one step (for the API and the status line)."""
     return {
+        "seed": run.settings.seed,  # the seed used (a random one when -1 was asked)
         "step": record.index,
         "total": record.total,
         "timestep": record.timestep,

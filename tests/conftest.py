@@ -4,6 +4,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import socket  # noqa: E402
+
 import pytest  # noqa: E402
 
 from explainer.models import LoadedModel  # noqa: E402
@@ -17,3 +19,18 @@ def tiny_model() -> LoadedModel:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: needs more than a few seconds (real weights, browser)")
+
+
+@pytest.fixture(scope="session")
+def url():
+    """The app, launched once for the whole test session on a free port."""
+    import app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app.demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        app.demo.close()

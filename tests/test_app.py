@@ -1,7 +1,6 @@
 """The launched app, driven through gradio_client as an API user would."""
 
 import json
-import socket
 import zipfile
 
 import numpy as np
@@ -10,24 +9,6 @@ from gradio_client import Client
 
 # /denoise outputs, in order
 PRED_A, NOISY_A, PRED_B, NOISY_B, STATUS, CHART, OVERLAYS, CONCEPTS, DATA = range(9)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def url():
-    import app
-
-    port = _free_port()
-    app.demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        app.demo.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,88 @@
+"""Every row of docs/bad-input.md, sent through gradio_client: a clear message, then the app still serves."""
+
+import json
+from pathlib import Path
+
+import pytest
+from gradio_client import Client
+
+from explainer import config
+
+from test_app import DATA, denoise_args
+
+TABLE = (Path(__file__).resolve().parent.parent / "docs" / "bad-input.md").read_text(encoding="utf-8")
+
+# (what is sent, the /denoise argument changes, the message the caller gets; None: it works)
+DENOISE_ROWS = [
+    ("empty prompt", {"prompt": ""}, "prompt is empty"),
+    ("whitespace prompt", {"prompt": "   \n "}, "prompt is empty"),
+    ("2,000-character prompt", {"prompt": "a cat " * 333 + "ab"}, "the limit is 1000"),
+    ("unicode and emoji", {"prompt": "un café ☕ 😀 にゃんこ"}, None),
+    ("steps 0", {"steps": 0}, "less than minimum value 1"),
+    ("steps -1", {"steps": -1}, "less than minimum value 1"),
+    ("steps 10,000", {"steps": 10_000}, "greater than maximum value 100"),
+    # JSON has no NaN or inf: gradio_client refuses to send them (the raw-HTTP test below sends them)
+    ("guidance NaN", {"guidance": float("nan")}, "Out of range float values are not JSON compliant"),
+    ("guidance inf", {"guidance": float("inf")}, "Out of range float values are not JSON compliant"),
+    ("guidance -5", {"guidance": -5}, "less than minimum value 0"),
+    ("seed -1", {"seed": -1}, None),
+    ("seed 2^64", {"seed": 2**64}, "seed must be an integer in [0, 9223372036854775807]"),
+    ("width 60 (not a multiple of 8)", {"width": 60}, "width must be a multiple of 8"),
+    ("width 0", {"width": 0}, "less than minimum value 8"),
+    ("height 10,000", {"height": 10_000}, "greater than maximum value 1024"),
+    ("unknown model id", {"model_id": "nobody/nothing"}, "not in the list of choices"),
+    ("model id not in the config", {"model_id": "runwayml/stable-diffusion-v1-5"}, "not in the list of choices"),
+    ("empty timestep list", {"schedule": "custom", "custom": ""}, "must not be empty"),
+    ("timesteps not decreasing", {"schedule": "custom", "custom": "100, 500"}, "strictly decreasing"),
+    ("timesteps out of range", {"schedule": "custom", "custom": "1500, 10"}, "out of range"),
+    ("timesteps not numbers", {"schedule": "custom", "custom": "999, soon"}, "comma-separated integers"),
+    ("λ negative", {"lam": -1}, "less than minimum value 0"),
+]
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return Client(url, verbose=False)
+
+
+@pytest.mark.parametrize("label, changes, message", DENOISE_ROWS, ids=[row[0] for row in DENOISE_ROWS])
+def test_denoise_bad_input(client, label, changes, message):
+    assert f"| {label} |" in TABLE, "the docs table must list every tested input"
+    if message is None:
+        updates = list(client.submit(*denoise_args(**({"steps": 2} | changes)), api_name="/denoise"))
+        assert len(updates) == 2 and updates[-1][DATA]["seed"] >= 0  # the seed used is reported
+    else:
+        assert message in TABLE
+        with pytest.raises(Exception, match=message.replace("[", r"\[").replace("^", r"\^")):
+            client.predict(*denoise_args(**({"steps": 2} | changes)), api_name="/denoise")
+    assert client.predict(*denoise_args(steps=2), api_name="/denoise")[DATA]["step"] == 2
+
+
+def test_a_word_not_in_the_prompt(client):
+    assert "| a word not in the prompt |" in TABLE
+    client.predict(*denoise_args(steps=2), api_name="/denoise")
+    with pytest.raises(Exception, match="'zebra' is not in the prompt. Its words are: 'a', 'cat'"):
+        client.predict("zebra", 1, "this step", 1, 2, [], "prediction", 0.8, False, "first prompt", api_name="/attention")
+    with pytest.raises(Exception, match="step must be between 1 and 2, got 7"):
+        client.predict("cat", 7, "this step", 1, 2, [], "prediction", 0.8, False, "first prompt", api_name="/attention")
+
+
+@pytest.mark.parametrize("value, message", [("NaN", "guidance must be a finite number"), ("Infinity", "greater than maximum value 30")])
+def test_non_finite_guidance_over_raw_http(url, value, message):
+    """Sent as raw JSON (which Python's parser accepts), the server still answers clearly."""
+    import httpx
+
+    args = denoise_args(steps=2)
+    args[6] = "__GUIDANCE__"
+    body = json.dumps({"data": args}).replace('"__GUIDANCE__"', value)
+    event = httpx.post(f"{url}gradio_api/call/denoise", content=body, headers={"content-type": "application/json"}).json()
+    stream = httpx.get(f"{url}gradio_api/call/denoise/{event['event_id']}", timeout=60).text
+    assert "event: error" in stream and message in stream
+
+
+@pytest.mark.skipif(config.default_model_id() != config.EMBEDDED_MODEL_ID, reason="the embedded model is not in assets/")
+def test_words_outside_the_embedded_vocabulary(client):
+    assert "| words outside the embedded model's vocabulary |" in TABLE
+    args = denoise_args(steps=2, model_id=config.EMBEDDED_MODEL_ID, prompt="a zebra on the left", width=64, height=64)
+    with pytest.raises(Exception, match="Words not in the embedded/shapes-ldm model's vocabulary: 'zebra'"):
+        client.predict(*args, api_name="/denoise")

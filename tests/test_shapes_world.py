@@ -1,0 +1,133 @@
+"""Tests for the shapes world, its tokenizer, checker and the embedded model."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from explainer.shapes import checker, world
+from explainer.shapes.tokenizer import MODEL_MAX_LENGTH, word_token_counts, write_tokenizer
+
+MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "shapes-ldm"
+
+
+def test_generator_is_deterministic():
+    a, b = world.generate_scene(123), world.generate_scene(123)
+    assert np.array_equal(a.image, b.image)
+    assert a.caption == b.caption
+    assert [(s.shape, s.colour, s.place) for s in a.shapes] == [
+        (s.shape, s.colour, s.place) for s in b.shapes]
+    assert not np.array_equal(a.image, world.generate_scene(124).image)
+
+
+def test_scene_image_format_and_masks_match_pixels():
+    for seed in range(50):
+        scene = world.generate_scene(seed)
+        assert scene.image.shape == (64, 64, 3) and scene.image.dtype == np.uint8
+        assert 1 <= len(scene.shapes) <= 2
+        for item in scene.shapes:
+            pixels = scene.image[item.mask].astype(int)
+            expected = np.array(world.COLOURS[item.colour])
+            assert item.mask.sum() > 50
+            assert np.abs(pixels - expected).max() <= 13
+            assert np.abs(scene.image[~item.mask & ~_all_masks(scene)].astype(int)
+                          - expected).sum(axis=1).min() > 60
+        if len(scene.shapes) == 2:
+            first, second = scene.shapes
+            assert first.place != second.place
+            assert not (first.mask & second.mask).any()
+
+
+def _all_masks(scene):
+    return np.logical_or.reduce([s.mask for s in scene.shapes])
+
+
+def test_caption_mentions_every_shape():
+    for seed in range(100):
+        scene = world.generate_scene(seed)
+        for item in scene.shapes:
+            assert item.colour in scene.caption and item.shape in scene.caption
+            assert item.place in scene.caption
+        world.check_vocabulary(scene.caption)
+
+
+def test_held_out_combos_never_in_training_scenes():
+    held = set(world.HELD_OUT_COMBOS)
+    assert 10 <= len(held) <= 16
+    for colour in world.COLOURS:
+        assert any(c[0] == colour for c in world.TRAIN_COMBOS)
+    for place in world.PLACES:
+        assert any(c[2] == place for c in world.TRAIN_COMBOS)
+    for seed in range(500):
+        for item in world.generate_scene(seed).shapes:
+            assert (item.colour, item.shape, item.place) not in held
+
+
+def test_evaluation_prompts_use_held_out_combos():
+    prompts = world.evaluation_prompts(30)
+    assert len(prompts) == 30
+    for prompt, colour, shape, place in prompts:
+        assert (colour, shape, place) in world.HELD_OUT_COMBOS
+        assert colour in prompt and shape in prompt and place in prompt
+    assert prompts == world.evaluation_prompts(30)
+
+
+def test_check_vocabulary_message():
+    world.check_vocabulary("A Red circle, on the LEFT.")
+    with pytest.raises(ValueError) as error:
+        world.check_vocabulary("a dog and a cat on the left")
+    message = str(error.value)
+    assert "Words not in the shapes model's vocabulary: 'dog', 'cat'." in message
+    assert "Known words:" in message and "triangle" in message
+
+
+def test_tokenizer_one_token_per_word_and_round_trip(tmp_path):
+    from transformers import CLIPTokenizer
+
+    write_tokenizer(tmp_path)
+    for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
+        assert (tmp_path / name).exists()
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path)
+    assert tokenizer.model_max_length == MODEL_MAX_LENGTH
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
+    assert all(count == 1 for count in word_token_counts(tokenizer).values())
+    for seed in range(200):
+        caption = world.generate_scene(seed).caption
+        ids = tokenizer(caption, padding="max_length", max_length=MODEL_MAX_LENGTH)["input_ids"]
+        assert len(ids) == MODEL_MAX_LENGTH
+        words = caption.replace(",", " ,").split()
+        assert ids.count(tokenizer.eos_token_id) >= MODEL_MAX_LENGTH - len(words) - 1
+        decoded = tokenizer.decode(ids, skip_special_tokens=True)
+        assert decoded.replace(" ,", ",") == caption
+
+
+def test_checker_is_right_on_ground_truth_images():
+    for seed in range(200):
+        scene = world.generate_scene(seed, split="any", n_shapes=1)
+        found = checker.detect(scene.image)
+        truth = scene.shapes[0]
+        assert found is not None
+        assert (found.colour, found.place, found.shape) == (truth.colour, truth.place, truth.shape)
+        assert np.array_equal(checker.generated_shape_mask(scene.image), truth.mask)
+
+
+def test_checker_finds_nothing_on_plain_background():
+    assert checker.detect(np.full((64, 64, 3), 128, np.uint8)) is None
+    assert not checker.generated_shape_mask(np.full((64, 64, 3), 128, np.uint8)).any()
+
+
+@pytest.mark.skipif(not (MODEL_DIR / "model_index.json").exists(), reason="no embedded model")
+def test_embedded_model_loads_offline_and_generates():
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    size = sum(f.stat().st_size for f in MODEL_DIR.rglob("*") if f.is_file())
+    assert size <= 25 * 2**20
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.tokenizer.model_max_length == MODEL_MAX_LENGTH
+    out = pipe("a red circle on the left", num_inference_steps=2,
+               generator=torch.Generator().manual_seed(0), output_type="np")
+    assert out.images[0].shape == (64, 64, 3)
