@@ -1,0 +1,116 @@
+"""Helpers shared by the benchmarks: models to measure on, side-by-side timing, and output."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+from explainer import config  # noqa: E402
+from explainer.models import LoadedModel, load_model, preferred_device  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def sd15_shaped_pipeline() -> StableDiffusionPipeline:
+    """A pipeline with Stable Diffusion v1.5's architecture and random weights (speed and memory behave the same)."""
+    import tempfile
+
+    from explainer.tiny import write_tokenizer_files
+
+    device, dtype = preferred_device()
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = write_tokenizer_files(Path(folder))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77, vocab_size=49408)
+    )
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    return pipe.to(device=device, dtype=dtype)
+
+
+def benchmark_model(kind: str) -> tuple[LoadedModel, dict]:
+    """``embedded`` (the CPU default) or ``sd15`` (SD v1.5-shaped, random weights; for a GPU)."""
+    if kind == "sd15":
+        model = LoadedModel.from_pipeline(sd15_shaped_pipeline(), "sd15-shaped", config.MODELS["stable-diffusion-v1-5/stable-diffusion-v1-5"])
+        return model, dict(width=512, height=512, steps=30, guidance=7.5)
+    model = load_model(config.default_model_id())
+    spec = model.spec
+    return model, dict(width=spec.width, height=spec.height, steps=spec.steps, guidance=spec.guidance)
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(function, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        function()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def side_by_side(functions: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, the functions alternating so load drifts hit them alike."""
+    for function in functions.values():  # warm-up
+        function()
+    samples = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            samples[name] += timed(function, 1)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    result = argparse.ArgumentParser(description=description)
+    result.add_argument("--model", choices=["embedded", "sd15"], default="sd15" if torch.cuda.is_available() else "embedded")
+    result.add_argument("--repeats", type=int, default=5)
+    return result
+
+
+def header(title: str, model: LoadedModel) -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return f"# {title}\nmodel: {model.id} | device: {device} | dtype: {model.dtype} | torch {torch.__version__} | python {platform.python_version()}\n"
+
+
+def save(name: str, text: str) -> None:
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    suffix = "gpu" if torch.cuda.is_available() else "cpu"
+    (RESULTS / f"{name}-{suffix}.txt").write_text(text)
