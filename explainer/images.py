@@ -28,10 +28,10 @@ def fit_latent_rgb(vae, samples: int = 8, grid: int = 8, seed: int = 0) -> np.nd
     return factors.astype(np.float32)
 
 
-def preview(latents: torch.Tensor, factors: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    """Fast RGB preview of one latent (1, C, h, w), in the UNet's scale, as a PIL image of ``size`` (W, H).
+def preview(latents: torch.Tensor, factors: np.ndarray) -> Image.Image:
+    """Fast RGB preview of one latent (1, C, h, w), in the UNet's scale, at the latent's own size (w x h).
 
-    ``factors`` is C x 3, or (C + 1) x 3 with a bias row.
+    ``factors`` is C x 3, or (C + 1) x 3 with a bias row. Kept small: enlarging adds no information.
     """
     latent = latents[0].float().cpu().numpy()  # (C, h, w)
     channels = latent.shape[0]
@@ -39,7 +39,7 @@ def preview(latents: torch.Tensor, factors: np.ndarray, size: tuple[int, int]) -
     if len(factors) > channels:
         rgb = rgb + factors[channels]
     pixels = ((rgb.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8)
-    return Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR)
+    return Image.fromarray(pixels)
 
 
 def decode(pipe, latents: torch.Tensor, output_type: str = "pil") -> list[Image.Image] | np.ndarray:

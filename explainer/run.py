@@ -124,7 +124,8 @@ class StepRecord:
     next_latents: torch.Tensor
     x0_hat: torch.Tensor
     noise_pred: torch.Tensor  # guided eps_hat (in the scheduler's prediction type)
-    preview_noisy: Image.Image
+    image_size: tuple[int, int]  # (width, height) of the generated image
+    preview_noisy: Image.Image  # fast linear previews, at the latent's size
     preview_prediction: Image.Image
     attention: np.ndarray
     noisy_view: Image.Image | None = None
@@ -282,8 +283,9 @@ class InstrumentedRun:
             next_latents=next_latents.float().cpu(),
             x0_hat=x0_hat.cpu(),
             noise_pred=noise_pred.float().cpu(),
-            preview_noisy=images.preview(latents, self.model.latent_rgb, size),
-            preview_prediction=images.preview(x0_hat, self.model.latent_rgb, size),
+            image_size=size,
+            preview_noisy=images.preview(latents, self.model.latent_rgb),
+            preview_prediction=images.preview(x0_hat, self.model.latent_rgb),
             attention=attention,
             layer_attention=layers,
         )

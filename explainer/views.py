@@ -90,12 +90,14 @@ def token_scores(run: RunData, record: StepRecord) -> dict[str, float]:
 
 
 def step_picture(record: StepRecord, view: str = "prediction") -> Image.Image:
-    """The step's picture: the VAE view when decoded at that step, else the fast preview."""
-    if view == "prediction":
-        return record.prediction_view or record.preview_prediction
-    if view == "noisy":
-        return record.noisy_view or record.preview_noisy
-    raise ValueError(f"view must be 'prediction' or 'noisy', got {view!r}.")
+    """The step's picture at the image's size: the VAE view when decoded at that step, else the fast preview."""
+    if view not in ("prediction", "noisy"):
+        raise ValueError(f"view must be 'prediction' or 'noisy', got {view!r}.")
+    decoded = record.prediction_view if view == "prediction" else record.noisy_view
+    if decoded is not None:
+        return decoded
+    small = record.preview_prediction if view == "prediction" else record.preview_noisy
+    return small.resize(record.image_size, Image.Resampling.BILINEAR)
 
 
 def for_display(image: Image.Image, min_side: int = 320) -> Image.Image:
