@@ -1,0 +1,37 @@
+"""A visitor's view: headless Chromium opens the page, runs the first example, sees pictures and charts."""
+
+import shutil
+
+import pytest
+
+from explainer import config
+
+pytest.importorskip("playwright")
+CHROMIUM = shutil.which("chromium")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1300, "height": 1000})
+        page.goto(url)
+        yield page
+        browser.close()
+
+
+def test_running_an_example_shows_pictures_and_the_chart(page):
+    page.get_by_text("Examples").wait_for()
+    page.get_by_role("button", name="Run").click()
+    steps = config.MODELS[config.default_model_id()].steps
+    page.get_by_text(f"step {steps} of {steps}").wait_for(timeout=120_000)
+    pictures = page.locator("img[src*='gradio_api/file']")
+    pictures.first.wait_for()
+    assert pictures.count() >= 4  # two views, the noise chart, the concept chart (+ overlays)
+    page.get_by_role("tab", name="Attention").click()
+    page.get_by_role("button", name="Show").click()
+    page.get_by_text('"word"').wait_for(timeout=30_000)
