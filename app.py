@@ -154,7 +154,10 @@ def attention(word, step, aggregation, start, end, groups, view, opacity, includ
     """One word's cross-attention map: at a step, over a range of steps, or over all steps, for chosen
     layer groups. Returns the overlay, the raw map as a .npy file (H_lat x W_lat) and a JSON summary."""
     try:
-        run = _current(session)[1 if which == "second prompt" else 0] if session else _current(session)[0]
+        runs = _current(session)
+        if which == "second prompt" and len(runs) < 2:
+            raise ValueError("The latest run has no second prompt.")
+        run = runs[1 if which == "second prompt" else 0]
         labels = views.token_labels(run, include_special)
         if word not in labels:
             raise ValueError(f"The word {word!r} is not in the prompt. Its words are: {', '.join(map(repr, labels))}.")

@@ -1,25 +1,47 @@
-"""Open the running app in headless Chromium, run the first example, save a screenshot.
+"""Screenshots of every tab for docs/: run the default example, then visit each tab.
 
-Usage: python app.py & python scripts/screenshot.py http://127.0.0.1:7860 docs/denoise.png
+Usage: python app.py &  python scripts/screenshot.py http://127.0.0.1:7860 docs/
 """
 
 import shutil
 import sys
+from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from explainer import config  # noqa: E402
+
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 
-def main(url: str, out: str) -> None:
+def main(url: str, folder: str) -> None:
+    out = Path(folder)
+    steps = config.MODELS[config.default_model_id()].steps
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_FLAGS)
+        browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(url)
         page.get_by_role("button", name="Run").click()
-        page.get_by_text("step 10 of 10").wait_for(timeout=120_000)
-        page.wait_for_timeout(1500)
-        page.screenshot(path=out, full_page=True)
+        page.get_by_text(f"step {steps} of {steps}").wait_for(timeout=180_000)
+        page.wait_for_timeout(2500)
+        page.screenshot(path=out / "denoise.png", full_page=True)
+        page.get_by_role("tab", name="Attention").click()
+        page.get_by_role("button", name="Show").click()
+        page.get_by_text('"word"').wait_for(timeout=60_000)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=out / "attention.png", full_page=True)
+        page.get_by_role("tab", name="Concepts").click()
+        page.get_by_role("button", name="Show for the latest run").click()
+        page.get_by_role("button", name="Compare uniform / early / latter").click()
+        page.get_by_text('"latter"').wait_for(timeout=180_000)
+        page.wait_for_timeout(3000)
+        page.screenshot(path=out / "concepts.png", full_page=True)
+        for tab in ("Saliency", "Export", "About"):
+            if page.get_by_role("tab", name=tab).count():
+                page.get_by_role("tab", name=tab).click()
+                page.wait_for_timeout(800)
+                page.screenshot(path=out / f"{tab.lower()}.png", full_page=True)
         browser.close()
 
 
