@@ -1,0 +1,1 @@
+"""Embedded default model: a tiny text-to-image LDM of a synthetic shapes world."""

@@ -1,0 +1,430 @@
+"""Train the shapes latent diffusion model on CPU and save it in diffusers format.
+
+Stages (all run by default, each resumable): VAE on 32x32 crops, latent
+cache for a fixed scene set, UNet + text encoder jointly, pipeline export.
+
+    python -m explainer.shapes.train --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from explainer.shapes.tokenizer import MODEL_MAX_LENGTH, write_tokenizer
+from explainer.shapes.world import generate_scene
+
+CHECKPOINT_SECONDS = 180
+BETA_START, BETA_END = 0.00085, 0.012
+
+
+def log(message: str) -> None:
+    print(time.strftime("%H:%M:%S"), message, flush=True)
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64), layers_per_block=1,
+        latent_channels=4, norm_num_groups=32, sample_size=64,
+    )
+
+
+def make_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(64, 96, 128), layers_per_block=1,
+        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=32,
+    )
+
+
+def make_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256,
+        num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def make_noise_schedulers():
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+
+    common = dict(num_train_timesteps=1000, beta_start=BETA_START, beta_end=BETA_END,
+                  beta_schedule="scaled_linear", prediction_type="epsilon")
+    ddpm = DDPMScheduler(**common, clip_sample=False, steps_offset=1)
+    dpm = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
+                                      steps_offset=1)
+    return ddpm, dpm
+
+
+def warmup_cosine(warmup: int, total: int, floor: float = 0.05):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def scene_batch(rng: np.random.Generator, size: int, crop: int) -> torch.Tensor:
+    """Random crops of fresh training scenes, float in [-1, 1], NCHW."""
+    images = []
+    for _ in range(size):
+        image = generate_scene(rng).image
+        y, x = rng.integers(0, 64 - crop + 1, size=2)
+        images.append(image[y:y + crop, x:x + crop])
+    array = np.stack(images).astype(np.float32) / 127.5 - 1
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def train_vae(args, work: Path):
+    out_dir = work / "vae"
+    if (out_dir / "config.json").exists():
+        log("VAE already trained")
+        return
+    vae = make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(50, args.vae_steps))
+    rng = np.random.default_rng(args.seed + 1)
+    step, losses = 0, []
+    ckpt = work / "vae_ckpt.pt"
+    if args.resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        rng.bit_generator.state = state["np_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        step, losses = state["step"], state["losses"]
+        log(f"VAE resumed at step {step}")
+    last_save, started = time.time(), time.time()
+    vae.train()
+    while step < args.vae_steps:
+        x = scene_batch(rng, args.vae_batch, 32)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        mse = torch.nn.functional.mse_loss(recon, x)
+        loss = mse + args.kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step(), sched.step()
+        step += 1
+        losses.append(mse.item())
+        if step % 50 == 0:
+            rate = (time.time() - started) / 50
+            started = time.time()
+            log(f"vae step {step}/{args.vae_steps} mse {np.mean(losses[-50:]):.4f} {rate:.2f}s/step")
+        if time.time() - last_save > CHECKPOINT_SECONDS or step == args.vae_steps:
+            save_checkpoint(ckpt, dict(model=vae.state_dict(), opt=opt.state_dict(),
+                                       sched=sched.state_dict(), step=step, losses=losses,
+                                       np_rng=rng.bit_generator.state,
+                                       torch_rng=torch.get_rng_state()))
+            last_save = time.time()
+    vae.save_pretrained(out_dir)
+    (work / "vae_losses.json").write_text(json.dumps(losses))
+    log("VAE saved")
+
+
+@torch.no_grad()
+def cache_latents(args, work: Path):
+    """Encode a fixed training scene set (posterior means) to runs/."""
+    from diffusers import AutoencoderKL
+
+    latents_file, captions_file = work / "latents.npy", work / "captions.json"
+    if latents_file.exists() and captions_file.exists():
+        log("latents already cached")
+        return
+    vae = AutoencoderKL.from_pretrained(work / "vae").eval()
+    latents, captions, chunk = [], [], 256
+    for start in range(0, args.scenes, chunk):
+        scenes = [generate_scene(args.seed * 1_000_003 + i)
+                  for i in range(start, min(args.scenes, start + chunk))]
+        x = np.stack([s.image for s in scenes]).astype(np.float32) / 127.5 - 1
+        x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+        latents.append(vae.encode(x).latent_dist.mean.numpy().astype(np.float16))
+        captions += [s.caption for s in scenes]
+        if (start // chunk) % 20 == 0:
+            log(f"encoded {start + len(scenes)}/{args.scenes} scenes")
+    array = np.concatenate(latents)
+    np.save(work / "latents.tmp.npy", array)
+    os.replace(work / "latents.tmp.npy", latents_file)
+    captions_file.write_text(json.dumps(captions))
+    log(f"latents cached: {array.shape}, std {array.astype(np.float32).std():.4f}")
+
+
+def finetune_decoder(args, work: Path):
+    """Fine-tune the VAE decoder on full 64x64 scenes, encoder frozen.
+
+    The latents (and so the UNet) are unaffected; shape pixels weigh more so
+    small shapes keep their corners. Saved to work/vae_decoder.
+    """
+    from diffusers import AutoencoderKL
+
+    out_dir = work / "vae_decoder"
+    if (out_dir / "config.json").exists() or args.decoder_steps == 0:
+        log("decoder fine-tune done or skipped")
+        return
+    vae = AutoencoderKL.from_pretrained(work / "vae")
+    vae.encoder.requires_grad_(False), vae.quant_conv.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(20, args.decoder_steps))
+    rng = np.random.default_rng(args.seed + 3)
+    started = time.time()
+    for step in range(1, args.decoder_steps + 1):
+        scenes = [generate_scene(rng) for _ in range(args.vae_batch // 2)]
+        x = np.stack([sc.image for sc in scenes]).astype(np.float32) / 127.5 - 1
+        x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+        shapes = np.stack([np.logical_or.reduce([i.mask for i in sc.shapes]) for sc in scenes])
+        weight = 1 + 4 * torch.nn.functional.max_pool2d(
+            torch.from_numpy(shapes[:, None].astype(np.float32)), 5, 1, 2)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        recon = vae.decode(z).sample
+        loss = ((recon - x).pow(2) * weight).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step(), sched.step()
+        if step % 50 == 0:
+            log(f"decoder step {step}/{args.decoder_steps} weighted mse {loss.item():.4f} "
+                f"{(time.time() - started) / step:.2f}s/step")
+    vae.save_pretrained(out_dir)
+    log("fine-tuned decoder saved")
+
+
+def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float):
+    torch._foreach_mul_(ema, decay)
+    torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - decay)
+
+
+def train_unet(args, work: Path, refine: bool = False):
+    """Joint UNet + text encoder training; refine=True is the second phase.
+
+    The refine phase starts from phase-1 EMA weights with a fresh optimizer,
+    samples mostly high-noise timesteps and weighs them up (capped 1/SNR), since
+    place is only learned where the noisy latent does not reveal it yet.
+    """
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
+    latents = torch.from_numpy(np.load(work / "latents.npy"))
+    scale = 1.0 / latents.float().std().item()
+    captions = json.loads((work / "captions.json").read_text())
+    ids = tokenizer(captions, padding="max_length", max_length=MODEL_MAX_LENGTH,
+                    truncation=True, return_tensors="pt")["input_ids"]
+    empty_ids = tokenizer([""], padding="max_length", max_length=MODEL_MAX_LENGTH,
+                          return_tensors="pt")["input_ids"]
+    torch.manual_seed(args.seed)
+    unet, text_encoder = make_unet(), make_text_encoder(tokenizer)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [p.detach().clone() for p in params]
+    total = args.refine_steps if refine else args.unet_steps
+    lr, warmup = (args.refine_lr, 50) if refine else (args.lr, args.warmup)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total))
+    ddpm, _ = make_noise_schedulers()
+    alphas_cumprod = ddpm.alphas_cumprod.float()
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    gen = torch.Generator().manual_seed(args.seed + (4 if refine else 2))
+    step, losses = 0, []
+    ckpt = work / ("refine_ckpt.pt" if refine else "unet_ckpt.pt")
+    if refine and not (args.resume and ckpt.exists()):
+        phase1 = torch.load(work / "unet_ckpt.pt", weights_only=False)
+        unet.load_state_dict(phase1["unet"]), text_encoder.load_state_dict(phase1["text"])
+        with torch.no_grad():
+            for p, e, saved in zip(params, ema, phase1["ema"]):
+                p.copy_(saved), e.copy_(saved)
+        losses = list(phase1["losses"])
+        log("refine phase starts from phase-1 EMA weights")
+    if args.resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        unet.load_state_dict(state["unet"]), text_encoder.load_state_dict(state["text"])
+        for e, saved in zip(ema, state["ema"]):
+            e.copy_(saved)
+        opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        step, losses = state["step"], state["losses"]
+        log(f"UNet resumed at step {step}")
+    log(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
+        f"text {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M, "
+        f"{len(captions)} scenes, latent scale {scale:.4f}")
+    unet.train(), text_encoder.train()
+    last_save, started = time.time(), time.time()
+    while step < total:
+        index = torch.randint(0, len(captions), (args.batch,), generator=gen)
+        x0 = latents[index].float() * scale
+        tokens = ids[index].clone()
+        drop = torch.rand(args.batch, generator=gen) < args.caption_dropout
+        tokens[drop] = empty_ids[0]
+        t = torch.randint(0, 1000, (args.batch,), generator=gen)
+        if refine:
+            high = torch.rand(args.batch, generator=gen) < args.refine_high_t_fraction
+            t_high = torch.randint(args.high_t_min, 1000, (args.batch,), generator=gen)
+            t = torch.where(high, t_high, t)
+        elif step >= args.high_t_from_step:  # layout (place, shape) is decided at high noise
+            high = torch.rand(args.batch, generator=gen) < args.high_t_fraction
+            t_high = torch.randint(args.high_t_min, 1000, (args.batch,), generator=gen)
+            t = torch.where(high, t_high, t)
+        noise = torch.randn(x0.shape, generator=gen)
+        xt = ddpm.add_noise(x0, noise, t)
+        context = text_encoder(tokens)[0]
+        pred = unet(xt, t, context).sample
+        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        weight = torch.clamp(snr[t], max=args.min_snr) / snr[t]  # min-SNR weighting
+        if refine:
+            weight = torch.clamp(1.0 / snr[t], min=1.0, max=args.refine_max_weight)
+        loss = (per_sample * weight).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step(), sched.step()
+        step += 1
+        _ema_update(ema, params, args.refine_ema if refine else min(args.ema, (1 + step) / (10 + step)))
+        losses.append(per_sample.mean().item())
+        if step % 25 == 0:
+            rate = (time.time() - started) / 25
+            started = time.time()
+            log(f"{'refine' if refine else 'unet'} step {step}/{total} loss {np.mean(losses[-25:]):.4f} "
+                f"lr {sched.get_last_lr()[0]:.2e} {rate:.2f}s/step")
+        if time.time() - last_save > CHECKPOINT_SECONDS or step == total:
+            save_checkpoint(ckpt, dict(unet=unet.state_dict(), text=text_encoder.state_dict(),
+                                       ema=ema, opt=opt.state_dict(), sched=sched.state_dict(),
+                                       gen=gen.get_state(), step=step, losses=losses,
+                                       torch_rng=torch.get_rng_state()))
+            last_save = time.time()
+            log(f"checkpoint at step {step}")
+
+
+def export_pipeline(args, work: Path):
+    """Assemble the pipeline from the latest checkpoint's EMA weights and save it."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
+    refined = work / "refine_ckpt.pt"
+    state = torch.load(refined if refined.exists() and args.refine_steps else work / "unet_ckpt.pt",
+                       weights_only=False)
+    unet, text_encoder = make_unet(), make_text_encoder(tokenizer)
+    unet.load_state_dict(state["unet"]), text_encoder.load_state_dict(state["text"])
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    with torch.no_grad():
+        for p, e in zip(params, state["ema"]):
+            p.copy_(e)
+    vae_dir = work / "vae_decoder" if (work / "vae_decoder").exists() else work / "vae"
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    latents = np.load(work / "latents.npy").astype(np.float32)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    _, dpm = make_noise_schedulers()
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+        unet=unet.eval(), scheduler=dpm, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    out = Path(args.out)
+    pipe.save_pretrained(out, safe_serialization=True)
+    save_loss_curve(state["losses"], out / "loss_curve.png")
+    info = dict(steps_in_last_phase=state["step"], final_loss=float(np.mean(state["losses"][-200:])),
+                scaling_factor=vae.config.scaling_factor)
+    (work / "export.json").write_text(json.dumps(info, indent=2))
+    log(f"pipeline saved to {out}: {info}")
+
+
+def save_loss_curve(losses: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = np.asarray(losses)
+    window = 50
+    smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=80)
+    ax.plot(values, alpha=0.25, lw=0.5, label="per step")
+    ax.plot(np.arange(window - 1, len(values)), smooth, label=f"mean of {window}")
+    ax.set_xlabel("UNet step (batch 64)")
+    ax.set_ylabel("noise MSE")
+    ax.set_ylim(0, min(1.0, float(values.max())))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="runs/shapes", help="scratch dir for caches/checkpoints")
+    parser.add_argument("--out", default="assets/shapes-ldm")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--export-only", action="store_true")
+    parser.add_argument("--vae-steps", type=int, default=1000)
+    parser.add_argument("--vae-batch", type=int, default=32)
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--kl-weight", type=float, default=1e-6)
+    parser.add_argument("--decoder-steps", type=int, default=600)
+    parser.add_argument("--decoder-lr", type=float, default=3e-4)
+    parser.add_argument("--decoder-only", action="store_true")
+    parser.add_argument("--scenes", type=int, default=20_000)
+    parser.add_argument("--unet-steps", type=int, default=2600)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--min-snr", type=float, default=5.0)
+    parser.add_argument("--high-t-from-step", type=int, default=1255)
+    parser.add_argument("--high-t-fraction", type=float, default=0.5)
+    parser.add_argument("--high-t-min", type=int, default=500)
+    parser.add_argument("--refine-steps", type=int, default=500)
+    parser.add_argument("--refine-lr", type=float, default=2e-4)
+    parser.add_argument("--refine-ema", type=float, default=0.995)
+    parser.add_argument("--refine-high-t-fraction", type=float, default=0.7)
+    parser.add_argument("--refine-max-weight", type=float, default=10.0)
+    parser.add_argument("--caption-dropout", type=float, default=0.1)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.decoder_only:
+        finetune_decoder(args, work)
+        return
+    if not args.export_only:
+        write_tokenizer(work / "tokenizer")
+        train_vae(args, work)
+        cache_latents(args, work)
+        finetune_decoder(args, work)
+        train_unet(args, work)
+        if args.refine_steps:
+            train_unet(args, work, refine=True)
+    export_pipeline(args, work)
+
+
+if __name__ == "__main__":
+    main()
