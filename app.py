@@ -1,4 +1,4 @@
-"""Diffusion X-Ray: the Gradio app. Layout and event wiring only; all computing is in explainer/."""
+"""Diffusion X-Ray: the Gradio app. Handlers and event wiring; the components are in ui_tabs.py, all computing in explainer/."""
 
 from __future__ import annotations
 
@@ -6,16 +6,15 @@ import gradio as gr
 import numpy as np
 import spaces
 
-from explainer import config, export, plots, views
+from explainer import config, export, metrics, plots, views
+from explainer.methods import METHODS
 from explainer.models import load_model
 from explainer.run import RunData, RunSettings, StepRecord, stream_runs
 from explainer.schedules import parse_timestep_list
 from explainer.session import OUTPUT_ROOT, Session
+from ui_tabs import AGGREGATIONS, DEFAULT_MODEL, SALIENCY_METHODS, attention_tab, concepts_tab, denoise_tab, saliency_tab
 
-DEFAULT_MODEL = config.default_model_id()
-DEFAULT_SPEC = config.MODELS[DEFAULT_MODEL]
 LIMITS = config.LIMITS
-AGGREGATIONS = ["this step", "range of steps", "all steps"]
 ABOUT = (config.REPO_ROOT / "docs" / "about.md").read_text(encoding="utf-8")
 
 
@@ -130,6 +129,7 @@ def after_run(session: Session | None):
         gr.update(maximum=steps, value=steps),
         gr.update(choices=groups, value=groups),
         str(gif),
+        gr.update(maximum=steps, value=max(1, round(steps * 0.75))),
     )
 
 
@@ -237,6 +237,70 @@ def compare_schedules(model_id, prompt, negative, seed, steps, guidance, width, 
         yield *outputs, data
 
 
+# ---------------------------------------------------------------- saliency
+
+def _saliency_options(name, masks, keep, mode, mask_kind, seed) -> dict:
+    if name == "df-rise":
+        return {"n_masks": int(masks), "keep": float(keep), "mode": mode, "mask": mask_kind, "seed": int(seed)}
+    if name == "df-lime":
+        return {"seed": int(seed)}
+    if name == "random":
+        return {"seed": int(seed)}
+    return {}
+
+
+def _saliency_duration(model_id, run, name, options, step, score) -> int:
+    spec = config.model_spec(model_id)
+    calls = {"df-rise": options.get("n_masks", 500) / 16, "df-lime": 1000 / 16, "df-cam": 3}.get(name, 0)
+    calls += 2 * (run.latent_size[0] + 1) / 8 if score else 0
+    return config.gpu_seconds(spec, int(calls) + 1, run.settings.width, run.settings.height)
+
+
+@spaces.GPU(duration=_saliency_duration)
+def _explain_on_device(model_id, run: RunData, name: str, options: dict, step: int, score: bool):
+    """The GPU work of the Saliency tab: one explanation, and its insertion/deletion scores."""
+    model = load_model(model_id)
+    explanation = METHODS[name](**options).explain(model, run, step)
+    scores = metrics.insertion_deletion(model, run, step, explanation.saliency) if score else None
+    return explanation, scores
+
+
+def saliency(method, step, masks, keep, mode, mask_kind, seed, layer, opacity, score, session):
+    """Where does the model recover the image at this step? A DF-RISE, DF-CAM or DF-LIME map (or a
+    baseline) of the latest run, its overlay, and its insertion and deletion curves with their AUC."""
+    try:
+        run = _current(session)[0]
+        if method not in SALIENCY_METHODS:
+            raise ValueError(f"method must be one of {list(SALIENCY_METHODS)}, got {method!r}.")
+        name = SALIENCY_METHODS[method]
+        options = _saliency_options(name, masks, keep, mode, mask_kind, seed)
+        METHODS[name](**options)  # option checks (limits from the config) before any GPU work
+        if not 1 <= int(step) <= len(run.records):
+            raise ValueError(f"step must be between 1 and {len(run.records)}, got {step}.")
+        explanation, scores = _explain_on_device(run.model_id, run, name, options, int(step), bool(score))
+    except ValueError as error:
+        raise gr.Error(str(error)) from error
+    saliency_map = explanation.saliency
+    layers = sorted(explanation.per_layer or {})
+    if layer and layer != "sum of all layers":
+        if layer not in (explanation.per_layer or {}):
+            raise gr.Error(f"Unknown layer {layer!r}; DF-CAM recorded {len(layers)} layers.")
+        saliency_map = explanation.per_layer[layer]
+    record = run.records[int(step) - 1]
+    picture = views.for_display(views.step_picture(record, "prediction"), 320)
+    path = session.file(f"saliency-{name}-{step}.npy")
+    np.save(path, saliency_map)
+    data = {
+        "method": name, "step": explanation.step, "timestep": explanation.timestep, "options": explanation.options,
+        "seconds": round(explanation.seconds, 3), "denoiser_calls": explanation.denoiser_calls, "layers": layers,
+    }
+    if scores:
+        data |= {k: scores[k] for k in ("insertion_auc", "deletion_auc", "insertion", "deletion", "distance")}
+    chart = plots.insertion_deletion_chart(scores) if scores else None
+    layer_choices = gr.update(choices=["sum of all layers", *layers], value=layer or "sum of all layers")
+    return plots.overlay(picture, saliency_map, float(opacity)), chart, str(path), data, layer_choices
+
+
 # ---------------------------------------------------------------- export
 
 
@@ -267,103 +331,6 @@ def _close_session(session: Session | None) -> None:
 # ---------------------------------------------------------------- layout
 
 
-def _denoise_tab():
-    with gr.Row():
-        with gr.Column(scale=1):
-            c = {}
-            c["prompt"] = gr.Textbox(label="Prompt", value=DEFAULT_SPEC.examples[0], max_lines=3)
-            c["prompt_b"] = gr.Textbox(label="Second prompt (optional): compared from the same starting noise", max_lines=2)
-            c["model_id"] = gr.Dropdown(choices=[(s.label, s.id) for s in config.MODELS.values()], value=DEFAULT_MODEL, label="Model")
-            with gr.Row():
-                c["seed"] = gr.Number(label="Seed (-1: random)", value=config.DEFAULTS.seed, precision=0)
-                c["steps"] = gr.Slider(1, LIMITS.max_steps, value=DEFAULT_SPEC.steps, step=1, label="Steps")
-            c["guidance"] = gr.Slider(0, LIMITS.max_guidance, value=DEFAULT_SPEC.guidance, step=0.5, label="Guidance")
-            c["schedule"] = gr.Radio(
-                ["uniform", "early", "latter", "custom"], value=config.DEFAULTS.schedule, label="Time-step schedule",
-                info="early: dense where noise is high; latter: dense where it is low",
-            )
-            with gr.Accordion("More settings", open=False):
-                c["negative"] = gr.Textbox(label="Negative prompt", value="")
-                with gr.Row():
-                    c["width"] = gr.Slider(LIMITS.min_side, LIMITS.max_side, value=DEFAULT_SPEC.width, step=LIMITS.side_multiple, label="Width")
-                    c["height"] = gr.Slider(LIMITS.min_side, LIMITS.max_side, value=DEFAULT_SPEC.height, step=LIMITS.side_multiple, label="Height")
-                c["lam"] = gr.Slider(0, 200, value=config.DEFAULTS.lam, step=1, label="λ (schedule concentration)")
-                c["custom"] = gr.Textbox(label="Custom timesteps (schedule = custom)", placeholder="999, 800, 600, 400, 200, 50")
-                gr.Markdown(f"Limits: up to {LIMITS.max_steps} steps, sides {LIMITS.min_side}–{LIMITS.max_side} px in multiples of {LIMITS.side_multiple}.")
-            c["run"] = gr.Button("Run", variant="primary")
-            c["examples"] = gr.Dataset(components=[c["prompt"]], samples=[[p] for p in DEFAULT_SPEC.examples], label="Examples")
-        with gr.Column(scale=2):
-            c["status"] = gr.Markdown("Press **Run** to start.")
-            with gr.Row():
-                c["pred_a"] = gr.Image(label="Prediction view: the clean image the model predicts now", type="pil", height=300)
-                c["noisy_a"] = gr.Image(label="Noisy view: the current latent x_t, decoded", type="pil", height=300)
-            with gr.Row():
-                c["pred_b"] = gr.Image(label="Second prompt: prediction view", type="pil", height=200)
-                c["noisy_b"] = gr.Image(label="Second prompt: noisy view", type="pil", height=200)
-            c["slider"] = gr.Slider(1, DEFAULT_SPEC.steps, value=1, step=1, label="Step (scrub after the run)", interactive=False)
-            with gr.Row():
-                c["chart"] = gr.Image(label="Noise level", show_label=False, type="pil", height=220)
-                c["data"] = gr.JSON(label="This step's data")
-            c["overlays"] = gr.Gallery(label="Cross-attention per word at this step (first prompt)", columns=6, height=220)
-            c["animation"] = gr.File(label="Animation of the run (GIF)")
-    return c
-
-
-def _attention_tab():
-    c = {}
-    with gr.Row():
-        with gr.Column(scale=1):
-            c["word"] = gr.Dropdown(label="Word", choices=[], allow_custom_value=True)
-            c["include_special"] = gr.Checkbox(label="Show start / end / padding tokens", value=False)
-            gr.Markdown(
-                "*The start token soaks up most attention everywhere (a 'sink'); the end and padding tokens "
-                "carry a summary of the whole prompt. They are hidden by default.*"
-            )
-            c["aggregation"] = gr.Radio(AGGREGATIONS, value="this step", label="Aggregate")
-            c["step"] = gr.Slider(1, DEFAULT_SPEC.steps, value=DEFAULT_SPEC.steps, step=1, label="Step")
-            with gr.Row():
-                c["start"] = gr.Slider(1, DEFAULT_SPEC.steps, value=1, step=1, label="Range start")
-                c["end"] = gr.Slider(1, DEFAULT_SPEC.steps, value=DEFAULT_SPEC.steps, step=1, label="Range end")
-            c["groups"] = gr.CheckboxGroup(label="Layers (block and resolution)", choices=[])
-            c["view"] = gr.Radio(["prediction", "noisy"], value="prediction", label="Picture under the map")
-            c["opacity"] = gr.Slider(0, 1, value=0.8, step=0.05, label="Overlay opacity")
-            c["which"] = gr.Radio(["first prompt", "second prompt"], value="first prompt", label="Prompt")
-            c["show"] = gr.Button("Show", variant="primary")
-        with gr.Column(scale=2):
-            c["overlay"] = gr.Image(label="Attention overlay", type="pil", height=360)
-            gr.Image(value=plots.colour_scale(), label="Colour scale: blue = least, red = most of this map (min-max)", height=60, interactive=False)
-            with gr.Row():
-                c["npy"] = gr.File(label="Raw map (.npy, latent grid)")
-                c["summary"] = gr.JSON(label="Map data")
-    return c
-
-
-def _concepts_tab():
-    c = {}
-    gr.Markdown(
-        "**Which concept is drawn at each step?** The chart shows each word's *cheap score*: its share of the "
-        "cross-attention at that step, min-max normalised across the words (SPEC §3)."
-    )
-    c["refresh"] = gr.Button("Show for the latest run")
-    with gr.Row():
-        c["chart"] = gr.Image(label="Concept chart", type="pil", height=300)
-        c["bars"] = gr.Image(label="Summed over steps", type="pil", height=300)
-    c["data"] = gr.JSON(label="Scores per step")
-    gr.Markdown("### Compare schedules\nThe Denoise tab's prompt and seed under the three schedules (λ from its settings).")
-    c["compare"] = gr.Button("Compare uniform / early / latter", variant="primary")
-    c["grid"] = []
-    with gr.Row():
-        for kind in config.SCHEDULE_KINDS:
-            with gr.Column():
-                c["grid"] += [
-                    gr.Image(label=f"{kind}: image", type="pil", height=200),
-                    gr.Image(label=f"{kind}: concept chart", type="pil", height=200),
-                    gr.Image(label=f"{kind}: totals", type="pil", height=200),
-                ]
-    c["compare_data"] = gr.JSON(label="Scores per schedule")
-    return c
-
-
 def build_demo() -> gr.Blocks:
     with gr.Blocks(title="Diffusion X-Ray", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
@@ -378,11 +345,13 @@ def build_demo() -> gr.Blocks:
             )
         session = gr.State(None, delete_callback=_close_session)
         with gr.Tab("Denoise"):
-            d = _denoise_tab()
+            d = denoise_tab()
         with gr.Tab("Attention"):
-            a = _attention_tab()
+            a = attention_tab()
         with gr.Tab("Concepts"):
-            k = _concepts_tab()
+            k = concepts_tab()
+        with gr.Tab("Saliency"):
+            sal = saliency_tab()
         with gr.Tab("Export"):
             gr.Markdown("Download the latest run: every step's pictures, attention maps (.npy and .png) and `run.json`, which records every setting and library version needed to make it again.")
             export_button = gr.Button("Export the latest run")
@@ -398,7 +367,7 @@ def build_demo() -> gr.Blocks:
             concurrency_limit=LIMITS.max_concurrent_runs, concurrency_id="gpu",
         )
         run_event.success(
-            after_run, session, [d["slider"], a["word"], a["step"], a["start"], a["end"], a["groups"], d["animation"]],
+            after_run, session, [d["slider"], a["word"], a["step"], a["start"], a["end"], a["groups"], d["animation"], sal["step"]],
             api_visibility="private",
         )
         d["slider"].release(show_step, [session, d["slider"]], step_outputs, api_visibility="private")
@@ -412,6 +381,11 @@ def build_demo() -> gr.Blocks:
         k["compare"].click(
             compare_schedules, compare_inputs, k["grid"] + [k["compare_data"]], api_name="compare_schedules",
             concurrency_limit=LIMITS.max_concurrent_runs, concurrency_id="gpu",
+        )
+        saliency_inputs = [sal[n] for n in ("method", "step", "masks", "keep", "mode", "mask_kind", "seed", "layer", "opacity", "score")]
+        sal["explain"].click(
+            saliency, saliency_inputs + [session], [sal["overlay"], sal["chart"], sal["npy"], sal["data"], sal["layer"]],
+            api_name="saliency", concurrency_limit=LIMITS.max_concurrent_runs, concurrency_id="gpu",
         )
         export_button.click(export_run, session, [zip_file, gif_file], api_name="export")
     demo.queue(max_size=LIMITS.max_queue, default_concurrency_limit=LIMITS.max_concurrent_runs)

@@ -97,3 +97,19 @@ def colour_scale(width: int = 320, height: int = 18) -> Image.Image:
     """The JET colour bar used by every overlay: blue = least, red = most of that map."""
     ramp = np.tile(np.linspace(0, 1, width, dtype=np.float32), (height, 1))
     return Image.fromarray((_JET(ramp)[..., :3] * 255).astype(np.uint8))
+
+
+def insertion_deletion_chart(scores: dict) -> Image.Image:
+    """Insertion and deletion curves of one map, with their AUCs (SPEC §7)."""
+    figure, axis = plt.subplots(figsize=(4.6, 2.8))
+    for curve, colour in (("insertion", "#2a9d8f"), ("deletion", "#d1495b")):
+        values = np.asarray(scores[curve])
+        x = np.linspace(0, 1, len(values))
+        axis.plot(x, values, color=colour, marker="o", markersize=2.5, linewidth=1.4, label=f"{curve} (AUC {scores[curve + '_auc']:.3f})")
+    axis.set_xlabel("fraction of latent pixels revealed (insertion) / removed (deletion)", fontsize=7)
+    axis.set_ylabel(f"distance to real x_(t-1) ({scores['distance']})", fontsize=7)
+    axis.set_title("Faithful: insertion falls fast (low AUC), deletion rises fast (high AUC)", fontsize=8)
+    axis.tick_params(labelsize=7)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    return figure_to_image(figure)

@@ -27,7 +27,7 @@ def denoise_args(prompt="a cat on a red circle", steps=4, **changes):
 
 def test_only_named_endpoints_are_public(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert set(endpoints) == {"/denoise", "/attention", "/concepts", "/compare_schedules", "/export"}
+    assert set(endpoints) == {"/denoise", "/attention", "/concepts", "/compare_schedules", "/saliency", "/export"}
 
 
 def test_denoise_streams_one_update_per_step(client):
@@ -102,3 +102,18 @@ def test_api_before_any_run_explains_itself(url):
     fresh = Client(url, verbose=False)
     with pytest.raises(Exception, match="No run yet"):
         fresh.predict(api_name="/concepts")
+
+
+def test_saliency_explains_a_step_of_the_session_run(url):
+    session_client = Client(url, verbose=False)
+    list(session_client.submit(*denoise_args(steps=3), api_name="/denoise"))
+    overlay, chart, npy, data, _ = session_client.predict(
+        "DF-RISE", 2, 16, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, True, api_name="/saliency"
+    )
+    assert np.load(npy).shape == (8, 8)
+    assert data["method"] == "df-rise" and data["step"] == 2 and data["options"]["n_masks"] == 16
+    assert 0 <= data["insertion_auc"] <= 1 and len(data["deletion"]) == 9
+    _, _, _, cam, _ = session_client.predict(
+        "DF-CAM", 3, 16, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, api_name="/saliency"
+    )
+    assert cam["denoiser_calls"] == 1 and len(cam["layers"]) > 5 and "insertion_auc" not in cam

@@ -86,3 +86,11 @@ def test_words_outside_the_embedded_vocabulary(client):
     args = denoise_args(steps=2, model_id=config.EMBEDDED_MODEL_ID, prompt="a zebra on the left", width=64, height=64)
     with pytest.raises(Exception, match="Words not in the embedded/shapes-ldm model's vocabulary: 'zebra'"):
         client.predict(*args, api_name="/denoise")
+
+
+@pytest.mark.parametrize("label, masks, message", [("N masks 0", 0, "less than minimum value 1"), ("N masks 10^9", 10**9, "greater than maximum value 4000")])
+def test_mask_counts(client, label, masks, message):
+    assert f"| {label} |" in TABLE
+    client.predict(*denoise_args(steps=2), api_name="/denoise")
+    with pytest.raises(Exception, match=message):
+        client.predict("DF-RISE", 1, masks, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, api_name="/saliency")

@@ -1,0 +1,31 @@
+"""The paper's explanation methods, one interface (SPEC §3-§6): ``method.explain(model, run, step)``.
+
+    >>> from explainer.methods import METHODS
+    >>> explanation = METHODS["df-rise"](n_masks=200).explain(model, run, step=15)
+    >>> explanation.saliency.shape, explanation.denoiser_calls
+"""
+
+from .base import CentreBaseline, Explanation, Method, RandomBaseline
+from .cam import DFCam, cam_layers
+from .lime import DFLime
+from .relevance import TokenRelevance, cheap_token_scores, relevance_series
+from .rise import DFRise
+
+METHODS: dict[str, type[Method]] = {
+    method.name: method for method in (TokenRelevance, DFRise, DFCam, DFLime, RandomBaseline, CentreBaseline)
+}
+
+__all__ = [
+    "METHODS",
+    "CentreBaseline",
+    "DFCam",
+    "DFLime",
+    "DFRise",
+    "Explanation",
+    "Method",
+    "RandomBaseline",
+    "TokenRelevance",
+    "cam_layers",
+    "cheap_token_scores",
+    "relevance_series",
+]

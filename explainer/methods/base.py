@@ -1,0 +1,295 @@
+"""The one interface every explanation method shares, and what a step needs rebuilt from a run.
+
+Every method is a small dataclass of options with one verb, ``explain(model, run, step)``,
+returning an ``Explanation`` (in the spirit of Captum's ``attribute``). The public ``explain``
+checks its inputs and times the work; each method's private ``_explain`` computes.
+
+Example:
+    >>> explanation = DFRise(n_masks=200).explain(model, run, step=15)
+    >>> explanation.overlay(record.prediction_view).save("rise.png")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..models import LoadedModel
+from ..plots import normalise, overlay
+from ..run import RunData, make_scheduler, predicted_original
+
+
+@dataclass
+class Explanation:
+    """What a method found at one step.
+
+    Attributes:
+        method: the method's name (a key of ``METHODS``).
+        step: the explained step (1-based) and ``timestep`` its t_k.
+        saliency: float32 (H_lat, W_lat) map in [0, 1] (min-max; all zeros when flat).
+        options: all of the method's options, defaults included.
+        seconds: wall time of ``explain``; ``denoiser_calls``: UNet forward passes it made
+            (a pass may carry many inputs and both guidance halves).
+        per_layer: DF-CAM's per-layer maps (H_lat, W_lat), keyed by module path.
+        token_scores: per-word scores in [0, 1], keyed ``"i:word"`` as ``views.token_scores``.
+        token_maps: per-word maps (H_lat, W_lat) in [0, 1], same keys.
+    """
+
+    method: str
+    step: int
+    timestep: int
+    saliency: np.ndarray
+    options: dict
+    seconds: float = 0.0
+    denoiser_calls: int = 0
+    per_layer: dict[str, np.ndarray] | None = None
+    token_scores: dict[str, float] | None = None
+    token_maps: dict[str, np.ndarray] | None = None
+
+    def upsampled(self, size: tuple[int, int]) -> np.ndarray:
+        """The map resized bilinearly to ``size`` = (width, height), as PIL sizes go; float32 in [0, 1]."""
+        width, height = size
+        tensor = torch.from_numpy(np.ascontiguousarray(self.saliency, dtype=np.float32))[None, None]
+        resized = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)
+        return resized[0, 0].clamp(0, 1).numpy()
+
+    def overlay(self, image: Image.Image, opacity: float = 1.0) -> Image.Image:
+        """The map over ``image`` in JET, mixed as ``(1 - m^0.8) I + m^0.8 H`` (SPEC §4)."""
+        return overlay(image, self.saliency, opacity)
+
+
+def check_int(name: str, value, low: int, high: int | float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}.")
+
+
+def check_number(name: str, value, low: float, high: float, open_low: bool = False) -> None:
+    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not (low < value if open_low else low <= value) or value > high:
+        interval = f"({low}, {high}]" if open_low else f"[{low}, {high}]"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}.")
+
+
+def check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+
+
+@dataclass(kw_only=True)
+class Method:
+    """Base of every method: options are dataclass fields, checked at creation and at each call."""
+
+    name = "method"
+
+    def __post_init__(self) -> None:
+        self._check_options()
+
+    @property
+    def options(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def explain(self, model: LoadedModel, run: RunData, step: int) -> Explanation:
+        """Explain step ``step`` (1-based) of ``run`` with ``model``; see the method's docstring.
+
+        Raises:
+            ValueError: ``step`` outside 1..len(run.records), an option out of range, or a run
+                whose latents do not fit the model.
+        """
+        self._check_options()
+        if not run.records:
+            raise ValueError("run has no recorded steps yet: explain a step after the run has made it.")
+        check_int("step", step, 1, len(run.records))
+        latents = run.records[step - 1].latents
+        channels = model.pipe.unet.config.in_channels
+        if latents.shape[1] != channels:
+            raise ValueError(f"run has {latents.shape[1]} latent channels but the model's UNet takes {channels}.")
+        start = time.perf_counter()
+        explanation = self._explain(model, run, step)
+        explanation.seconds = time.perf_counter() - start
+        return explanation
+
+    def _check_options(self) -> None:
+        """Raise ValueError naming the option, the rule and the value."""
+
+    def _explain(self, model: LoadedModel, run: RunData, step: int) -> Explanation:
+        raise NotImplementedError
+
+    def _result(self, run: RunData, step: int, saliency, **extra) -> Explanation:
+        return Explanation(
+            method=self.name,
+            step=step,
+            timestep=run.records[step - 1].timestep,
+            saliency=normalise(np.asarray(saliency, dtype=np.float32)),
+            options=self.options,
+            **extra,
+        )
+
+
+@dataclass(kw_only=True)
+class PerturbationMethod(Method):
+    """Family base of DF-RISE and DF-LIME: perturbed inputs go through the denoiser ``batch_size`` at a time."""
+
+    batch_size: int = 16
+
+    def _check_options(self) -> None:
+        check_int("batch_size", self.batch_size, 1, 4096)
+
+
+@dataclass(kw_only=True)
+class GradientMethod(Method):
+    """Family base of DF-CAM and token relevance: hooks and processors are removed in ``finally``."""
+
+
+@dataclass
+class StepInputs:
+    """What step k needs, rebuilt from a run: tensors on the model's device and dtype.
+
+    ``embeddings`` is (2, L, D) as [unconditional, conditional] when guided, else (1, L, D).
+    ``next_alpha_bar`` is 1.0 after the last step (the clean latent).
+    """
+
+    latents: torch.Tensor  # x_t, (1, C, h, w)
+    next_latents: torch.Tensor  # the real x_{t-1}, (1, C, h, w)
+    timestep: int
+    embeddings: torch.Tensor
+    guidance: float
+    alpha_bar: float
+    next_alpha_bar: float
+    prediction_type: str
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance > 1.0  # as diffusers: no unconditional half at w <= 1
+
+    @property
+    def conditional_index(self) -> int:
+        return 1 if self.guided else 0
+
+
+def step_inputs(model: LoadedModel, run: RunData, step: int) -> StepInputs:
+    """Rebuild x_t, x_{t-1}, the text embeddings and the noise levels of ``step`` (1-based)."""
+    settings, record = run.settings, run.records[step - 1]
+    device, dtype = model.device, model.dtype
+    scheduler = make_scheduler(model.pipe, settings)
+    alphas = scheduler.alphas_cumprod
+    guided = settings.guidance > 1.0
+    with torch.no_grad():
+        positive, negative = model.pipe.encode_prompt(settings.prompt, device, 1, guided, settings.negative_prompt or None)
+    embeddings = torch.cat([negative, positive]) if guided else positive
+    return StepInputs(
+        latents=record.latents.to(device, dtype).clone(),  # clone: records may hold inference tensors
+        next_latents=record.next_latents.to(device, dtype).clone(),
+        timestep=record.timestep,
+        embeddings=embeddings.clone(),
+        guidance=float(settings.guidance),
+        alpha_bar=float(alphas[record.timestep]),
+        next_alpha_bar=1.0 if record.next_timestep is None else float(alphas[record.next_timestep]),
+        prediction_type=scheduler.config.prediction_type,
+    )
+
+
+def unet_batch(inputs: StepInputs, latents: torch.Tensor, embeddings: torch.Tensor | None = None):
+    """UNet inputs for a batch of B latents: (2B, C, h, w) as [B unconditional, B conditional] when guided."""
+    embeddings = inputs.embeddings if embeddings is None else embeddings
+    batch = latents.shape[0]
+    # (halves, L, D) -> (halves * B, L, D), each half repeated B times
+    text = embeddings.repeat_interleave(batch, dim=0)
+    return (torch.cat([latents, latents]) if inputs.guided else latents), text
+
+
+def combine_guidance(output: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+    """``u + w (c - u)`` over the two halves of a guided batch (dim 0); the output itself when not guided."""
+    if not inputs.guided:
+        return output
+    unconditional, conditional = output.chunk(2)
+    return unconditional + inputs.guidance * (conditional - unconditional)
+
+
+def guided_prediction(model: LoadedModel, inputs: StepInputs, latents: torch.Tensor, **unet_kwargs) -> torch.Tensor:
+    """The guided denoiser output for a batch of latents (B, C, h, w) at the step's timestep and text.
+
+    Both supported schedulers (DDIM, DPM-Solver++) scale the model input by 1, so none is applied.
+    """
+    latent_input, text = unet_batch(inputs, latents)
+    timestep = torch.tensor(inputs.timestep, device=latents.device)
+    output = model.pipe.unet(latent_input, timestep, encoder_hidden_states=text, return_dict=False, **unet_kwargs)[0]
+    return combine_guidance(output, inputs)
+
+
+def ddim_step(inputs: StepInputs, latents: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+    """x_{t-1} from a prediction at x_t by the deterministic DDIM update from t_k to t_{k+1}.
+
+    Our choice for "the scheduler step from a prediction" (DF-RISE next-latent mode, DF-LIME,
+    insertion/deletion): first order; a multistep solver's history is not replayed, so for
+    DPM-Solver++ (order 2) it differs slightly from the run's own step after the first step.
+    """
+    x0 = predicted_original(latents.float(), prediction.float(), inputs.alpha_bar, inputs.prediction_type)
+    if inputs.prediction_type == "epsilon":
+        eps = prediction.float()
+    else:  # recover the noise from x_t and x0
+        eps = (latents.float() - math.sqrt(inputs.alpha_bar) * x0) / math.sqrt(1 - inputs.alpha_bar)
+    next_latents = math.sqrt(inputs.next_alpha_bar) * x0 + math.sqrt(1 - inputs.next_alpha_bar) * eps
+    return next_latents.to(latents.dtype)
+
+
+def batches(total: int, size: int):
+    """(start, stop) index pairs covering ``range(total)`` in chunks of ``size``."""
+    return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+@dataclass(kw_only=True)
+class RandomBaseline(Method):
+    """A uniform random map (seeded): the baseline every method must beat (SPEC §7)."""
+
+    seed: int = 0
+    name = "random"
+
+    def _check_options(self) -> None:
+        check_int("seed", self.seed, 0, 2**63 - 1)
+
+    def _explain(self, model, run, step):
+        height, width = run.records[step - 1].latents.shape[-2:]
+        values = np.random.default_rng(self.seed).random((height, width))
+        return self._result(run, step, values)
+
+
+@dataclass(kw_only=True)
+class CentreBaseline(Method):
+    """A centred Gaussian blob, ``sigma`` a fraction of the map's side: the centre-bias baseline (SPEC §7)."""
+
+    sigma: float = 0.25
+    name = "centre"
+
+    def _check_options(self) -> None:
+        check_number("sigma", self.sigma, 0.0, 10.0, open_low=True)
+
+    def _explain(self, model, run, step):
+        height, width = run.records[step - 1].latents.shape[-2:]
+        rows = (np.arange(height) + 0.5) / height - 0.5
+        cols = (np.arange(width) + 0.5) / width - 0.5
+        values = np.exp(-(rows[:, None] ** 2 + cols[None, :] ** 2) / (2 * self.sigma**2))
+        return self._result(run, step, values)
+
+
+__all__ = [
+    "CentreBaseline",
+    "Explanation",
+    "GradientMethod",
+    "Method",
+    "PerturbationMethod",
+    "RandomBaseline",
+    "StepInputs",
+    "batches",
+    "combine_guidance",
+    "ddim_step",
+    "guided_prediction",
+    "step_inputs",
+    "unet_batch",
+]

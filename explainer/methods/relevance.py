@@ -1,0 +1,310 @@
+"""Token relevance: which prompt word the denoiser draws at step k (SPEC §3; Chefer et al., ICCV 2021).
+
+One forward and one backward pass per step. The attention probabilities of every self- and
+cross-attention layer of the UNet, and of every text-encoder layer, are computed explicitly
+with gradients; as each one's gradient G arrives in the backward pass, a tensor hook keeps only
+``Abar = mean over heads of clamp(G * A, min=0)`` of the conditional prompt and lets autograd
+free the rest. The bi-modal rules then run in forward order on the finest latent grid.
+
+The explicit attention comes from forward hooks that act only on calls from the explaining
+thread, not from swapped processors: swapping the UNet's processor dict while another thread's
+run holds ``capture_attention`` races with that run's restore (tried: the run failed and our
+processors were left installed). The price is that each attention is computed twice.
+
+Memory: besides what autograd itself keeps for one guided UNet pass (dominated by the
+self-attention probabilities, 2 x heads x N_l^2 per layer), the peak holds one Abar per layer at
+that layer's own size (cond half, heads averaged: N_l x N_l or N_l x L; about 0.35 GB in all for
+SD at 512x512, five 4096 x 4096 layers), one layer's G * A product while it is reduced, and the
+N x N relevance ``R_ii`` with one resized layer (64 MB each at N = 4096 in float32).
+
+Example:
+    >>> explanation = TokenRelevance(word="circle").explain(model, run, step=15)
+    >>> explanation.token_scores  # {'0:a': 0.0, '1:red': 0.4, '2:circle': 1.0, ...}
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..capture import layer_grid
+from ..plots import normalise
+from ..run import RunData
+from ..views import token_scores as _cheap_scores
+from .base import GradientMethod, step_inputs, unet_batch
+
+class RelevanceState:
+    """One explain call's Abar matrices, in forward order; nothing is shared between calls."""
+
+    def __init__(self, conditional_index: int, batch_size: int):
+        self.conditional_index = conditional_index
+        self.batch_size = batch_size
+        self.unet_layers: list[dict] = []  # {"kind": "self" | "cross", "tokens": N_l, "abar": (N_l, K)}
+        self.text_layers: list[dict] = []  # {"abar": (L, L)}
+        self.text_leaf: torch.Tensor | None = None
+
+    def _keep(self, entry: dict, probs: torch.Tensor, shape: tuple[int, ...], index: int) -> None:
+        """Register a hook on ``probs`` that turns its gradient G into Abar; ``shape`` is (batch, heads, rows, keys)."""
+        values = probs.detach().view(shape)[index]  # (heads, rows, keys)
+
+        def on_gradient(gradient):
+            gradient = gradient.view(shape)[index]
+            entry["abar"] = (gradient.float() * values.float()).clamp(min=0).mean(0)  # (rows, keys)
+
+        probs.register_hook(on_gradient)
+
+    def add_unet(self, probs: torch.Tensor, heads: int, cross: bool) -> None:
+        entry = {"kind": "cross" if cross else "self", "tokens": probs.shape[1], "abar": None}
+        self.unet_layers.append(entry)
+        _, rows, keys = probs.shape  # (batch * heads, N, N or L)
+        self._keep(entry, probs, (self.batch_size, heads, rows, keys), self.conditional_index)
+
+    def add_text(self, probs: torch.Tensor) -> None:
+        entry = {"abar": None}
+        self.text_layers.append(entry)
+        self._keep(entry, probs, tuple(probs.shape), 0)  # (1, heads, L, L): the conditional prompt alone
+
+    def attend(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        """Explicit-softmax attention (self or cross) that keeps its probabilities for the backward pass.
+
+        The maths of diffusers' classic ``AttnProcessor``, applied to one of the UNet's ``Attention``
+        modules (``attn``) with the inputs it was called with.
+        """
+        cross = encoder_hidden_states is not None
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        context = encoder_hidden_states if cross else hidden_states
+        attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], context.shape[0])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if cross and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        elif not cross:
+            context = hidden_states
+        key, value = attn.to_k(context), attn.to_v(context)
+        # (batch, tokens, heads * dim) -> (batch * heads, tokens, dim)
+        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
+        probs = attn.get_attention_scores(query, key, attention_mask)  # (batch * heads, N, N or L)
+        self.add_unet(probs, attn.heads, cross)
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear projection, dropout
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def unet_attention_modules(unet) -> list[torch.nn.Module]:
+    """The UNet's attention modules (self and cross) in forward order, found from its processors."""
+    return [unet.get_submodule(key.removesuffix(".processor")) for key in unet.attn_processors]
+
+
+def text_attention_modules(text_encoder) -> list[torch.nn.Module]:
+    """The text encoder's self-attention modules in forward order (found by their projections)."""
+    return [m for _, m in text_encoder.named_modules() if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "out_proj"))]
+
+
+def _explicit_text_attention(module, hidden_states, attention_mask, state: RelevanceState, first: bool):
+    """CLIP attention with explicit (causal) softmax; its probabilities go to ``state``."""
+    if first:  # a leaf, so the graph reaches every attention map even when the weights are frozen
+        hidden_states = hidden_states.detach().requires_grad_(True)
+        state.text_leaf = hidden_states
+    batch, length, _ = hidden_states.shape
+    heads, dim = module.num_heads, module.head_dim
+
+    def split(x):  # (batch, L, heads * dim) -> (batch, heads, L, dim)
+        return x.view(batch, length, heads, dim).transpose(1, 2)
+
+    query, key, value = (split(projection(hidden_states)) for projection in (module.q_proj, module.k_proj, module.v_proj))
+    scores = torch.matmul(query, key.transpose(-1, -2)) * module.scale  # (batch, heads, L, L)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    else:  # CLIP's text attention is causal
+        future = torch.ones(length, length, dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    state.add_text(probs)
+    output = torch.matmul(probs, value).transpose(1, 2).reshape(batch, length, heads * dim)
+    return module.out_proj(output), probs
+
+
+def _argument(args, kwargs, index: int, name: str):
+    return kwargs[name] if name in kwargs else (args[index] if len(args) > index else None)
+
+
+@contextmanager
+def explicit_attention(unet, text_encoder, state: RelevanceState):
+    """Forward hooks that redo every UNet and text-encoder attention explicitly, for this thread only.
+
+    Inside the block, an attention module called from the thread that entered it returns the
+    output of ``state.attend`` (UNet) or an explicit CLIP attention (text encoder), computed
+    again from the same inputs after the installed processor ran, so gradients reach the
+    probabilities. Calls from other threads (other users' runs on the same pipeline) are left
+    alone, and no processor is swapped. The hooks are removed on exit, whatever happened.
+    """
+    thread = threading.get_ident()
+
+    def unet_hook(module, args, kwargs, output):
+        if threading.get_ident() != thread:
+            return None
+        hidden_states = _argument(args, kwargs, 0, "hidden_states")
+        encoder_hidden_states = _argument(args, kwargs, 1, "encoder_hidden_states")
+        attention_mask = _argument(args, kwargs, 2, "attention_mask")
+        return state.attend(module, hidden_states, encoder_hidden_states, attention_mask, kwargs.get("temb"))
+
+    def text_hook(first: bool):
+        def hook(module, args, kwargs, output):
+            if threading.get_ident() != thread:
+                return None
+            hidden_states = _argument(args, kwargs, 0, "hidden_states")
+            return _explicit_text_attention(module, hidden_states, kwargs.get("attention_mask"), state, first)
+
+        return hook
+
+    handles = [m.register_forward_hook(unet_hook, with_kwargs=True) for m in unet_attention_modules(unet)]
+    handles += [
+        m.register_forward_hook(text_hook(i == 0), with_kwargs=True) for i, m in enumerate(text_attention_modules(text_encoder))
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def resize_self(abar: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """(N_l, N_l) -> (N, N) as ``P Abar P^T * N_l / N`` with P the bilinear upsampling matrix (our choice):
+    queries take their coarse pixel's row, and each row keeps its sum."""
+    (h, w), (height, width) = grid, size
+    if (h, w) == (height, width):
+        return abar
+    keys = F.interpolate(abar.reshape(h * w, 1, h, w), size=size, mode="bilinear", align_corners=False)  # (N_l, 1, H, W)
+    keys = keys.reshape(h * w, height * width).T  # (N, N_l): rows are fine keys
+    both = F.interpolate(keys.reshape(-1, 1, h, w), size=size, mode="bilinear", align_corners=False)  # (N, 1, H, W)
+    return both.reshape(height * width, height * width).T * (h * w) / (height * width)  # (N queries, N keys)
+
+
+def resize_cross(abar: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """(N_l, L) -> (N, L) by bilinear upsampling of the image-token axis."""
+    (h, w), (height, width) = grid, size
+    if (h, w) == (height, width):
+        return abar
+    maps = abar.T.reshape(-1, 1, h, w)  # (L, 1, h, w)
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False).reshape(-1, height * width).T
+
+
+def without_identity_normalised(relevance: torch.Tensor) -> torch.Tensor:
+    """SPEC §3's norm(R): remove the identity, divide each row by its sum (rows summing to 0 stay 0), add it back."""
+    eye = torch.eye(relevance.shape[0], dtype=relevance.dtype, device=relevance.device)
+    rest = relevance - eye
+    sums = rest.sum(dim=-1, keepdim=True)
+    return torch.where(sums != 0, rest / torch.where(sums != 0, sums, 1), 0) + eye
+
+
+def relevance_matrices(state: RelevanceState, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply the bi-modal rules in forward order; returns R_iq (N, L) and R_qq (L, L)."""
+    length = state.text_layers[0]["abar"].shape[0]
+    device = state.text_layers[0]["abar"].device
+    r_qq = torch.eye(length, device=device)
+    for layer in state.text_layers:
+        r_qq = r_qq + layer["abar"] @ r_qq
+    r_qq_norm = without_identity_normalised(r_qq)
+    tokens = size[0] * size[1]
+    r_ii = torch.eye(tokens, device=device)
+    r_iq = torch.zeros(tokens, length, device=device)
+    for layer in state.unet_layers:
+        grid = layer_grid(layer["tokens"], size)
+        if layer["kind"] == "self":
+            abar = resize_self(layer["abar"], grid, size)
+            r_iq = r_iq + abar @ r_iq
+            r_ii = r_ii + abar @ r_ii
+            r_iq = F.normalize(r_iq, p=2, dim=1)  # rows of zeros stay zero
+        else:
+            abar = resize_cross(layer["abar"], grid, size)
+            r_iq = r_iq + without_identity_normalised(r_ii).T @ abar @ r_qq_norm
+    return r_iq, r_qq
+
+
+@dataclass(kw_only=True)
+class TokenRelevance(GradientMethod):
+    """Gradient-weighted attention relevance of every prompt word at one step (SPEC §3).
+
+    Args:
+        word: the word whose relevance map becomes ``saliency`` (default: all words summed).
+    Returns (from ``explain``):
+        ``Explanation`` with ``token_scores`` {"i:word": score in [0, 1]} (column sums of R_iq,
+        pieces of a word summed, min-max across words), ``token_maps`` {"i:word": (H_lat, W_lat)},
+        ``saliency`` (H_lat, W_lat) and ``denoiser_calls`` = 1.
+    """
+
+    word: str | None = None
+    name = "relevance"
+
+    def _check_options(self) -> None:
+        if self.word is not None and (not isinstance(self.word, str) or not self.word.strip()):
+            raise ValueError(f"word must be a word of the prompt or None, got {self.word!r}.")
+
+    def _explain(self, model, run, step):
+        words = run.tokens.words
+        chosen = run.tokens.find(self.word) if self.word is not None else None  # ValueError naming the words
+        if not words:
+            raise ValueError("The prompt has no words to score.")
+        r_iq = self.relevance(model, run, step)
+        size = tuple(run.records[step - 1].latents.shape[-2:])
+        columns = [r_iq[:, list(w.positions)].sum(1) for w in words]  # each (N,)
+        labels = [f"{i}:{w.text}" for i, w in enumerate(words)]
+        scores = normalise(np.array([float(c.sum()) for c in columns], dtype=np.float32))
+        maps = {label: normalise(c.reshape(size).cpu().numpy()) for label, c in zip(labels, columns)}
+        selected = columns[chosen] if chosen is not None else torch.stack(columns).sum(0)
+        return self._result(
+            run,
+            step,
+            selected.reshape(size).cpu().numpy(),
+            token_scores=dict(zip(labels, map(float, scores))),
+            token_maps=maps,
+            denoiser_calls=1,
+        )
+
+    def relevance(self, model, run: RunData, step: int) -> torch.Tensor:
+        """R_iq (N image tokens, L text positions) of ``step``, float32 on the model's device."""
+        pipe = model.pipe
+        inputs = step_inputs(model, run, step)
+        state = RelevanceState(inputs.conditional_index, batch_size=2 if inputs.guided else 1)
+        ids = torch.tensor([run.tokens.ids], device=model.device)
+        with explicit_attention(pipe.unet, pipe.text_encoder, state), torch.enable_grad():
+            conditional = pipe.text_encoder(ids)[0].to(model.dtype)  # (1, L, D)
+            embeddings = torch.cat([inputs.embeddings[:1], conditional]) if inputs.guided else conditional
+            latents = inputs.latents.detach().requires_grad_(True)
+            latent_input, text = unet_batch(inputs, latents, embeddings)
+            timestep = torch.tensor(inputs.timestep, device=model.device)
+            output = pipe.unet(latent_input, timestep, encoder_hidden_states=text, return_dict=False)[0]
+            torch.autograd.grad(output.sum(), [latents, state.text_leaf])  # the hooks keep each layer's Abar
+        with torch.no_grad():
+            r_iq, _ = relevance_matrices(state, tuple(inputs.latents.shape[-2:]))
+        return r_iq
+
+
+def cheap_token_scores(run: RunData, step: int) -> dict[str, float]:
+    """SPEC §3's cheap score from the recorded attention (``views.token_scores``): streams during a run."""
+    return _cheap_scores(run, run.records[step - 1])
+
+
+def relevance_series(model, run: RunData, steps: list[int] | None = None, method: TokenRelevance | None = None) -> dict:
+    """Chart data for the concept view: {"steps": [k...], "scores": {"i:word": [score per step]}}."""
+    method = method or TokenRelevance()
+    steps = list(steps) if steps is not None else list(range(1, len(run.records) + 1))
+    per_step = [method.explain(model, run, k).token_scores for k in steps]
+    labels = list(per_step[0]) if per_step else []
+    return {"steps": steps, "scores": {label: [scores[label] for scores in per_step] for label in labels}}

@@ -1,0 +1,137 @@
+"""How good is a map: insertion/deletion curves and their area (SPEC §7), correlation (§8), localisation.
+
+Example:
+    >>> result = insertion_deletion(model, run, step=15, saliency=explanation.saliency)
+    >>> result["insertion_auc"], result["deletion_auc"]
+    >>> spearman(rise.saliency, cam.saliency)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+from skimage.metrics import structural_similarity
+
+from .images import decode
+from .methods.base import batches, check_choice, check_int, ddim_step, guided_prediction, step_inputs
+from .models import LoadedModel
+from .plots import normalise
+from .run import RunData
+
+DISTANCES = ("1-ssim", "mse")
+BLUR_KERNEL = 11
+BLUR_SIGMA = 5.0
+
+
+def auc(curve) -> float:
+    """Area under ``curve`` min-max normalised to [0, 1], by trapezoids over an x-axis from 0 to 1.
+
+    A constant curve has area 0 (its normalised values are all 0).
+    """
+    values = normalise(np.asarray(curve, dtype=np.float64))
+    if values.size < 2:
+        raise ValueError(f"curve must have at least 2 points, got {values.size}.")
+    return float(np.trapezoid(values, dx=1.0 / (values.size - 1)))
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of two maps of the same shape (flattened); NaN when one is constant."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"maps must have the same shape, got {a.shape} and {b.shape}.")
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a.ravel(), b.ravel()).statistic)
+
+
+def inside_outside_ratio(saliency: np.ndarray, mask: np.ndarray) -> float:
+    """Mean of the map inside a boolean mask over its mean outside (> 1: the map favours the region)."""
+    saliency, mask = np.asarray(saliency, dtype=np.float64), np.asarray(mask, dtype=bool)
+    if saliency.shape != mask.shape:
+        raise ValueError(f"saliency and mask must have the same shape, got {saliency.shape} and {mask.shape}.")
+    if mask.all() or not mask.any():
+        raise ValueError("mask must have pixels both inside and outside the region.")
+    outside = saliency[~mask].mean()
+    return float(saliency[mask].mean() / outside) if outside > 0 else float("inf")
+
+
+def blur_latents(latents: torch.Tensor, kernel: int = BLUR_KERNEL, sigma: float = BLUR_SIGMA) -> torch.Tensor:
+    """Per-channel Gaussian blur of (B, C, h, w) latents (edges replicated)."""
+    offsets = torch.arange(kernel, dtype=torch.float64) - (kernel - 1) / 2
+    line = torch.exp(-(offsets**2) / (2 * sigma**2))
+    line = (line / line.sum()).to(latents.device, torch.float32)
+    window = torch.outer(line, line).expand(latents.shape[1], 1, kernel, kernel)
+    padded = F.pad(latents.float(), [kernel // 2] * 4, mode="replicate")
+    return F.conv2d(padded, window, groups=latents.shape[1]).to(latents.dtype)
+
+
+def latent_order(saliency: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Latent pixel indices (h * w,) from most to least salient; the map is resized to the latent grid."""
+    saliency = np.asarray(saliency, dtype=np.float32)
+    if saliency.shape != tuple(size):
+        tensor = torch.from_numpy(saliency)[None, None]
+        saliency = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+    return np.argsort(-saliency.ravel(), kind="stable")
+
+
+def _distance(images: np.ndarray, target: np.ndarray, kind: str) -> list[float]:
+    if kind == "mse":
+        return [float(((image - target) ** 2).mean()) for image in images]
+    return [1.0 - float(structural_similarity(image, target, channel_axis=-1, data_range=1.0)) for image in images]
+
+
+def insertion_deletion(
+    model: LoadedModel, run: RunData, step: int, saliency: np.ndarray, distance: str = "1-ssim", batch_size: int = 8
+) -> dict:
+    """Insertion and deletion curves of a map at one step (SPEC §7), in latent space.
+
+    Insertion starts from x_t blurred per channel (Gaussian, kernel 11, sigma 5) and reveals the
+    real x_t; deletion starts from x_t and sets latent pixels to 0. Each move changes W_lat latent
+    pixels in descending saliency, so each curve has H_lat + 1 states. A state's score is the
+    distance between the decoded DDIM step from its guided prediction and the decoded real x_{t-1}.
+    Distances fall along the insertion curve and rise along the deletion curve: a faithful map
+    gives a *low* insertion AUC and a *high* deletion AUC.
+
+    Args:
+        saliency: any 2-D map (resized to the latent grid when needed).
+        distance: "1-ssim" (scikit-image SSIM on the decoded images) or "mse".
+        batch_size: states per denoiser forward pass.
+    Returns:
+        {"insertion": [H_lat + 1 floats], "deletion": [...], "insertion_auc", "deletion_auc",
+        "distance", "denoiser_calls"}.
+    """
+    check_choice("distance", distance, DISTANCES)
+    check_int("batch_size", batch_size, 1, 4096)
+    if not run.records:
+        raise ValueError("run has no recorded steps yet.")
+    check_int("step", step, 1, len(run.records))
+    if np.asarray(saliency).ndim != 2:
+        raise ValueError(f"saliency must be a 2-D map, got shape {np.asarray(saliency).shape}.")
+    inputs = step_inputs(model, run, step)
+    latents = inputs.latents
+    height, width = latents.shape[-2:]
+    order = torch.from_numpy(latent_order(saliency, (height, width))).to(latents.device)
+    revealed = torch.zeros(height + 1, height * width, device=latents.device, dtype=latents.dtype)
+    for move in range(1, height + 1):
+        revealed[move, order[: move * width]] = 1
+    revealed = revealed.view(height + 1, 1, height, width)  # (states, 1, h, w)
+    insertion = blur_latents(latents) * (1 - revealed) + latents * revealed
+    deletion = latents * (1 - revealed)
+    states = torch.cat([insertion, deletion])  # (2 (H + 1), C, h, w)
+    target = decode(model.pipe, inputs.next_latents, output_type="np")[0]
+    scores, chunks = [], batches(len(states), batch_size)
+    for start, stop in chunks:
+        with torch.no_grad():
+            batch = states[start:stop]
+            predicted_next = ddim_step(inputs, batch, guided_prediction(model, inputs, batch))
+        scores += _distance(decode(model.pipe, predicted_next, output_type="np"), target, distance)
+    curves = {"insertion": scores[: height + 1], "deletion": scores[height + 1 :]}
+    return {
+        **curves,
+        "insertion_auc": auc(curves["insertion"]),
+        "deletion_auc": auc(curves["deletion"]),
+        "distance": distance,
+        "denoiser_calls": len(chunks),
+    }

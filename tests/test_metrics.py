@@ -1,0 +1,106 @@
+"""Metrics on cases with a known answer (SPEC §7, §8), and the insertion/deletion curves on the tiny model."""
+
+import numpy as np
+import pytest
+import torch
+
+from explainer.metrics import auc, blur_latents, insertion_deletion, inside_outside_ratio, latent_order, spearman
+from explainer.run import InstrumentedRun, RunSettings
+
+
+def test_auc_of_known_curves():
+    assert auc([0, 1]) == pytest.approx(0.5)
+    assert auc(np.linspace(5, 2, 11)) == pytest.approx(0.5)  # linear, any direction or scale
+    assert auc([0, 0, 1, 1, 1]) == pytest.approx(0.625)  # a step: 0.5 * 0.25 + 2 * 0.25
+    assert auc([1, 1, 1, 1, 0]) == pytest.approx(0.875)
+    assert auc([3, 3, 3]) == 0.0  # constant: nothing to normalise
+    curve = np.random.default_rng(0).random(9)
+    assert auc(curve) == pytest.approx(auc(7 * curve - 2))  # min-max makes it scale-free
+    with pytest.raises(ValueError, match="at least 2 points"):
+        auc([1.0])
+
+
+def test_spearman_of_known_pairs():
+    values = np.random.default_rng(1).random((8, 8))
+    assert spearman(values, values) == pytest.approx(1.0)
+    assert spearman(values, -values) == pytest.approx(-1.0)
+    assert spearman(values, np.exp(3 * values)) == pytest.approx(1.0)  # ranks only
+    assert np.isnan(spearman(values, np.ones((8, 8))))
+    with pytest.raises(ValueError, match="same shape"):
+        spearman(values, values[:4])
+
+
+def test_inside_outside_ratio_of_known_maps():
+    mask = np.zeros((8, 8), bool)
+    mask[2:5, 2:5] = True
+    assert inside_outside_ratio(1 + 2 * mask, mask) == pytest.approx(3.0)
+    assert inside_outside_ratio(np.ones((8, 8)), mask) == pytest.approx(1.0)
+    assert inside_outside_ratio(mask.astype(float), mask) == float("inf")
+    with pytest.raises(ValueError, match="both inside and outside"):
+        inside_outside_ratio(np.ones((8, 8)), np.ones((8, 8), bool))
+
+
+def test_blur_keeps_constants_and_order_is_descending():
+    constant = torch.full((1, 4, 8, 8), 0.7)
+    torch.testing.assert_close(blur_latents(constant), constant)
+    spike = torch.zeros(1, 1, 11, 11)
+    spike[0, 0, 5, 5] = 1
+    line = np.exp(-(np.arange(-5, 6) ** 2) / (2 * 5.0**2))
+    expected = np.outer(line, line) / line.sum() ** 2  # the 11x11 Gaussian kernel, sigma 5
+    np.testing.assert_allclose(blur_latents(spike)[0, 0].numpy(), expected, atol=1e-7)
+    saliency = np.arange(16, dtype=np.float32).reshape(4, 4)
+    assert latent_order(saliency, (4, 4)).tolist() == list(range(15, -1, -1))
+    assert latent_order(np.kron(saliency, np.ones((2, 2))), (4, 4))[0] == 15  # resized to the latent grid first
+
+
+@pytest.fixture(scope="module")
+def ddim_run(tiny_model):
+    # a custom list with "ddim" runs DPM-Solver++ of order 1, which is exactly the DDIM update
+    schedule = [999, 700, 400, 100]
+    settings = RunSettings(prompt="a red circle", guidance=5.0, width=64, height=64, seed=2, scheduler="ddim", schedule=schedule)
+    return InstrumentedRun(tiny_model, settings).run_all().data
+
+
+@pytest.mark.parametrize("distance", ["1-ssim", "mse"])
+def test_insertion_deletion_curves_have_known_ends(tiny_model, ddim_run, distance):
+    saliency = np.random.default_rng(3).random((8, 8))
+    result = insertion_deletion(tiny_model, ddim_run, 2, saliency, distance=distance, batch_size=5)
+    assert len(result["insertion"]) == len(result["deletion"]) == 9  # H_lat + 1 states
+    assert result["denoiser_calls"] == 4  # 18 states, 5 per pass
+    # the fully inserted state and the undeleted state are x_t itself: the DDIM step lands on the real x_{t-1}
+    assert result["insertion"][-1] == pytest.approx(0.0, abs=1e-4)
+    assert result["deletion"][0] == pytest.approx(0.0, abs=1e-4)
+    assert result["insertion"][0] > 0.01 and result["deletion"][-1] > 0.01
+    assert 0 <= result["insertion_auc"] <= 1 and 0 <= result["deletion_auc"] <= 1
+    other = insertion_deletion(tiny_model, ddim_run, 2, 1 - saliency, distance=distance)
+    # the start of insertion (blurred x_t) and the end of deletion (zeros) do not depend on the map
+    assert other["insertion"][0] == pytest.approx(result["insertion"][0], abs=1e-5)
+    assert other["deletion"][-1] == pytest.approx(result["deletion"][-1], abs=1e-5)
+
+
+def test_insertion_deletion_batched_equals_one_state_at_a_time(tiny_model, ddim_run):
+    saliency = np.random.default_rng(4).random((8, 8))
+    fast = insertion_deletion(tiny_model, ddim_run, 3, saliency, distance="mse", batch_size=18)
+    slow = insertion_deletion(tiny_model, ddim_run, 3, saliency, distance="mse", batch_size=1)
+    assert (fast["denoiser_calls"], slow["denoiser_calls"]) == (1, 18)
+    np.testing.assert_allclose(fast["insertion"], slow["insertion"], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(fast["deletion"], slow["deletion"], rtol=1e-4, atol=1e-7)
+    # a constant map reveals pixels in row-major order, like a map that decreases along the rows
+    flat = insertion_deletion(tiny_model, ddim_run, 3, np.ones((8, 8)), distance="mse")
+    ramp = insertion_deletion(tiny_model, ddim_run, 3, -np.arange(64.0).reshape(8, 8), distance="mse")
+    np.testing.assert_allclose(flat["deletion"], ramp["deletion"], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"distance": "fid"}, "distance must be one of"),
+        ({"step": 9}, r"step must be an integer in \[1, 4\]"),
+        ({"saliency": np.ones((1, 8, 8))}, "saliency must be a 2-D map"),
+        ({"batch_size": 0}, "batch_size must be an integer"),
+    ],
+)
+def test_insertion_deletion_bad_arguments(tiny_model, ddim_run, kwargs, message):
+    arguments = {"step": 2, "saliency": np.ones((8, 8)), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        insertion_deletion(tiny_model, ddim_run, **arguments)

@@ -1,0 +1,144 @@
+"""The app's tabs: components only (no handlers, no computing). ``app.py`` wires them."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from explainer import config, plots
+
+LIMITS = config.LIMITS
+DEFAULT_MODEL = config.default_model_id()
+DEFAULT_SPEC = config.MODELS[DEFAULT_MODEL]
+AGGREGATIONS = ["this step", "range of steps", "all steps"]
+SALIENCY_METHODS = {"DF-RISE": "df-rise", "DF-CAM": "df-cam", "DF-LIME": "df-lime", "random baseline": "random", "centred baseline": "centre"}
+
+
+def denoise_tab():
+    with gr.Row():
+        with gr.Column(scale=1):
+            c = {}
+            c["prompt"] = gr.Textbox(label="Prompt", value=DEFAULT_SPEC.examples[0], max_lines=3)
+            c["prompt_b"] = gr.Textbox(label="Second prompt (optional): compared from the same starting noise", max_lines=2)
+            c["model_id"] = gr.Dropdown(choices=[(s.label, s.id) for s in config.MODELS.values()], value=DEFAULT_MODEL, label="Model")
+            with gr.Row():
+                c["seed"] = gr.Number(label="Seed (-1: random)", value=config.DEFAULTS.seed, precision=0)
+                c["steps"] = gr.Slider(1, LIMITS.max_steps, value=DEFAULT_SPEC.steps, step=1, label="Steps")
+            c["guidance"] = gr.Slider(0, LIMITS.max_guidance, value=DEFAULT_SPEC.guidance, step=0.5, label="Guidance")
+            c["schedule"] = gr.Radio(
+                ["uniform", "early", "latter", "custom"], value=config.DEFAULTS.schedule, label="Time-step schedule",
+                info="early: dense where noise is high; latter: dense where it is low",
+            )
+            with gr.Accordion("More settings", open=False):
+                c["negative"] = gr.Textbox(label="Negative prompt", value="")
+                with gr.Row():
+                    c["width"] = gr.Slider(LIMITS.min_side, LIMITS.max_side, value=DEFAULT_SPEC.width, step=LIMITS.side_multiple, label="Width")
+                    c["height"] = gr.Slider(LIMITS.min_side, LIMITS.max_side, value=DEFAULT_SPEC.height, step=LIMITS.side_multiple, label="Height")
+                c["lam"] = gr.Slider(0, 200, value=config.DEFAULTS.lam, step=1, label="λ (schedule concentration)")
+                c["custom"] = gr.Textbox(label="Custom timesteps (schedule = custom)", placeholder="999, 800, 600, 400, 200, 50")
+                gr.Markdown(f"Limits: up to {LIMITS.max_steps} steps, sides {LIMITS.min_side}–{LIMITS.max_side} px in multiples of {LIMITS.side_multiple}.")
+            c["run"] = gr.Button("Run", variant="primary")
+            c["examples"] = gr.Dataset(components=[c["prompt"]], samples=[[p] for p in DEFAULT_SPEC.examples], label="Examples")
+        with gr.Column(scale=2):
+            c["status"] = gr.Markdown("Press **Run** to start.")
+            with gr.Row():
+                c["pred_a"] = gr.Image(label="Prediction view: the clean image the model predicts now", type="pil", height=300)
+                c["noisy_a"] = gr.Image(label="Noisy view: the current latent x_t, decoded", type="pil", height=300)
+            with gr.Row():
+                c["pred_b"] = gr.Image(label="Second prompt: prediction view", type="pil", height=200)
+                c["noisy_b"] = gr.Image(label="Second prompt: noisy view", type="pil", height=200)
+            c["slider"] = gr.Slider(1, DEFAULT_SPEC.steps, value=1, step=1, label="Step (scrub after the run)", interactive=False)
+            with gr.Row():
+                c["chart"] = gr.Image(label="Noise level", show_label=False, type="pil", height=220)
+                c["data"] = gr.JSON(label="This step's data")
+            c["overlays"] = gr.Gallery(label="Cross-attention per word at this step (first prompt)", columns=6, height=220)
+            c["animation"] = gr.File(label="Animation of the run (GIF)")
+    return c
+
+
+def attention_tab():
+    c = {}
+    with gr.Row():
+        with gr.Column(scale=1):
+            c["word"] = gr.Dropdown(label="Word", choices=[], allow_custom_value=True)
+            c["include_special"] = gr.Checkbox(label="Show start / end / padding tokens", value=False)
+            gr.Markdown(
+                "*The start token soaks up most attention everywhere (a 'sink'); the end and padding tokens "
+                "carry a summary of the whole prompt. They are hidden by default.*"
+            )
+            c["aggregation"] = gr.Radio(AGGREGATIONS, value="this step", label="Aggregate")
+            c["step"] = gr.Slider(1, DEFAULT_SPEC.steps, value=DEFAULT_SPEC.steps, step=1, label="Step")
+            with gr.Row():
+                c["start"] = gr.Slider(1, DEFAULT_SPEC.steps, value=1, step=1, label="Range start")
+                c["end"] = gr.Slider(1, DEFAULT_SPEC.steps, value=DEFAULT_SPEC.steps, step=1, label="Range end")
+            c["groups"] = gr.CheckboxGroup(label="Layers (block and resolution)", choices=[])
+            c["view"] = gr.Radio(["prediction", "noisy"], value="prediction", label="Picture under the map")
+            c["opacity"] = gr.Slider(0, 1, value=0.8, step=0.05, label="Overlay opacity")
+            c["which"] = gr.Radio(["first prompt", "second prompt"], value="first prompt", label="Prompt")
+            c["show"] = gr.Button("Show", variant="primary")
+        with gr.Column(scale=2):
+            c["overlay"] = gr.Image(label="Attention overlay", type="pil", height=360)
+            gr.Image(value=plots.colour_scale(), label="Colour scale: blue = least, red = most of this map (min-max)", height=60, interactive=False)
+            with gr.Row():
+                c["npy"] = gr.File(label="Raw map (.npy, latent grid)")
+                c["summary"] = gr.JSON(label="Map data")
+    return c
+
+
+def concepts_tab():
+    c = {}
+    gr.Markdown(
+        "**Which concept is drawn at each step?** The chart shows each word's *cheap score*: its share of the "
+        "cross-attention at that step, min-max normalised across the words (SPEC §3)."
+    )
+    c["refresh"] = gr.Button("Show for the latest run")
+    with gr.Row():
+        c["chart"] = gr.Image(label="Concept chart", type="pil", height=300)
+        c["bars"] = gr.Image(label="Summed over steps", type="pil", height=300)
+    c["data"] = gr.JSON(label="Scores per step")
+    gr.Markdown("### Compare schedules\nThe Denoise tab's prompt and seed under the three schedules (λ from its settings).")
+    c["compare"] = gr.Button("Compare uniform / early / latter", variant="primary")
+    c["grid"] = []
+    with gr.Row():
+        for kind in config.SCHEDULE_KINDS:
+            with gr.Column():
+                c["grid"] += [
+                    gr.Image(label=f"{kind}: image", type="pil", height=200),
+                    gr.Image(label=f"{kind}: concept chart", type="pil", height=200),
+                    gr.Image(label=f"{kind}: totals", type="pil", height=200),
+                ]
+    c["compare_data"] = gr.JSON(label="Scores per schedule")
+    return c
+
+
+def saliency_tab():
+    c = {}
+    gr.Markdown(
+        "**Where does the model recover the image at this step?** Pick a method and a step of the latest run. "
+        "DF-RISE masks the noisy latent many times and sees which pixels the step's result depends on; DF-CAM "
+        "weighs every layer's activations by their gradients; the baselines (random, centred) are what a "
+        "method must beat. Insertion and deletion score the map by how fast revealing (removing) its top "
+        "pixels brings back (destroys) the real next step."
+    )
+    with gr.Row():
+        with gr.Column(scale=1):
+            c["method"] = gr.Dropdown(list(SALIENCY_METHODS), value="DF-RISE", label="Method")
+            c["step"] = gr.Slider(1, DEFAULT_SPEC.steps, value=max(1, round(DEFAULT_SPEC.steps * 0.75)), step=1, label="Step")
+            with gr.Accordion("DF-RISE options", open=True):
+                c["masks"] = gr.Slider(1, LIMITS.max_masks, value=200, step=1, label=f"Masks N (paper: 500; limit {LIMITS.max_masks})")
+                c["keep"] = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Keep probability p")
+                c["mode"] = gr.Radio(["next-latent", "paper"], value="next-latent", label="Score",
+                                     info="next-latent compares like with like (default); paper: as the public code")
+                c["mask_kind"] = gr.Radio(["pixel", "grid"], value="pixel", label="Masks")
+            c["seed"] = gr.Number(value=0, precision=0, label="Mask seed")
+            c["layer"] = gr.Dropdown(["sum of all layers"], value="sum of all layers", label="DF-CAM layer", allow_custom_value=True)
+            c["opacity"] = gr.Slider(0, 1, value=0.8, step=0.05, label="Overlay opacity")
+            c["score"] = gr.Checkbox(value=True, label="Score with insertion / deletion")
+            c["explain"] = gr.Button("Explain", variant="primary")
+        with gr.Column(scale=2):
+            with gr.Row():
+                c["overlay"] = gr.Image(label="Saliency overlay", type="pil", height=340)
+                c["chart"] = gr.Image(label="Insertion / deletion", type="pil", height=340)
+            with gr.Row():
+                c["npy"] = gr.File(label="Map (.npy, latent grid)")
+                c["data"] = gr.JSON(label="Result")
+    return c
