@@ -342,7 +342,7 @@ def make_scheduler(pipe, settings: RunSettings):
     base = pipe.scheduler.config
     custom = schedule_timesteps(settings.schedule, settings.steps, settings.lam, base.num_train_timesteps)
     if settings.scheduler == "ddim" and custom is None:
-        scheduler = DDIMScheduler.from_config(base)
+        scheduler = DDIMScheduler.from_config(base, clip_sample=False)  # latents are not images: never clip x0
     else:
         order = 1 if settings.scheduler == "ddim" else 2
         scheduler = DPMSolverMultistepScheduler.from_config(

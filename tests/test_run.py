@@ -95,8 +95,13 @@ def test_dpm_solver_follows_a_custom_list(tiny_model):
 
 
 def test_ddim_uniform_uses_ddim(tiny_model):
-    run = InstrumentedRun(tiny_model, settings(scheduler="ddim"))
-    assert isinstance(run.scheduler, DDIMScheduler)
+    run = InstrumentedRun(tiny_model, settings(scheduler="ddim")).run_all()
+    assert isinstance(run.scheduler, DDIMScheduler) and not run.scheduler.config.clip_sample
+    alphas = run.scheduler.alphas_cumprod
+    for record in run.records[:-1]:  # DDIM's own update, x0 never clipped (latents are not images)
+        next_alpha = float(alphas[record.next_timestep])
+        expected = next_alpha**0.5 * record.x0_hat + (1 - next_alpha) ** 0.5 * record.noise_pred
+        torch.testing.assert_close(record.next_latents, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_two_threads_give_the_same_records_as_in_sequence(tiny_model):
