@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Sequence
 
@@ -46,20 +47,50 @@ def figure_to_image(figure) -> Image.Image:
     return Image.open(buffer).convert("RGB")
 
 
-def noise_level_chart(timesteps: Sequence[int], sigmas: Sequence[float], current: int | None = None) -> Image.Image:
-    """Noise level sigma_t over the steps, log scale, with step ``current`` (1-based) marked."""
-    figure, axis = plt.subplots(figsize=(4.2, 2.4))
-    steps = np.arange(1, len(sigmas) + 1)
-    axis.plot(steps, sigmas, marker="o", markersize=2.5, color="#4a6fa5", linewidth=1.4)
-    if current is not None and 1 <= current <= len(sigmas):
-        axis.scatter([current], [sigmas[current - 1]], s=60, color="#d1495b", zorder=3)
-        axis.set_title(f"step {current}: t = {timesteps[current - 1]}, σ = {sigmas[current - 1]:.3g}", fontsize=9)
-    axis.set_yscale("log")
-    axis.set_xlabel("step", fontsize=8)
-    axis.set_ylabel("noise level σ (log)", fontsize=8)
-    axis.tick_params(labelsize=7)
-    axis.grid(alpha=0.3)
-    return figure_to_image(figure)
+@functools.lru_cache(maxsize=64)
+def noise_level_chart(timesteps: tuple[int, ...], sigmas: tuple[float, ...]) -> NoiseLevelChart:
+    """The chart of a schedule, drawn once per distinct schedule (runs of one schedule share it)."""
+    return NoiseLevelChart(timesteps, sigmas)
+
+
+class NoiseLevelChart:
+    """Noise level sigma_t over the steps (log scale), drawn once; ``at(step)`` marks a step in ~1 ms.
+
+    Redrawing a matplotlib figure at every streamed step costs ~150 ms on a CPU, so the curve is
+    rendered once and the marker is painted on a copy of the picture.
+    """
+
+    def __init__(self, timesteps: Sequence[int], sigmas: Sequence[float]):
+        self.timesteps, self.sigmas = list(timesteps), list(sigmas)
+        figure, axis = plt.subplots(figsize=(4.2, 2.4), dpi=100)
+        steps = np.arange(1, len(sigmas) + 1)
+        axis.plot(steps, sigmas, marker="o", markersize=2.5, color="#4a6fa5", linewidth=1.4)
+        axis.set_yscale("log")
+        axis.set_xlabel("step", fontsize=8)
+        axis.set_ylabel("noise level σ (log)", fontsize=8)
+        axis.set_title(" ", fontsize=9)  # room for the step label painted by ``at``
+        axis.tick_params(labelsize=7)
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.canvas.draw()
+        height = figure.canvas.get_width_height()[1]
+        points = axis.transData.transform(np.column_stack([steps, sigmas]))
+        self.pixels = [(x, height - y) for x, y in points]  # display origin is bottom-left
+        self.base = Image.fromarray(np.asarray(figure.canvas.buffer_rgba())[..., :3].copy())
+        plt.close(figure)
+
+    def at(self, step: int) -> Image.Image:
+        """The chart with step ``step`` (1-based) marked and labelled."""
+        from PIL import ImageDraw
+
+        picture = self.base.copy()
+        if 1 <= step <= len(self.pixels):
+            x, y = self.pixels[step - 1]
+            draw = ImageDraw.Draw(picture)
+            draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=(209, 73, 91))
+            label = f"step {step}: t = {self.timesteps[step - 1]}, sigma = {self.sigmas[step - 1]:.3g}"
+            draw.text((picture.width // 2, 4), label, fill=(209, 73, 91), anchor="ma")  # PIL's default font: no Greek
+        return picture
 
 
 def concept_chart(

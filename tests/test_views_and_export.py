@@ -110,3 +110,12 @@ def test_closed_vocabulary_names_unknown_words(tiny_model):
     closed.check_prompt("a red circle")  # the tiny tokenizer has these as whole words
     with pytest.raises(ValueError, match=r"Words not in the shapes model's vocabulary: 'playing', 'soccer', 'zebra'. It knows: cat, circle, dog, red"):
         closed.check_prompt("a zebra playing soccer")
+
+
+def test_noise_chart_marks_the_step_on_a_cached_drawing(run):
+    chart = plots.noise_level_chart(tuple(run.timesteps), tuple(run.noise_levels))
+    assert plots.noise_level_chart(tuple(run.timesteps), tuple(run.noise_levels)) is chart  # drawn once
+    first, last = np.asarray(chart.at(1)), np.asarray(chart.at(4))
+    x, y = (int(round(v)) for v in chart.pixels[0])
+    assert tuple(first[y, x]) == (209, 73, 91) and tuple(last[y, x]) != (209, 73, 91)
+    assert chart.pixels[0][1] < chart.pixels[-1][1]  # noise falls: the first point is higher on the picture
