@@ -91,10 +91,13 @@ def _step_view(runs: list[RunData], step: int, streaming: bool = False):
         data["second_prompt"] = views.step_summary(runs[1], runs[1].records[record.index - 1])
     total = len(first.timesteps)
     if streaming and record.index % max(1, total // 5) and record.index != total:
-        concepts = gr.skip()  # a redraw costs ~70 ms: while streaming, every fifth of the run is enough
+        # each update's pictures are encoded, sent and fetched: while streaming, the per-word
+        # overlays and the concept chart follow every fifth of the run (and the last step)
+        overlays = concepts = gr.skip()
     else:
+        overlays = views.word_overlays(first, record)
         concepts = plots.concept_chart(list(range(1, total + 1)), views.concept_series(first), "Concept chart (cheap score)")
-    return (*pictures, status, chart, views.word_overlays(first, record), concepts, data)
+    return (*pictures, status, chart, overlays, concepts, data)
 
 
 
