@@ -7,7 +7,7 @@ import numpy as np
 import spaces
 
 from explainer import config, export, metrics, plots, views
-from explainer.methods import METHODS
+from explainer.methods import METHODS, relevance_series
 from explainer.models import load_model
 from explainer.run import RunData, RunSettings, StepRecord, stream_runs
 from explainer.schedules import parse_timestep_list
@@ -226,6 +226,30 @@ def _concept_outputs(run: RunData, title: str):
     return plots.concept_chart(steps, series, f"Concept chart: {title}"), plots.token_bars(totals, f"Totals: {title}"), data
 
 
+def _relevance_duration(model_id, run) -> int:
+    spec = config.model_spec(model_id)
+    return config.gpu_seconds(spec, 3 * len(run.records), run.settings.width, run.settings.height)  # fwd + bwd per step
+
+
+@spaces.GPU(duration=_relevance_duration)
+def _relevance_on_device(model_id: str, run: RunData) -> dict:
+    return relevance_series(load_model(model_id), run)
+
+
+def relevance(session):
+    """The paper's concept measure: gradient-weighted attention relevance (SPEC §3) of every word at
+    every step of the latest run (one forward and backward pass per step), as a chart, totals and JSON."""
+    try:
+        run = _current(session)[0]
+        series = _relevance_on_device(run.model_id, run)
+    except ValueError as error:
+        raise gr.Error(str(error)) from error
+    totals = {label: float(sum(values)) for label, values in series["scores"].items()}
+    data = {"steps": series["steps"], "timesteps": run.timesteps, "score": "token relevance", "series": series["scores"], "totals": totals}
+    chart = plots.concept_chart(series["steps"], series["scores"], "Concept chart: token relevance (gradient)", "relevance")
+    return chart, plots.token_bars(totals, "Relevance summed over steps"), data
+
+
 def compare_schedules(model_id, prompt, negative, seed, steps, guidance, width, height, lam):
     """The same prompt and seed under the uniform, early and latter schedules, side by side
     (the paper's Fig. 6 and 11): three final images, three concept charts, three bar charts, JSON."""
@@ -383,6 +407,10 @@ def build_demo() -> gr.Blocks:
         attention_inputs = [a[n] for n in ("word", "step", "aggregation", "start", "end", "groups", "view", "opacity", "include_special", "which")]
         a["show"].click(attention, attention_inputs + [session], [a["overlay"], a["npy"], a["summary"]], api_name="attention")
         k["refresh"].click(concepts, session, [k["chart"], k["bars"], k["data"]], api_name="concepts")
+        k["relevance"].click(
+            relevance, session, [k["chart"], k["bars"], k["data"]], api_name="relevance",
+            concurrency_limit=LIMITS.max_concurrent_runs, concurrency_id="gpu",
+        )
         compare_inputs = [d[n] for n in ("model_id", "prompt", "negative", "seed", "steps", "guidance", "width", "height", "lam")]
         k["compare"].click(
             compare_schedules, compare_inputs, k["grid"] + [k["compare_data"]], api_name="compare_schedules",

@@ -87,10 +87,14 @@ def attention_tab():
 def concepts_tab():
     c = {}
     gr.Markdown(
-        "**Which concept is drawn at each step?** The chart shows each word's *cheap score*: its share of the "
-        "cross-attention at that step, min-max normalised across the words (SPEC §3)."
+        "**Which concept is drawn at each step?** The *cheap score* is each word's share of the cross-attention "
+        "at that step; *token relevance* is the paper's measure, attention weighted by its gradient and carried "
+        "through every layer (Chefer et al.). Both are min-max normalised across the words at each step (SPEC §3); "
+        "the chart's title says which one is shown."
     )
-    c["refresh"] = gr.Button("Show for the latest run")
+    with gr.Row():
+        c["refresh"] = gr.Button("Cheap score (recorded attention)")
+        c["relevance"] = gr.Button("Token relevance (gradient, one pass per step)")
     with gr.Row():
         c["chart"] = gr.Image(label="Concept chart", type="pil", height=300)
         c["bars"] = gr.Image(label="Summed over steps", type="pil", height=300)

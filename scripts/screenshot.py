@@ -32,10 +32,11 @@ def main(url: str, folder: str) -> None:
         page.wait_for_timeout(1000)
         page.screenshot(path=out / "attention.png", full_page=True)
         page.get_by_role("tab", name="Concepts").click()
-        page.get_by_role("button", name="Show for the latest run").click()
+        page.get_by_role("button", name="Token relevance (gradient, one pass per step)").click()
+        page.get_by_text('"token relevance"').wait_for(timeout=120_000)
         page.get_by_role("button", name="Compare uniform / early / latter").click()
         page.get_by_text('"latter"').wait_for(timeout=180_000)
-        page.wait_for_timeout(3000)
+        page.wait_for_timeout(10_000)  # the three runs stream to their end
         page.screenshot(path=out / "concepts.png", full_page=True)
         for tab in ("Saliency", "Export", "About"):
             if page.get_by_role("tab", name=tab).count():

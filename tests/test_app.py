@@ -27,7 +27,7 @@ def denoise_args(prompt="a cat on a red circle", steps=4, **changes):
 
 def test_only_named_endpoints_are_public(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert set(endpoints) == {"/denoise", "/attention", "/concepts", "/compare_schedules", "/saliency", "/export"}
+    assert set(endpoints) == {"/denoise", "/attention", "/concepts", "/relevance", "/compare_schedules", "/saliency", "/export"}
 
 
 def test_denoise_streams_one_update_per_step(client):
@@ -66,6 +66,9 @@ def test_attention_concepts_and_export_read_the_session_run(url):
         session_client.predict("dog", 1, "this step", 1, 3, [], "prediction", 0.8, False, "first prompt", api_name="/attention")
     chart, bars, data = session_client.predict(api_name="/concepts")
     assert data["steps"] == [1, 2, 3] and set(data["series"]) == {"0:a", "1:cat", "2:on", "3:a", "4:red", "5:circle"}
+    _, _, relevance = session_client.predict(api_name="/relevance")
+    assert relevance["score"] == "token relevance" and relevance["steps"] == [1, 2, 3]
+    assert set(relevance["series"]) == set(data["series"])
     archive, gif = session_client.predict(api_name="/export")
     with zipfile.ZipFile(archive) as opened:
         names = opened.namelist()
