@@ -6,28 +6,12 @@ import json
 from pathlib import Path
 
 from explainer.shapes.world import TOLERATED_PUNCTUATION, VOCABULARY
+from explainer.tokens import bytes_to_unicode
 
 MODEL_MAX_LENGTH = 24  # longest caption is 16 tokens (15 words + '.'), plus start/end
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """The byte-to-character table used by CLIP's byte-level BPE."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars)))
 
 
 def _apply_bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -69,7 +53,7 @@ def build_vocab_and_merges(words=VOCABULARY) -> tuple[dict[str, int], list[tuple
             symbols = [symbols[0] + symbols[1]] + symbols[2:]
     for word in words:
         assert _apply_bpe(word, ranks) == [word + END_OF_WORD], word
-    base = list(_bytes_to_unicode().values())
+    base = list(bytes_to_unicode().values())
     tokens = base + [c + END_OF_WORD for c in base]
     tokens += ["".join(pair) for pair in merges]
     tokens += [START_TOKEN, END_TOKEN]
