@@ -81,8 +81,13 @@ def test_export_zip_reproduces_the_run(run, tmp_path, tiny_model):
 
 
 def test_animation_has_a_frame_per_step_and_the_final_image(run, tmp_path):
-    gif = Image.open(export.animation(run, tmp_path / "run.gif"))
-    assert gif.n_frames == len(run.records) + 1
+    gif = Image.open(export.animation(run, tmp_path / "run.gif", frame_ms=200))
+    durations = []
+    for index in range(gif.n_frames):  # Pillow merges identical neighbours, adding their durations
+        gif.seek(index)
+        durations.append(gif.info["duration"])
+    assert sum(durations) == 200 * len(run.records) + 200 * 8  # every step, then the final image held
+    assert gif.n_frames >= len(run.records)
 
 
 def test_session_keeps_a_bounded_number_of_runs(run):
