@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -34,7 +35,11 @@ def _run(args, out, processes=1):
     if processes == 1:
         command = [sys.executable, "-m", "explainer.evaluate"]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "explainer.evaluate"]
+        with socket.socket() as sock:  # a free rendezvous port, not the shared default 29500
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port),
+                   "-m", "explainer.evaluate"]
     subprocess.run(command + args + ["--out", str(out)], check=True, env=env, capture_output=True, timeout=600)
     return json.loads((out / "results.json").read_text())
 
