@@ -96,11 +96,46 @@ def layer_grid(tokens: int, latent_size: tuple[int, int]) -> tuple[int, int]:
     return height, width
 
 
-class CrossAttentionRecordingProcessor:
-    """Runs the original processor, or, given a recorder, computes and records the probabilities.
+def explicit_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, on_probs=None):
+    """diffusers' classic ``AttnProcessor`` maths (explicit softmax(QK^T)) for self- or cross-attention.
 
-    The recording path is diffusers' classic ``AttnProcessor`` maths (explicit softmax(QK^T)).
+    ``on_probs(probs)`` sees the probabilities, shape (batch * heads, N, N or L), before they
+    weight the values: the one place where capture and relevance read attention.
     """
+    cross = encoder_hidden_states is not None
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        batch_size, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+    context = encoder_hidden_states if cross else hidden_states
+    attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], context.shape[0])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    if cross and attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    elif not cross:
+        context = hidden_states
+    key, value = attn.to_k(context), attn.to_v(context)
+    # (batch, tokens, heads * dim) -> (batch * heads, tokens, dim)
+    query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
+    probs = attn.get_attention_scores(query, key, attention_mask)  # (batch * heads, N, N or L)
+    if on_probs is not None:
+        on_probs(probs)
+    hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+    hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear projection, dropout
+    if input_ndim == 4:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
+
+
+class CrossAttentionRecordingProcessor:
+    """Runs the original processor, or, given a recorder, computes and records the probabilities."""
 
     def __init__(self, layer: str, original):
         self.layer = layer
@@ -109,33 +144,10 @@ class CrossAttentionRecordingProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, recorder=None, **kwargs):
         if recorder is None or encoder_hidden_states is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = encoder_hidden_states.shape
-        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        # (batch, tokens, heads * dim) -> (batch * heads, tokens, dim)
-        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
-        probs = attn.get_attention_scores(query, key, attention_mask)  # (batch * heads, N, L)
-        recorder.add(self.layer, probs, attn.heads)
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear projection, dropout
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return explicit_attention(
+            attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+            on_probs=lambda probs: recorder.add(self.layer, probs, attn.heads),
+        )
 
 
 class RecorderPassthrough:

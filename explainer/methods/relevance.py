@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..capture import layer_grid
+from ..capture import explicit_attention as classic_attention, layer_grid
 from ..plots import normalise
 from ..run import RunData
 from ..views import token_scores as _cheap_scores
@@ -76,34 +76,10 @@ class RelevanceState:
         modules (``attn``) with the inputs it was called with.
         """
         cross = encoder_hidden_states is not None
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        context = encoder_hidden_states if cross else hidden_states
-        attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], context.shape[0])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if cross and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        elif not cross:
-            context = hidden_states
-        key, value = attn.to_k(context), attn.to_v(context)
-        # (batch, tokens, heads * dim) -> (batch * heads, tokens, dim)
-        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
-        probs = attn.get_attention_scores(query, key, attention_mask)  # (batch * heads, N, N or L)
-        self.add_unet(probs, attn.heads, cross)
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear projection, dropout
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return classic_attention(
+            attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+            on_probs=lambda probs: self.add_unet(probs, attn.heads, cross),
+        )
 
 
 def unet_attention_modules(unet) -> list[torch.nn.Module]:
