@@ -69,39 +69,43 @@ class RunSettings:
             raise ValueError("prompt is empty: type what the image should show.")
         if len(prompt) > limits.max_prompt_chars:
             raise ValueError(f"prompt has {len(prompt)} characters; the limit is {limits.max_prompt_chars}.")
-        _check_int("steps", self.steps, 1, limits.max_steps)
+        check_int("steps", self.steps, 1, limits.max_steps)
         for name in ("width", "height"):
             value = getattr(self, name)
-            _check_int(name, value, limits.min_side, limits.max_side)
+            check_int(name, value, limits.min_side, limits.max_side)
             if value % limits.side_multiple:
                 raise ValueError(f"{name} must be a multiple of {limits.side_multiple}, got {value}.")
-        _check_number("guidance", self.guidance, 0.0, limits.max_guidance)
-        _check_number("lam", self.lam, 0.0, limits.max_lam)
-        _check_int("vae_decode_every", self.vae_decode_every, 0, limits.max_steps)
+        check_number("guidance", self.guidance, 0.0, limits.max_guidance)
+        check_number("lam", self.lam, 0.0, limits.max_lam)
+        check_int("vae_decode_every", self.vae_decode_every, 0, limits.max_steps)
         if self.scheduler not in config.SCHEDULERS:
             raise ValueError(f"scheduler must be one of {config.SCHEDULERS}, got {self.scheduler!r}.")
         seed = self.seed
         if seed == -1:
             seed = random.SystemRandom().randrange(2**31)
-        _check_int("seed", seed, 0, limits.max_seed, hint=" (-1 means random)")
+        check_int("seed", seed, 0, limits.max_seed, hint=" (-1 means random)")
         schedule = self.schedule if isinstance(self.schedule, str) else list(self.schedule)
         schedule_timesteps(schedule, self.steps, self.lam)  # raises on a bad schedule
         if not isinstance(schedule, str):
             steps = len(schedule)
-            _check_int("number of explicit timesteps", steps, 1, limits.max_steps)
+            check_int("number of explicit timesteps", steps, 1, limits.max_steps)
         else:
             steps = self.steps
         return dataclasses.replace(self, prompt=prompt, seed=seed, schedule=schedule, steps=steps)
 
 
-def _check_int(name: str, value, low: int, high: int, hint: str = "") -> None:
+def check_int(name: str, value, low: int, high: int | float, hint: str = "") -> None:
+    """ValueError naming the argument, the rule and the value, unless ``value`` is an int in [low, high]."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
         raise ValueError(f"{name} must be an integer in [{low}, {high}]{hint}, got {value!r}.")
 
 
-def _check_number(name: str, value, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
-        raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value!r}.")
+def check_number(name: str, value, low: float, high: float, open_low: bool = False) -> None:
+    """ValueError unless ``value`` is a finite number in [low, high] (or (low, high] with ``open_low``)."""
+    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not (low < value if open_low else low <= value) or value > high:
+        interval = f"({low}, {high}]" if open_low else f"[{low}, {high}]"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}.")
 
 
 @dataclass

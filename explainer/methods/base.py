@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..models import LoadedModel
 from ..plots import normalise, overlay
-from ..run import RunData, make_scheduler, predicted_original
+from ..run import RunData, check_int, check_number, make_scheduler, predicted_original
 
 
 @dataclass
@@ -63,18 +63,6 @@ class Explanation:
     def overlay(self, image: Image.Image, opacity: float = 1.0) -> Image.Image:
         """The map over ``image`` in JET, mixed as ``(1 - m^0.8) I + m^0.8 H`` (SPEC §4)."""
         return overlay(image, self.saliency, opacity)
-
-
-def check_int(name: str, value, low: int, high: int | float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}.")
-
-
-def check_number(name: str, value, low: float, high: float, open_low: bool = False) -> None:
-    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not (low < value if open_low else low <= value) or value > high:
-        interval = f"({low}, {high}]" if open_low else f"[{low}, {high}]"
-        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}.")
 
 
 def check_choice(name: str, value, choices: tuple) -> None:
