@@ -17,6 +17,17 @@ def tiny_model() -> LoadedModel:
     return LoadedModel.from_pipeline(tiny_pipeline(), model_id="tiny-random")
 
 
+@pytest.fixture(scope="session")
+def embedded_model() -> LoadedModel:
+    """The shipped shapes model (skips where assets/ lacks it)."""
+    from explainer import config
+    from explainer.models import load_model
+
+    if config.default_model_id() != config.EMBEDDED_MODEL_ID:
+        pytest.skip("the embedded model is not in assets/")
+    return load_model(config.EMBEDDED_MODEL_ID)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: needs more than a few seconds (real weights, browser)")
 

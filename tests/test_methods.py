@@ -15,7 +15,7 @@ from explainer.methods import METHODS, CentreBaseline, DFCam, DFLime, DFRise, Ra
 from explainer.methods.base import ddim_step, guided_prediction, step_inputs
 from explainer.methods.relevance import RelevanceState, cheap_token_scores, explicit_attention, relevance_series
 from explainer.metrics import inside_outside_ratio, spearman
-from explainer.models import LoadedModel, load_model
+from explainer.models import LoadedModel
 from explainer.run import InstrumentedRun, RunSettings
 from explainer.views import token_scores
 
@@ -87,7 +87,7 @@ def test_no_hook_or_processor_left_after_a_run_or_an_error(tiny_model, tiny_run,
         (lambda: DFRise(keep=float("nan")), "keep must be a finite number"),
         (lambda: DFRise(mask="blob"), "mask must be one of"),
         (lambda: DFRise(mode="fast"), "mode must be one of"),
-        (lambda: DFRise(average="yes"), "average must be one of"),
+        (lambda: DFRise(estimator="max"), "estimator must be one of"),
         (lambda: DFRise(batch_size=0), "batch_size must be an integer"),
         (lambda: DFRise(seed=-1), "seed must be an integer"),
         (lambda: DFLime(n_samples=1), "n_samples must be an integer"),
@@ -160,7 +160,7 @@ def slow_rise(model, run, step, method: DFRise) -> np.ndarray:
     alphas = pipe.scheduler.alphas_cumprod
     a_t, a_next = float(alphas[record.timestep]), float(alphas[record.next_timestep])
     x_t, real_next = record.latents.clone(), record.next_latents.clone().numpy()[0]
-    total = np.zeros((8, 8))
+    kept, dropped = [], []  # per mask: score where kept, score where dropped
     for mask in method.masks((8, 8)):  # one mask at a time
         masked = mask * x_t
         with torch.no_grad():
@@ -172,18 +172,24 @@ def slow_rise(model, run, step, method: DFRise) -> np.ndarray:
         else:  # DDIM from t_k to t_{k+1}, from the real x_t
             x0 = (x_t - (1 - a_t) ** 0.5 * eps) / a_t**0.5
             compared = a_next**0.5 * x0 + (1 - a_next) ** 0.5 * eps
-        total += mask[0].numpy() * numpy_structure(real_next, compared.numpy()[0])
-    if method.average:
-        total = total / np.maximum(method.masks((8, 8))[:, 0].numpy().sum(0), 1)
+        score, weight = numpy_structure(real_next, compared.numpy()[0]), mask[0].numpy()
+        kept.append(weight * score), dropped.append((1 - weight) * score)
+    weights = method.masks((8, 8))[:, 0].numpy()
+    total = np.sum(kept, axis=0)
+    if method.estimator in ("mean", "contrast"):
+        total = total / np.maximum(weights.sum(0), 1e-6)
+    if method.estimator == "contrast":
+        total = total - np.sum(dropped, axis=0) / np.maximum((1 - weights).sum(0), 1e-6)
     total = np.maximum(total, 0)
     return ((total - total.min()) / (total.max() - total.min())).astype(np.float32)
 
 
 @pytest.mark.parametrize(
-    "mode, mask, average", [("next-latent", "pixel", False), ("paper", "pixel", False), ("paper", "grid", True)]
+    "mode, mask, estimator",
+    [("next-latent", "pixel", "sum"), ("paper", "pixel", "sum"), ("paper", "grid", "mean"), ("next-latent", "pixel", "contrast")],
 )
-def test_batched_rise_equals_one_mask_at_a_time(tiny_model, tiny_run, mode, mask, average):
-    method = DFRise(n_masks=8, batch_size=3, mode=mode, mask=mask, grid=3, seed=5, average=average)
+def test_batched_rise_equals_one_mask_at_a_time(tiny_model, tiny_run, mode, mask, estimator):
+    method = DFRise(n_masks=8, batch_size=3, mode=mode, mask=mask, grid=3, seed=5, estimator=estimator)
     fast = method.explain(tiny_model, tiny_run, STEP)
     assert fast.denoiser_calls == 3
     np.testing.assert_allclose(fast.saliency, slow_rise(tiny_model, tiny_run, STEP, method), atol=1e-4)
@@ -483,9 +489,9 @@ def randomised(model: LoadedModel) -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def meaning():
+def meaning(embedded_model):
     """Maps of every method at the late steps, for the trained and the randomised model."""
-    model = load_model(config.EMBEDDED_MODEL_ID)
+    model = embedded_model
     random_model = randomised(model)
     results = []
     for prompt, shape in MEANING_PROMPTS:

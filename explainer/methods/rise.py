@@ -2,9 +2,9 @@
 
 Random masks hide parts of x_t; each masked latent goes through the guided denoiser, and the
 SSIM *structure* term between the real x_{t-1} and what the masked input gives scores every latent
-pixel. The map is ``sum_n M_n * S_n``, ReLU, min-max (with ``average=True``: divided per pixel by
-the number of masks that kept it). Masks are batched through the denoiser (the public code runs
-one mask per forward pass).
+pixel. The map is ``sum_n M_n * S_n`` (the SPEC's estimator; see ``estimator`` for the others),
+ReLU, min-max. Masks are batched through the denoiser (the public code runs one mask per forward
+pass).
 
 Example:
     >>> explanation = DFRise(n_masks=500, mode="next-latent").explain(model, run, step=15)
@@ -24,6 +24,7 @@ from .base import PerturbationMethod, batches, check_choice, check_int, check_nu
 
 MODES = ("next-latent", "paper")
 MASK_KINDS = ("pixel", "grid")
+ESTIMATORS = ("sum", "mean", "contrast")
 SSIM_WINDOW = 15
 SSIM_SIGMA = 1.5
 SSIM_C3 = 0.03**2 / 2  # (K2 * data range)^2 / 2 with data range 1
@@ -95,10 +96,14 @@ class DFRise(PerturbationMethod):
             taken from the masked prediction at the real x_t, so like is compared with like and
             only the prediction differs; "paper": compare it with the masked noise prediction,
             as the public code does.
-        average: divide each pixel's sum by the number of masks that kept it, i.e. RISE's
-            conditional mean E[S | pixel kept] (our option; the SPEC's plain sum when False). In
-            next-latent mode S is nearly constant (about 0.99), so the plain sum is dominated by how
-            often each pixel happened to be kept, a map that does not depend on the model.
+        estimator: how the per-mask maps become one map, per latent pixel x:
+            "sum": ``sum_n M_n(x) S_n(x)``, the SPEC's and the paper's. S is nearly constant (about
+            0.99 in next-latent mode), so this map is mostly how often x happened to be kept, which
+            does not depend on the model.
+            "mean": the sum divided by the masks' weight at x, RISE's E[S(x) | x kept]. Still
+            carries each pixel's own baseline (some pixels are predicted well whatever is kept).
+            "contrast": E[S(x) | x kept] - E[S(x) | x dropped], how much keeping x improves the
+            match at x; the baseline cancels.
         seed: seed of the mask generator (same seed, same masks, same map).
         batch_size: masks per denoiser forward pass.
     Returns (from ``explain``):
@@ -110,7 +115,7 @@ class DFRise(PerturbationMethod):
     mask: str = "pixel"
     grid: int = 4
     mode: str = "next-latent"
-    average: bool = False
+    estimator: str = "sum"
     seed: int = 0
     name = "df-rise"
 
@@ -121,7 +126,7 @@ class DFRise(PerturbationMethod):
         check_choice("mask", self.mask, MASK_KINDS)
         check_int("grid", self.grid, 1, 64)
         check_choice("mode", self.mode, MODES)
-        check_choice("average", self.average, (False, True))
+        check_choice("estimator", self.estimator, ESTIMATORS)
         check_int("seed", self.seed, 0, 2**63 - 1)
 
     def masks(self, size: tuple[int, int]) -> torch.Tensor:
@@ -143,16 +148,27 @@ class DFRise(PerturbationMethod):
                 compared = ddim_step(inputs, inputs.latents.expand_as(masked), prediction)
             return structure_term(inputs.next_latents, compared)
 
+    def combine(self, kept_sum: torch.Tensor, all_sum: torch.Tensor, kept_weight: torch.Tensor) -> torch.Tensor:
+        """One map (h, w) from ``sum_n M_n S_n``, ``sum_n S_n`` and ``sum_n M_n``, by ``estimator``."""
+        if self.estimator == "sum":
+            return kept_sum
+        kept_mean = kept_sum / kept_weight.clamp(min=1e-6)
+        if self.estimator == "mean":
+            return kept_mean
+        dropped_weight = (self.n_masks - kept_weight).clamp(min=1e-6)
+        return kept_mean - (all_sum - kept_sum) / dropped_weight
+
     def _explain(self, model, run, step):
         inputs = step_inputs(model, run, step)
         masks = self.masks(tuple(inputs.latents.shape[-2:]))
-        total = torch.zeros(inputs.latents.shape[-2:], dtype=torch.float32, device=inputs.latents.device)
+        kept_sum = torch.zeros(inputs.latents.shape[-2:], dtype=torch.float32, device=inputs.latents.device)
+        all_sum = torch.zeros_like(kept_sum)
         chunks = batches(self.n_masks, self.batch_size)
         for start, stop in chunks:
             batch = masks[start:stop]
             scores = self.scores(model, inputs, batch)  # (B, h, w)
-            total += (batch[:, 0].to(scores.device) * scores).sum(0)
-        if self.average:
-            total = total / masks[:, 0].sum(0).clamp(min=1).to(total.device)  # (h, w) kept counts
-        saliency = total.clamp(min=0).cpu().numpy()
+            kept_sum += (batch[:, 0].to(scores.device) * scores).sum(0)
+            all_sum += scores.sum(0)
+        saliency = self.combine(kept_sum, all_sum, masks[:, 0].sum(0).to(kept_sum.device))
+        saliency = saliency.clamp(min=0).cpu().numpy()
         return self._result(run, step, saliency, denoiser_calls=len(chunks))
