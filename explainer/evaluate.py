@@ -32,6 +32,8 @@ from .models import load_model
 from .run import InstrumentedRun, RunData, RunSettings
 
 MAP_METHODS = ("df-rise", "df-rise-paper", "df-cam", "df-lime", "cross-attention", "relevance", "random", "centre")
+# A map that knows the answer, as an upper reference on the shapes world: the drawn shape's own pixels.
+REFERENCE = "shape-mask"
 LOCALISED = ("df-rise", "df-cam", "cross-attention", "relevance", "random", "centre")  # cheap enough at 3 phases
 
 
@@ -47,12 +49,18 @@ class Protocol:
     masks: int = 500
     lime_samples: int = 1000
     batch_size: int = 64
-    distance: str = "1-ssim"
+    distances: tuple[str, ...] = ("1-ssim", "mse")  # the first is the main table's; all come from the same states
     methods: tuple[str, ...] = MAP_METHODS
+
+    @property
+    def distance(self) -> str:
+        return self.distances[0]
 
 
 def make_map(name: str, protocol: Protocol, model, run: RunData, step: int) -> np.ndarray:
     """The saliency map of method ``name`` at ``step`` (H_lat, W_lat), in [0, 1]."""
+    if name == REFERENCE:  # ties (the whole background) broken centre-first, as a centred map would
+        return shape_grid(run).astype(np.float32) + 0.01 * METHODS["centre"]().explain(model, run, step).saliency
     if name == "cross-attention":  # raw attention of all prompt words, as recorded
         maps = [views.word_map(run, i, [run.records[step - 1]]) for i in range(len(run.tokens.words))]
         return normalise(np.sum(maps, axis=0)) if maps else np.zeros(run.latent_size, np.float32)
@@ -74,9 +82,13 @@ def evaluate_prompt(protocol: Protocol, model, index: int, prompt: str) -> dict:
     step = protocol.step
     maps = {name: make_map(name, protocol, model, run, step) for name in protocol.methods}
     row = {"index": index, "prompt": prompt, "seed": settings.seed, "step": step, "methods": {}}
-    for name, saliency in maps.items():
-        scored = metrics.insertion_deletion(model, run, step, saliency, distance=protocol.distance, batch_size=protocol.batch_size)
-        row["methods"][name] = {key: scored[key] for key in ("insertion", "deletion", "insertion_auc", "deletion_auc")}
+    scored_maps = dict(maps)
+    if config.MODELS[model.id].closed_vocabulary:
+        scored_maps[REFERENCE] = make_map(REFERENCE, protocol, model, run, step)
+    for name, saliency in scored_maps.items():
+        scored = metrics.insertion_deletion_by_distance(model, run, step, saliency, protocol.distances, protocol.batch_size)
+        row["methods"][name] = scored[protocol.distance] | {
+            "other_distances": {d: scored[d] for d in protocol.distances[1:]}}
     row["spearman"] = {f"{a} | {b}": metrics.spearman(maps[a], maps[b]) for a, b in combinations(maps, 2)}
     attention = [make_map("cross-attention", protocol, model, run, k) for k in range(1, len(run.records) + 1)]
     row["attention_consecutive_spearman"] = [metrics.spearman(a, b) for a, b in zip(attention, attention[1:])]
@@ -92,10 +104,9 @@ def phases(steps: int) -> dict[str, int]:
 def localisation(protocol: Protocol, model, run: RunData, maps_at_step: dict) -> dict:
     """Pointing game and IoU of each map against the drawn shape, at early, middle and late steps;
     and the shape noun's attention IoU (last third of the steps), as DAAM reports."""
-    from .shapes.checker import generated_shape_mask
     from .shapes.world import SHAPES
 
-    mask = _to_grid(generated_shape_mask(np.asarray(run.final_image)), run.latent_size)
+    mask = shape_grid(run)
     if not mask.any() or mask.all():
         return {"shape_found": False}
     result = {"shape_found": True, "phases": {}}
@@ -109,6 +120,13 @@ def localisation(protocol: Protocol, model, run: RunData, maps_at_step: dict) ->
         last_third = run.records[-max(1, len(run.records) // 3) :]
         result["noun_iou"] = iou(views.word_map(run, nouns[0], last_third), mask)
     return result
+
+
+def shape_grid(run: RunData) -> np.ndarray:
+    """The drawn shape's pixels (the checker's segmentation of the final image) on the latent grid."""
+    from .shapes.checker import generated_shape_mask
+
+    return _to_grid(generated_shape_mask(np.asarray(run.final_image)), run.latent_size)
 
 
 def _to_grid(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -145,17 +163,23 @@ def summarise(rows: list[dict], protocol: Protocol) -> dict:
     """The tables: per method AUCs (per-prompt mean and interval, and the paper's mean-curve area),
     mean Spearman per pair, consecutive-step attention correlation, localisation per phase."""
     table = {}
-    for name in protocol.methods:
+    for name in rows[0]["methods"] if rows else []:
         entry = {}
         for curve in ("insertion", "deletion"):
             entry[f"{curve}_auc"] = mean_interval([r["methods"][name][f"{curve}_auc"] for r in rows])
             mean_curve = np.mean([r["methods"][name][curve] for r in rows], axis=0)
             entry[f"{curve}_mean_curve"] = mean_curve.tolist()
             entry[f"{curve}_mean_curve_auc"] = metrics.auc(mean_curve)
+        entry["other_distances"] = {
+            distance: {f"{curve}_auc": mean_interval([r["methods"][name]["other_distances"][distance][f"{curve}_auc"] for r in rows])
+                       for curve in ("insertion", "deletion")}
+            for distance in protocol.distances[1:]
+        }
         table[name] = entry
     pairs = rows[0]["spearman"].keys() if rows else []
     summary = {
-        "protocol": vars(protocol) | {"methods": list(protocol.methods)},
+        "protocol": vars(protocol) | {"methods": list(protocol.methods), "distances": list(protocol.distances)},
+        "reference": REFERENCE if REFERENCE in table else None,
         "prompts": len(rows),
         "methods": table,
         "spearman": {pair: mean_interval([r["spearman"][pair] for r in rows]) for pair in pairs},
@@ -179,12 +203,13 @@ def write_results(rows: list[dict], summary: dict, out: Path) -> None:
     (out / "results.json").write_text(json.dumps({"summary": summary, "prompts": rows}, indent=1))
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["method", "insertion_auc (lower is better)", "ins_95_low", "ins_95_high", "deletion_auc (higher is better)",
-                         "del_95_low", "del_95_high", "insertion_mean_curve_auc", "deletion_mean_curve_auc"])
+        writer.writerow(["method", "distance", "insertion_auc (lower is better)", "ins_95_low", "ins_95_high",
+                         "deletion_auc (higher is better)", "del_95_low", "del_95_high"])
         for name, entry in summary["methods"].items():
-            ins, dele = entry["insertion_auc"], entry["deletion_auc"]
-            writer.writerow([name, ins["mean"], ins["low"], ins["high"], dele["mean"], dele["low"], dele["high"],
-                             entry["insertion_mean_curve_auc"], entry["deletion_mean_curve_auc"]])
+            by_distance = {summary["protocol"]["distances"][0]: entry} | entry["other_distances"]
+            for distance, scores in by_distance.items():
+                ins, dele = scores["insertion_auc"], scores["deletion_auc"]
+                writer.writerow([name, distance, ins["mean"], ins["low"], ins["high"], dele["mean"], dele["low"], dele["high"]])
     plot_curves(rows, summary).save(out / "curves.png")
 
 
@@ -228,7 +253,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--masks", type=int, default=500, help="DF-RISE masks")
     parser.add_argument("--lime-samples", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--distance", choices=metrics.DISTANCES, default="1-ssim")
+    parser.add_argument("--distances", nargs="+", choices=metrics.DISTANCES, default=["1-ssim", "mse"],
+                        help="the first is the main table's; the others are scored from the same states at no cost")
     parser.add_argument("--methods", nargs="+", choices=MAP_METHODS, default=list(MAP_METHODS))
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
     args = parser.parse_args(argv)
@@ -239,7 +265,7 @@ def main(argv=None) -> dict:
     model = load_model(args.model)
     protocol = Protocol(model=args.model, steps=args.steps, step=args.step, guidance=args.guidance or model.spec.guidance,
                         seed=args.seed, masks=args.masks, lime_samples=args.lime_samples, batch_size=args.batch_size,
-                        distance=args.distance, methods=tuple(args.methods))
+                        distances=tuple(dict.fromkeys(args.distances)), methods=tuple(args.methods))
     prompts = args.prompts.read_text().splitlines() if args.prompts else default_prompts(args.model, args.num_prompts)
     prompts = [p.strip() for p in prompts if p.strip()][: args.num_prompts]
     import torch
@@ -260,11 +286,20 @@ def main(argv=None) -> dict:
 
 
 def format_table(summary: dict) -> str:
-    lines = ["| method | insertion AUC ↓ (95 % CI) | deletion AUC ↑ (95 % CI) | mean-curve ins / del |", "|---|---|---|---|"]
+    """The README table: the main distance with intervals, then each other distance's mean AUCs."""
+    distance, others = summary["protocol"]["distances"][0], summary["protocol"]["distances"][1:]
+    header = f"| method | insertion AUC ↓ ({distance}, 95 % CI) | deletion AUC ↑ ({distance}, 95 % CI) | mean-curve ins / del |"
+    header += "".join(f" ins / del ({other}) |" for other in others)
+    lines = [header, "|---|---|---|---|" + "---|" * len(others)]
     for name, entry in summary["methods"].items():
         ins, dele = entry["insertion_auc"], entry["deletion_auc"]
-        lines.append(f"| {name} | {ins['mean']:.3f} ({ins['low']:.3f}–{ins['high']:.3f}) | {dele['mean']:.3f} ({dele['low']:.3f}–{dele['high']:.3f}) "
-                     f"| {entry['insertion_mean_curve_auc']:.3f} / {entry['deletion_mean_curve_auc']:.3f} |")
+        label = f"*{name} (reference)*" if name == summary.get("reference") else name
+        line = (f"| {label} | {ins['mean']:.3f} ({ins['low']:.3f}–{ins['high']:.3f}) | {dele['mean']:.3f} ({dele['low']:.3f}–{dele['high']:.3f}) "
+                f"| {entry['insertion_mean_curve_auc']:.3f} / {entry['deletion_mean_curve_auc']:.3f} |")
+        for other in others:
+            scores = entry["other_distances"][other]
+            line += f" {scores['insertion_auc']['mean']:.3f} / {scores['deletion_auc']['mean']:.3f} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -275,7 +310,6 @@ if __name__ == "__main__":
 def noun_attention_iou(model, prompts: list[str], first_seed: int = 1000, steps: int = 20) -> list[float]:
     """The embedded model's attention gate: per prompt, the IoU of the shape noun's cross-attention
     (mean over the last third of the steps, thresholded at its mean) with the drawn shape's pixels."""
-    from .shapes.checker import generated_shape_mask
     from .shapes.world import SHAPES
 
     scores = []
@@ -283,7 +317,7 @@ def noun_attention_iou(model, prompts: list[str], first_seed: int = 1000, steps:
         settings = RunSettings(prompt=prompt, seed=first_seed + index, steps=steps, guidance=model.spec.guidance,
                                width=model.spec.width, height=model.spec.height)
         run = InstrumentedRun(model, settings).run_all().data
-        mask = _to_grid(generated_shape_mask(np.asarray(run.final_image)), run.latent_size)
+        mask = shape_grid(run)
         nouns = [i for i, word in enumerate(run.tokens.words) if word.text in SHAPES]
         if not nouns or not mask.any():
             scores.append(0.0)  # no shape drawn: the map cannot match it

@@ -50,7 +50,22 @@ def test_one_command_writes_the_tables_and_two_processes_give_the_same(tmp_path)
     assert {p.name for p in (tmp_path / "one").iterdir()} == {"results.json", "results.csv", "curves.png"}
     summary = single["summary"]
     assert summary["prompts"] == 3 and set(summary["methods"]) == set(evaluate.MAP_METHODS)
+    assert summary["reference"] is None  # the drawn-shape reference exists on the shapes world only
     for entry in summary["methods"].values():
         assert 0 <= entry["insertion_auc"]["mean"] <= 1 and len(entry["deletion_mean_curve"]) == 8 + 1
+        assert 0 <= entry["other_distances"]["mse"]["deletion_auc"]["mean"] <= 1  # both distances from one pass
+    csv_rows = (tmp_path / "one" / "results.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + 2 * len(evaluate.MAP_METHODS)
     split = _run(SMALL, tmp_path / "two", processes=2)
     assert split == single  # prompts split across processes, gathered into the identical table
+
+
+def test_shape_mask_reference_is_the_drawn_shape(embedded_model):
+    from explainer.run import InstrumentedRun, RunSettings
+
+    settings = RunSettings(prompt="a big red circle in the center", seed=3, steps=8, width=64, height=64)
+    run = InstrumentedRun(embedded_model, settings).run_all().data
+    shape = evaluate.shape_grid(run)
+    assert 0 < shape.sum() < shape.size
+    reference = evaluate.make_map(evaluate.REFERENCE, evaluate.Protocol(model=embedded_model.id), embedded_model, run, 8)
+    assert np.array_equal(reference > 0.5, shape)  # the shape first, then the rest centre-first

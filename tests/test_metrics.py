@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from explainer.metrics import auc, blur_latents, insertion_deletion, inside_outside_ratio, latent_order, spearman
+from explainer.metrics import (
+    auc,
+    blur_latents,
+    insertion_deletion,
+    insertion_deletion_by_distance,
+    inside_outside_ratio,
+    latent_order,
+    spearman,
+)
 from explainer.run import InstrumentedRun, RunSettings
 
 
@@ -89,6 +97,16 @@ def test_insertion_deletion_batched_equals_one_state_at_a_time(tiny_model, ddim_
     flat = insertion_deletion(tiny_model, ddim_run, 3, np.ones((8, 8)), distance="mse")
     ramp = insertion_deletion(tiny_model, ddim_run, 3, -np.arange(64.0).reshape(8, 8), distance="mse")
     np.testing.assert_allclose(flat["deletion"], ramp["deletion"], rtol=1e-6)
+
+
+def test_all_distances_from_one_pass_equal_one_distance_at_a_time(tiny_model, ddim_run):
+    saliency = np.random.default_rng(5).random((8, 8))
+    both = insertion_deletion_by_distance(tiny_model, ddim_run, 3, saliency, ("1-ssim", "mse"), batch_size=18)
+    assert both["denoiser_calls"] == 1
+    for distance in ("1-ssim", "mse"):
+        alone = insertion_deletion(tiny_model, ddim_run, 3, saliency, distance=distance, batch_size=18)
+        for key in ("insertion", "deletion", "insertion_auc", "deletion_auc"):
+            np.testing.assert_allclose(both[distance][key], alone[key], rtol=1e-6)
 
 
 @pytest.mark.parametrize(
