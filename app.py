@@ -70,6 +70,9 @@ def _stream(model_id: str, settings: list[RunSettings]):
             runs[index].reproduction = item.reproduction  # in place: the session holds these objects
 
 
+CONCEPT_CHART_TITLE = "Concept chart (cheap score)"
+
+
 def _step_view(runs: list[RunData], step: int, streaming: bool = False):
     """What the Denoise tab shows at one step (1-based) of the current runs."""
     first = runs[0]
@@ -90,13 +93,16 @@ def _step_view(runs: list[RunData], step: int, streaming: bool = False):
     if len(runs) > 1:
         data["second_prompt"] = views.step_summary(runs[1], runs[1].records[record.index - 1])
     total = len(first.timesteps)
+    series = views.concept_series(first)
+    if streaming:  # painted on a chart drawn once per run shape: a matplotlib redraw costs ~200 ms
+        concepts = plots.streaming_concept_chart(total, tuple(series), CONCEPT_CHART_TITLE).draw(series)
+    else:
+        concepts = plots.concept_chart(list(range(1, total + 1)), series, CONCEPT_CHART_TITLE)
     if streaming and record.index % max(1, total // 5) and record.index != total:
-        # each update's pictures are encoded, sent and fetched: while streaming, the per-word
-        # overlays and the concept chart follow every fifth of the run (and the last step)
-        overlays = concepts = gr.skip()
+        # one picture per word: while streaming they follow every fifth of the run (and the last step)
+        overlays = gr.skip()
     else:
         overlays = views.word_overlays(first, record)
-        concepts = plots.concept_chart(list(range(1, total + 1)), views.concept_series(first), "Concept chart (cheap score)")
     return (*pictures, status, chart, overlays, concepts, data)
 
 

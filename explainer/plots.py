@@ -104,11 +104,65 @@ def concept_chart(
     axis.set_xlabel("step", fontsize=8)
     axis.set_ylabel(f"{score_name} (min-max per step)", fontsize=8)
     axis.set_ylim(-0.05, 1.05)
+    axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axis.tick_params(labelsize=7)
     axis.grid(alpha=0.3)
     if series:
         axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     return figure_to_image(figure)
+
+
+@functools.lru_cache(maxsize=64)
+def streaming_concept_chart(total_steps: int, words: tuple[str, ...], title: str) -> StreamingConceptChart:
+    """The empty concept chart of a run's shape, drawn once (runs of one shape share it)."""
+    return StreamingConceptChart(total_steps, words, title)
+
+
+class StreamingConceptChart:
+    """``concept_chart`` for streaming: axes, legend and colours drawn once; ``draw(series)`` paints
+    the lines so far in ~1 ms instead of a ~200 ms matplotlib redraw at every streamed step."""
+
+    def __init__(self, total_steps: int, words: Sequence[str], title: str):
+        self.words = list(words)
+        figure, axis = plt.subplots(figsize=(5.2, 2.8), dpi=100)
+        colours = [f"C{i}" for i in range(len(self.words))]
+        for word, colour in zip(self.words, colours):  # legend entries only: the lines are painted
+            axis.plot([], [], marker="o", markersize=2.5, linewidth=1.3, color=colour, label=word)
+        axis.set_xlim(0.5, total_steps + 0.5)
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        axis.set_ylim(-0.05, 1.05)
+        axis.set_title(title, fontsize=9)
+        axis.set_xlabel("step", fontsize=8)
+        axis.set_ylabel("attention mass (min-max per step)", fontsize=8)
+        axis.tick_params(labelsize=7)
+        axis.grid(alpha=0.3)
+        if self.words:
+            axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        figure.tight_layout()
+        figure.canvas.draw()
+        self.height = figure.canvas.get_width_height()[1]
+        self.to_pixels = axis.transData.transform
+        self.colours = [tuple(int(255 * c) for c in matplotlib.colors.to_rgb(colour)) for colour in colours]
+        self.base = Image.fromarray(np.asarray(figure.canvas.buffer_rgba())[..., :3].copy())
+        plt.close(figure)
+
+    def draw(self, series: dict[str, Sequence[float]]) -> Image.Image:
+        """The chart with each word's scores (steps 1, 2, ...) painted as a line with dots."""
+        from PIL import ImageDraw
+
+        picture = self.base.copy()
+        pen = ImageDraw.Draw(picture)
+        for word, colour in zip(self.words, self.colours):
+            values = list(series.get(word, []))
+            if not values:
+                continue
+            points = self.to_pixels(np.column_stack([np.arange(1, len(values) + 1), values]))
+            points = [(float(x), self.height - float(y)) for x, y in points]  # display origin is bottom-left
+            if len(points) > 1:
+                pen.line(points, fill=colour, width=2)
+            for x, y in points:
+                pen.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=colour)
+        return picture
 
 
 def token_bars(totals: dict[str, float], title: str) -> Image.Image:

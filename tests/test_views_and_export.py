@@ -124,3 +124,16 @@ def test_noise_chart_marks_the_step_on_a_cached_drawing(run):
     x, y = (int(round(v)) for v in chart.pixels[0])
     assert tuple(first[y, x]) == (209, 73, 91) and tuple(last[y, x]) != (209, 73, 91)
     assert chart.pixels[0][1] < chart.pixels[-1][1]  # noise falls: the first point is higher on the picture
+
+
+def test_streaming_concept_chart_paints_each_word_where_its_scores_are():
+    chart = plots.streaming_concept_chart(10, ("red", "circle"), "title")
+    assert plots.streaming_concept_chart(10, ("red", "circle"), "title") is chart  # drawn once per run shape
+    picture = np.asarray(chart.draw({"red": [1.0, 1.0, 1.0], "circle": [0.0, 0.0]}))
+    assert picture.shape == np.asarray(chart.base).shape
+    for word, value, step in (("red", 1.0, 3), ("circle", 0.0, 2)):
+        x, y = chart.to_pixels([(step, value)])[0]
+        colour = chart.colours[chart.words.index(word)]
+        assert tuple(picture[int(round(chart.height - y)), int(round(x))]) == colour
+    x, y = chart.to_pixels([(5, 1.0)])[0]  # nothing beyond the steps so far
+    assert tuple(picture[int(round(chart.height - y)), int(round(x))]) != chart.colours[0]
