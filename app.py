@@ -94,7 +94,9 @@ def _step_view(runs: list[RunData], step: int, streaming: bool = False):
         data["second_prompt"] = views.step_summary(runs[1], runs[1].records[record.index - 1])
     total = len(first.timesteps)
     series = views.concept_series(first)
-    if streaming:  # painted on a chart drawn once per run shape: a matplotlib redraw costs ~200 ms
+    if streaming and record.index == 1:  # one point says nothing yet; the first update comes sooner
+        concepts = gr.skip()
+    elif streaming:  # painted on a chart drawn once per run shape: a matplotlib redraw costs ~200 ms
         concepts = plots.streaming_concept_chart(total, tuple(series), CONCEPT_CHART_TITLE).draw(series)
     else:
         concepts = plots.concept_chart(list(range(1, total + 1)), series, CONCEPT_CHART_TITLE)

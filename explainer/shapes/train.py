@@ -66,11 +66,11 @@ def make_text_encoder(tokenizer):
     return CLIPTextModel(config)
 
 
-def make_noise_schedulers():
+def make_noise_schedulers(prediction_type: str = "v_prediction"):
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
     common = dict(num_train_timesteps=1000, beta_start=BETA_START, beta_end=BETA_END,
-                  beta_schedule="scaled_linear", prediction_type="epsilon")
+                  beta_schedule="scaled_linear", prediction_type=prediction_type)
     ddpm = DDPMScheduler(**common, clip_sample=False, steps_offset=1)
     dpm = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
                                       steps_offset=1)
@@ -247,7 +247,7 @@ def train_unet(args, work: Path, refine: bool = False):
     lr, warmup = (args.refine_lr, 50) if refine else (args.lr, args.warmup)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total))
-    ddpm, _ = make_noise_schedulers()
+    ddpm, _ = make_noise_schedulers(args.prediction_type)
     alphas_cumprod = ddpm.alphas_cumprod.float()
     snr = alphas_cumprod / (1 - alphas_cumprod)
     gen = torch.Generator().manual_seed(args.seed + (4 if refine else 2))
@@ -286,7 +286,7 @@ def train_unet(args, work: Path, refine: bool = False):
             high = torch.rand(args.batch, generator=gen) < args.refine_high_t_fraction
             t_high = torch.randint(args.high_t_min, 1000, (args.batch,), generator=gen)
             t = torch.where(high, t_high, t)
-        elif step >= args.high_t_from_step:  # layout (place, shape) is decided at high noise
+        elif args.high_t_from_step is not None and step >= args.high_t_from_step:  # layout (place, shape) is decided at high noise
             high = torch.rand(args.batch, generator=gen) < args.high_t_fraction
             t_high = torch.randint(args.high_t_min, 1000, (args.batch,), generator=gen)
             t = torch.where(high, t_high, t)
@@ -294,8 +294,15 @@ def train_unet(args, work: Path, refine: bool = False):
         xt = ddpm.add_noise(x0, noise, t)
         context = text_encoder(tokens)[0]
         pred = unet(xt, t, context).sample
-        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
-        weight = torch.clamp(snr[t], max=args.min_snr) / snr[t]  # min-SNR weighting
+        if args.prediction_type == "v_prediction":
+            target = ddpm.get_velocity(x0, noise, t)
+            # v-loss is (snr + 1) times the x0-loss: high noise, where the layout is decided,
+            # keeps weight 1 on x0; low noise is capped as in min-SNR.
+            weight = torch.clamp(snr[t] + 1, max=args.min_snr + 1) / (snr[t] + 1)
+        else:
+            target = noise
+            weight = torch.clamp(snr[t], max=args.min_snr) / snr[t]  # min-SNR weighting
+        per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
         if refine:
             weight = torch.clamp(1.0 / snr[t], min=1.0, max=args.refine_max_weight)
         loss = (per_sample * weight).mean()
@@ -339,7 +346,7 @@ def export_pipeline(args, work: Path):
     vae = AutoencoderKL.from_pretrained(vae_dir)
     latents = np.load(work / "latents.npy").astype(np.float32)
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    _, dpm = make_noise_schedulers()
+    _, dpm = make_noise_schedulers(args.prediction_type)
     pipe = StableDiffusionPipeline(
         vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
         unet=unet.eval(), scheduler=dpm, safety_checker=None,
@@ -391,16 +398,21 @@ def main(argv=None):
     parser.add_argument("--decoder-lr", type=float, default=3e-4)
     parser.add_argument("--decoder-only", action="store_true")
     parser.add_argument("--scenes", type=int, default=20_000)
-    parser.add_argument("--unet-steps", type=int, default=2600)
+    parser.add_argument("--unet-steps", type=int, default=3000)
+    parser.add_argument("--prediction-type", default="v_prediction",
+                        choices=("v_prediction", "epsilon"),
+                        help="v: the network predicts x0 directly at high noise, where an "
+                             "epsilon network's x0 error is amplified by 1/sqrt(SNR) (~15x)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--min-snr", type=float, default=5.0)
-    parser.add_argument("--high-t-from-step", type=int, default=1255)
+    parser.add_argument("--high-t-from-step", type=int, default=None,
+                        help="from this step, oversample t >= --high-t-min (off by default)")
     parser.add_argument("--high-t-fraction", type=float, default=0.5)
     parser.add_argument("--high-t-min", type=int, default=500)
-    parser.add_argument("--refine-steps", type=int, default=500)
+    parser.add_argument("--refine-steps", type=int, default=0)
     parser.add_argument("--refine-lr", type=float, default=2e-4)
     parser.add_argument("--refine-ema", type=float, default=0.995)
     parser.add_argument("--refine-high-t-fraction", type=float, default=0.7)
