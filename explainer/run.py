@@ -186,7 +186,7 @@ class InstrumentedRun:
             model_id=model.id,
             tokens=tokens,
             timesteps=timesteps,
-            noise_levels=[math.sqrt((1 - float(alphas[t])) / float(alphas[t])) for t in timesteps],
+            noise_levels=[noise_level(float(alphas[t])) for t in timesteps],
             latent_size=(self.settings.height // factor, self.settings.width // factor),
             messages=[m for m in (tokens.truncation_message,) if m],
         )
@@ -282,7 +282,7 @@ class InstrumentedRun:
             timestep=timestep,
             next_timestep=self.timesteps[index + 1] if index + 1 < total else None,
             alpha_bar=alpha_bar,
-            sigma=math.sqrt((1 - alpha_bar) / alpha_bar),
+            sigma=noise_level(alpha_bar),
             latents=latents.float().cpu(),
             next_latents=next_latents.float().cpu(),
             x0_hat=x0_hat.cpu(),
@@ -325,6 +325,15 @@ class InstrumentedRun:
         }
 
 
+SMALLEST_ALPHA_BAR = 2.0**-24  # as diffusers' DPM-Solver++ clamps a zero-terminal-SNR schedule
+
+
+def noise_level(alpha_bar: float) -> float:
+    """sigma_t = sqrt((1 - alpha_bar) / alpha_bar), finite at zero terminal SNR (alpha_bar = 0)."""
+    alpha_bar = max(alpha_bar, SMALLEST_ALPHA_BAR)
+    return math.sqrt((1 - alpha_bar) / alpha_bar)
+
+
 def predicted_original(latents, model_output, alpha_bar: float, prediction_type: str) -> torch.Tensor:
     """``x0_hat``, the clean latent the model currently predicts, from its output at ``alpha_bar``."""
     a, s = math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
@@ -334,6 +343,18 @@ def predicted_original(latents, model_output, alpha_bar: float, prediction_type:
         return a * latents - s * model_output
     if prediction_type == "sample":
         return model_output
+    raise ValueError(f"Unsupported prediction type {prediction_type!r}.")
+
+
+def predicted_noise(latents, model_output, alpha_bar: float, prediction_type: str) -> torch.Tensor:
+    """``eps_hat``, the noise the model currently sees in ``latents``, from its output at ``alpha_bar``."""
+    a, s = math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        return a * model_output + s * latents
+    if prediction_type == "sample":
+        return (latents - a * model_output) / s
     raise ValueError(f"Unsupported prediction type {prediction_type!r}.")
 
 

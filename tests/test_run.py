@@ -181,3 +181,26 @@ def test_long_prompt_reports_truncation(tiny_model):
 def test_bad_settings_get_clear_messages(tiny_model, change, message):
     with pytest.raises(ValueError, match=message):
         InstrumentedRun(tiny_model, settings(**change))
+
+
+@pytest.mark.parametrize("alpha_bar", [0.9, 0.3, 2.0**-24])
+def test_every_prediction_type_gives_back_the_clean_latent_and_the_noise(alpha_bar):
+    from explainer.run import predicted_noise, predicted_original
+
+    generator = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 4, 8, 8, generator=generator)
+    a, s = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+    x_t = a * x0 + s * eps
+    outputs = {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0}
+    for kind, output in outputs.items():
+        if kind != "v_prediction" and alpha_bar < 1e-6:
+            continue  # epsilon and sample models divide by the vanishing signal; v does not
+        torch.testing.assert_close(predicted_original(x_t, output, alpha_bar, kind), x0, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(predicted_noise(x_t, output, alpha_bar, kind), eps, atol=1e-4, rtol=1e-4)
+
+
+def test_noise_level_is_finite_at_zero_terminal_snr():
+    from explainer.run import noise_level
+
+    assert noise_level(0.25) == pytest.approx(3**0.5)
+    assert noise_level(0.0) == pytest.approx(4096, rel=1e-6)  # floored as diffusers' DPM-Solver++ does

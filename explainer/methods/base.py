@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..models import LoadedModel
 from ..plots import normalise, overlay
-from ..run import RunData, check_int, check_number, make_scheduler, predicted_original
+from ..run import RunData, check_int, check_number, make_scheduler, predicted_noise, predicted_original
 
 
 @dataclass
@@ -219,10 +219,7 @@ def ddim_step(inputs: StepInputs, latents: torch.Tensor, prediction: torch.Tenso
     DPM-Solver++ (order 2) it differs slightly from the run's own step after the first step.
     """
     x0 = predicted_original(latents.float(), prediction.float(), inputs.alpha_bar, inputs.prediction_type)
-    if inputs.prediction_type == "epsilon":
-        eps = prediction.float()
-    else:  # recover the noise from x_t and x0
-        eps = (latents.float() - math.sqrt(inputs.alpha_bar) * x0) / math.sqrt(1 - inputs.alpha_bar)
+    eps = predicted_noise(latents.float(), prediction.float(), inputs.alpha_bar, inputs.prediction_type)
     next_latents = math.sqrt(inputs.next_alpha_bar) * x0 + math.sqrt(1 - inputs.next_alpha_bar) * eps
     return next_latents.to(latents.dtype)
 

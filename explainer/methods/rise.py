@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import config
+from ..run import predicted_noise
 from .base import PerturbationMethod, batches, check_choice, check_int, check_number, ddim_step, guided_prediction, step_inputs
 
 MODES = ("next-latent", "paper")
@@ -142,8 +143,8 @@ class DFRise(PerturbationMethod):
         masked = masks * inputs.latents  # (B, C, h, w): one mask shared by the channels
         with torch.no_grad():
             prediction = guided_prediction(model, inputs, masked)
-            if self.mode == "paper":
-                compared = prediction
+            if self.mode == "paper":  # the noise prediction (a v- or x0-model's output converted to it)
+                compared = predicted_noise(masked.float(), prediction.float(), inputs.alpha_bar, inputs.prediction_type)
             else:
                 compared = ddim_step(inputs, inputs.latents.expand_as(masked), prediction)
             return structure_term(inputs.next_latents, compared)

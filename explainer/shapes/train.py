@@ -66,14 +66,24 @@ def make_text_encoder(tokenizer):
     return CLIPTextModel(config)
 
 
-def make_noise_schedulers(prediction_type: str = "v_prediction"):
+def make_noise_schedulers(prediction_type: str = "v_prediction", zero_terminal_snr: bool = True):
+    """Training (DDPM) and sampling (DPM-Solver++) schedulers with the same noise schedule.
+
+    Zero terminal SNR (Lin et al., 2024): with SD's schedule x_999 still holds 6.8 % of the
+    image, and on 16x16 latents of flat saturated shapes that faint signal is enough to locate a
+    shape, so a model trained on it places shapes where the pure starting noise happens to look
+    like one and ignores the place words. At zero terminal SNR the text is all it has at t = 999.
+    Needs v-prediction (epsilon is undefined there) and "trailing" spacing to start at t = 999.
+    """
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
     common = dict(num_train_timesteps=1000, beta_start=BETA_START, beta_end=BETA_END,
                   beta_schedule="scaled_linear", prediction_type=prediction_type)
-    ddpm = DDPMScheduler(**common, clip_sample=False, steps_offset=1)
+    if zero_terminal_snr:
+        common |= dict(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    ddpm = DDPMScheduler(**common, clip_sample=False)
     dpm = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
-                                      steps_offset=1)
+                                      **({} if zero_terminal_snr else {"steps_offset": 1}))
     return ddpm, dpm
 
 
@@ -247,7 +257,7 @@ def train_unet(args, work: Path, refine: bool = False):
     lr, warmup = (args.refine_lr, 50) if refine else (args.lr, args.warmup)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total))
-    ddpm, _ = make_noise_schedulers(args.prediction_type)
+    ddpm, _ = make_noise_schedulers(args.prediction_type, args.zero_terminal_snr)
     alphas_cumprod = ddpm.alphas_cumprod.float()
     snr = alphas_cumprod / (1 - alphas_cumprod)
     gen = torch.Generator().manual_seed(args.seed + (4 if refine else 2))
@@ -301,7 +311,7 @@ def train_unet(args, work: Path, refine: bool = False):
             weight = torch.clamp(snr[t] + 1, max=args.min_snr + 1) / (snr[t] + 1)
         else:
             target = noise
-            weight = torch.clamp(snr[t], max=args.min_snr) / snr[t]  # min-SNR weighting
+            weight = torch.clamp(snr[t], max=args.min_snr) / snr[t].clamp(min=1e-8)  # min-SNR weighting
         per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
         if refine:
             weight = torch.clamp(1.0 / snr[t], min=1.0, max=args.refine_max_weight)
@@ -346,7 +356,7 @@ def export_pipeline(args, work: Path):
     vae = AutoencoderKL.from_pretrained(vae_dir)
     latents = np.load(work / "latents.npy").astype(np.float32)
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    _, dpm = make_noise_schedulers(args.prediction_type)
+    _, dpm = make_noise_schedulers(args.prediction_type, args.zero_terminal_snr)
     pipe = StableDiffusionPipeline(
         vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
         unet=unet.eval(), scheduler=dpm, safety_checker=None,
@@ -408,6 +418,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--min-snr", type=float, default=5.0)
+    parser.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--high-t-from-step", type=int, default=None,
                         help="from this step, oversample t >= --high-t-min (off by default)")
     parser.add_argument("--high-t-fraction", type=float, default=0.5)
@@ -419,6 +430,8 @@ def main(argv=None):
     parser.add_argument("--refine-max-weight", type=float, default=10.0)
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     args = parser.parse_args(argv)
+    if args.zero_terminal_snr and args.prediction_type == "epsilon":
+        parser.error("--zero-terminal-snr needs --prediction-type v_prediction (epsilon is undefined at SNR 0)")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
