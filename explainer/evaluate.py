@@ -66,7 +66,8 @@ def make_map(name: str, protocol: Protocol, model, run: RunData, step: int) -> n
         return normalise(np.sum(maps, axis=0)) if maps else np.zeros(run.latent_size, np.float32)
     options = {
         "df-rise": dict(n_masks=protocol.masks, batch_size=protocol.batch_size, mode="next-latent"),
-        "df-rise-paper": dict(n_masks=protocol.masks, batch_size=protocol.batch_size, mode="paper"),
+        # the paper's method as published: its score and its undivided sum
+        "df-rise-paper": dict(n_masks=protocol.masks, batch_size=protocol.batch_size, mode="paper", estimator="sum"),
         "df-lime": dict(n_samples=protocol.lime_samples, batch_size=protocol.batch_size),
         "random": dict(seed=run.settings.seed),
     }.get(name, {})

@@ -2,9 +2,10 @@
 
 Random masks hide parts of x_t; each masked latent goes through the guided denoiser, and the
 SSIM *structure* term between the real x_{t-1} and what the masked input gives scores every latent
-pixel. The map is ``sum_n M_n * S_n`` (the SPEC's estimator; see ``estimator`` for the others),
-ReLU, min-max. Masks are batched through the denoiser (the public code runs one mask per forward
-pass).
+pixel. The map is, per latent pixel, the mean score over the masks that kept it minus the mean over
+the masks that dropped it (``estimator="contrast"``, our default; the SPEC's ``sum_n M_n * S_n`` is
+``estimator="sum"``), then ReLU, min-max. Masks are batched through the denoiser (the public code
+runs one mask per forward pass).
 
 Example:
     >>> explanation = DFRise(n_masks=500, mode="next-latent").explain(model, run, step=15)
@@ -103,8 +104,11 @@ class DFRise(PerturbationMethod):
             does not depend on the model.
             "mean": the sum divided by the masks' weight at x, RISE's E[S(x) | x kept]. Still
             carries each pixel's own baseline (some pixels are predicted well whatever is kept).
-            "contrast": E[S(x) | x kept] - E[S(x) | x dropped], how much keeping x improves the
-            match at x; the baseline cancels.
+            "contrast" (default): E[S(x) | x kept] - E[S(x) | x dropped], how much keeping x
+            improves the match at x; the baseline cancels. Measured on the embedded model
+            (scripts/rise_estimators.py, next-latent mode, 500 masks): inside/outside the drawn
+            shape 3.51 (median; sum 1.35, mean 1.49), Spearman with a randomised model 0.12 at
+            most (sum 1.00, mean 0.96), insertion / deletion AUC 0.127 / 0.781 (sum 0.354 / 0.485).
         seed: seed of the mask generator (same seed, same masks, same map).
         batch_size: masks per denoiser forward pass.
     Returns (from ``explain``):
@@ -116,7 +120,7 @@ class DFRise(PerturbationMethod):
     mask: str = "pixel"
     grid: int = 4
     mode: str = "next-latent"
-    estimator: str = "sum"
+    estimator: str = "contrast"
     seed: int = 0
     name = "df-rise"
 

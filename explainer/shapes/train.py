@@ -313,7 +313,7 @@ def train_unet(args, work: Path, refine: bool = False):
             target = noise
             weight = torch.clamp(snr[t], max=args.min_snr) / snr[t].clamp(min=1e-8)  # min-SNR weighting
         per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
-        if refine:
+        if refine and args.prediction_type == "epsilon":  # the epsilon model's layout needed 1/SNR weights
             weight = torch.clamp(1.0 / snr[t], min=1.0, max=args.refine_max_weight)
         loss = (per_sample * weight).mean()
         opt.zero_grad(set_to_none=True)
@@ -423,10 +423,10 @@ def main(argv=None):
                         help="from this step, oversample t >= --high-t-min (off by default)")
     parser.add_argument("--high-t-fraction", type=float, default=0.5)
     parser.add_argument("--high-t-min", type=int, default=500)
-    parser.add_argument("--refine-steps", type=int, default=0)
+    parser.add_argument("--refine-steps", type=int, default=1500)
     parser.add_argument("--refine-lr", type=float, default=2e-4)
-    parser.add_argument("--refine-ema", type=float, default=0.995)
-    parser.add_argument("--refine-high-t-fraction", type=float, default=0.7)
+    parser.add_argument("--refine-ema", type=float, default=0.999)
+    parser.add_argument("--refine-high-t-fraction", type=float, default=0.0)
     parser.add_argument("--refine-max-weight", type=float, default=10.0)
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     args = parser.parse_args(argv)
