@@ -227,7 +227,7 @@ def plot_curves(rows: list[dict], summary: dict) -> Image.Image:
             x = np.linspace(0, 1, len(mean))
             axis.plot(x, mean, label=name, linewidth=1.3)
             axis.fill_between(x, mean - half, mean + half, alpha=0.15)
-        axis.set_title(f"{curve}: distance to the real next step ({summary['protocol']['distance']})", fontsize=9)
+        axis.set_title(f"{curve}: distance to the real next step ({summary['protocol']['distances'][0]})", fontsize=9)
         axis.set_xlabel("fraction of latent pixels " + ("revealed" if curve == "insertion" else "removed"), fontsize=8)
         axis.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
