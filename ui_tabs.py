@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from explainer import config, plots
+from explainer.methods.rise import ESTIMATORS as RISE_ESTIMATORS
 
 LIMITS = config.LIMITS
 DEFAULT_MODEL = config.default_model_id()
@@ -135,6 +136,9 @@ def saliency_tab():
                 c["mode"] = gr.Radio(["next-latent", "paper"], value="next-latent", label="Score",
                                      info="next-latent compares like with like (default); paper: as the public code")
                 c["mask_kind"] = gr.Radio(["pixel", "grid"], value="pixel", label="Masks")
+                c["estimator"] = gr.Radio(list(RISE_ESTIMATORS), value="contrast", label="Combine the masks",
+                                          info="contrast: kept minus dropped (default, best measured); "
+                                               "mean: over kept masks; sum: the paper's")
             c["seed"] = gr.Number(value=0, precision=0, label="Mask seed")
             c["layer"] = gr.Dropdown(["sum of all layers"], value="sum of all layers", label="DF-CAM layer", allow_custom_value=True)
             c["opacity"] = gr.Slider(0, 1, value=0.8, step=0.05, label="Overlay opacity")

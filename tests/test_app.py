@@ -120,3 +120,8 @@ def test_saliency_explains_a_step_of_the_session_run(url):
         "DF-CAM", 3, 16, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, api_name="/saliency"
     )
     assert cam["denoiser_calls"] == 1 and len(cam["layers"]) > 5 and "insertion_auc" not in cam
+    assert data["options"]["estimator"] == "contrast"  # left out: the control's default
+    _, _, _, paper, _ = session_client.predict(
+        "DF-RISE", 2, 16, 0.5, "paper", "pixel", 0, "sum of all layers", 0.8, False, "sum", api_name="/saliency"
+    )
+    assert paper["options"]["mode"] == "paper" and paper["options"]["estimator"] == "sum"
