@@ -60,6 +60,14 @@ class LoadedModel:
         pipe.set_progress_bar_config(disable=True)
         return cls(id=model_id, pipe=pipe, latent_rgb=factors, spec=spec)
 
+    def randomised(self, seed: int = 0) -> LoadedModel:
+        """The same pipeline with the UNet's weights re-initialised (seeded): the model randomisation
+        test of Adebayo et al. (2018), where an explanation that does not change is not explaining."""
+        torch.manual_seed(seed)
+        unet = type(self.pipe.unet).from_config(self.pipe.unet.config).eval()
+        pipe = type(self.pipe)(**{**self.pipe.components, "unet": unet})
+        return LoadedModel.from_pipeline(pipe, model_id=self.id + "-randomised")
+
 
 def preferred_device() -> tuple[torch.device, torch.dtype]:
     if torch.cuda.is_available():

@@ -13,23 +13,14 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
 
 from explainer import config, metrics
 from explainer.evaluate import default_prompts, shape_grid
 from explainer.methods import DFRise
-from explainer.models import LoadedModel, load_model
+from explainer.models import load_model
 from explainer.run import InstrumentedRun, RunSettings
 
 FIXED_PROMPTS = ["a red circle on the left", "a big blue square at the top"]
-
-
-def randomised(model: LoadedModel) -> LoadedModel:
-    """The same pipeline with the UNet's weights re-initialised (Adebayo et al., 2018)."""
-    torch.manual_seed(0)
-    unet = type(model.pipe.unet).from_config(model.pipe.unet.config).eval()
-    pipe = type(model.pipe)(**{**model.pipe.components, "unet": unet})
-    return LoadedModel.from_pipeline(pipe, model_id=model.id + "-randomised")
 
 
 def main(argv=None) -> None:
@@ -42,7 +33,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     model = load_model(config.EMBEDDED_MODEL_ID)
-    random_model = randomised(model)
+    random_model = model.randomised()
     variants = [(mode, estimator) for mode in args.modes for estimator in ("sum", "mean", "contrast")]
     rows = {variant: {"ratio": [], "spearman": [], "insertion": [], "deletion": []} for variant in variants}
     prompts = FIXED_PROMPTS + default_prompts(model.id, args.prompts)

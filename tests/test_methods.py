@@ -15,7 +15,6 @@ from explainer.methods import METHODS, CentreBaseline, DFCam, DFLime, DFRise, Ra
 from explainer.methods.base import ddim_step, guided_prediction, step_inputs
 from explainer.methods.relevance import RelevanceState, cheap_token_scores, explicit_attention, relevance_series
 from explainer.metrics import inside_outside_ratio, spearman
-from explainer.models import LoadedModel
 from explainer.run import InstrumentedRun, RunSettings
 from explainer.views import token_scores
 
@@ -483,19 +482,11 @@ def shape_on_latent_grid(image: np.ndarray, size: tuple[int, int]) -> np.ndarray
     return blocks.mean(axis=(1, 3)) >= 0.5
 
 
-def randomised(model: LoadedModel) -> LoadedModel:
-    """The same pipeline with the UNet's weights re-initialised (Adebayo et al., 2018)."""
-    torch.manual_seed(0)
-    unet = type(model.pipe.unet).from_config(model.pipe.unet.config).eval()
-    pipe = type(model.pipe)(**{**model.pipe.components, "unet": unet})
-    return LoadedModel.from_pipeline(pipe, model_id=model.id + "-randomised")
-
-
 @pytest.fixture(scope="module")
 def meaning(embedded_model):
     """Maps of every method at the late steps, for the trained and the randomised model."""
     model = embedded_model
-    random_model = randomised(model)
+    random_model = model.randomised()
     results = []
     for prompt, shape in MEANING_PROMPTS:
         settings = RunSettings(prompt=prompt, steps=MEANING_STEPS, guidance=5.0, width=64, height=64, seed=1)

@@ -46,3 +46,14 @@ def test_no_code_trusts_remote_code():
 
 def test_fitted_preview_map_tracks_the_vae(tiny_model):
     assert tiny_model.latent_rgb.shape == (5, 3)  # 4 latent channels + bias
+
+
+def test_randomised_model_reinitialises_only_the_unet(tiny_model):
+    import torch
+
+    # seed 1: the tiny pipeline itself was built from configs under seed 0
+    first, second = tiny_model.randomised(seed=1), tiny_model.randomised(seed=1)
+    assert first.id == "tiny-random-randomised" and first.pipe.text_encoder is tiny_model.pipe.text_encoder
+    weights = lambda m: torch.cat([p.flatten() for p in m.pipe.unet.parameters()])  # noqa: E731
+    assert not torch.equal(weights(first), weights(tiny_model))
+    assert torch.equal(weights(first), weights(second))  # seeded
