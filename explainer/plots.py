@@ -100,6 +100,12 @@ def concept_chart(
     figure, axis = plt.subplots(figsize=(5.2, 2.8))
     for label, values in series.items():
         axis.plot(steps[: len(values)], values, marker="o", markersize=2.5, linewidth=1.3, label=label)
+    _style_concept_axis(axis, title, score_name)
+    return figure_to_image(figure)
+
+
+def _style_concept_axis(axis, title: str, score_name: str) -> None:
+    """Titles, scales and the legend (of the lines already drawn) of a concept chart."""
     axis.set_title(title, fontsize=9)
     axis.set_xlabel("step", fontsize=8)
     axis.set_ylabel(f"{score_name} (min-max per step)", fontsize=8)
@@ -107,9 +113,8 @@ def concept_chart(
     axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axis.tick_params(labelsize=7)
     axis.grid(alpha=0.3)
-    if series:
+    if axis.get_lines():
         axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    return figure_to_image(figure)
 
 
 @functools.lru_cache(maxsize=64)
@@ -129,15 +134,7 @@ class StreamingConceptChart:
         for word, colour in zip(self.words, colours):  # legend entries only: the lines are painted
             axis.plot([], [], marker="o", markersize=2.5, linewidth=1.3, color=colour, label=word)
         axis.set_xlim(0.5, total_steps + 0.5)
-        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        axis.set_ylim(-0.05, 1.05)
-        axis.set_title(title, fontsize=9)
-        axis.set_xlabel("step", fontsize=8)
-        axis.set_ylabel("attention mass (min-max per step)", fontsize=8)
-        axis.tick_params(labelsize=7)
-        axis.grid(alpha=0.3)
-        if self.words:
-            axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        _style_concept_axis(axis, title, "attention mass")
         figure.tight_layout()
         figure.canvas.draw()
         self.height = figure.canvas.get_width_height()[1]

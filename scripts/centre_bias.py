@@ -16,7 +16,7 @@ import json
 import numpy as np
 
 from explainer import metrics
-from explainer.evaluate import default_prompts, shape_grid
+from explainer.evaluate import REFERENCE, Protocol, default_prompts, make_map, shape_grid
 from explainer.models import load_model
 from explainer.run import InstrumentedRun, RunSettings
 
@@ -57,9 +57,8 @@ def main(argv=None) -> dict:
         run = InstrumentedRun(model, settings).run_all().data
         size = run.latent_size[0]
         maps = content_free_maps(size, index)
-        shape = shape_grid(run)
-        if shape.any():
-            maps["oracle"] = shape.astype(np.float32) + 0.01 * maps["centre"]  # ties broken centrally
+        if shape_grid(run).any():  # the evaluation's reference: the drawn shape, ties broken centre-first
+            maps["oracle"] = make_map(REFERENCE, Protocol(model=model.id), model, run, args.step)
         for distance in args.distance:
             for name, saliency in maps.items():
                 scored = metrics.insertion_deletion(model, run, args.step, saliency, distance=distance)
