@@ -105,8 +105,6 @@ def phases(steps: int) -> dict[str, int]:
 def localisation(protocol: Protocol, model, run: RunData, maps_at_step: dict) -> dict:
     """Pointing game and IoU of each map against the drawn shape, at early, middle and late steps;
     and the shape noun's attention IoU (last third of the steps), as DAAM reports."""
-    from .shapes.world import SHAPES
-
     mask = shape_grid(run)
     if not mask.any() or mask.all():
         return {"shape_found": False}
@@ -116,11 +114,21 @@ def localisation(protocol: Protocol, model, run: RunData, maps_at_step: dict) ->
         for name in (n for n in LOCALISED if n in protocol.methods):
             saliency = maps_at_step[name] if step == protocol.step else make_map(name, protocol, model, run, step)
             result["phases"][phase][name] = {"pointing": pointing_game(saliency, mask), "iou": iou(saliency, mask)}
-    nouns = [i for i, word in enumerate(run.tokens.words) if word.text in SHAPES]
-    if nouns:
-        last_third = run.records[-max(1, len(run.records) // 3) :]
-        result["noun_iou"] = iou(views.word_map(run, nouns[0], last_third), mask)
+    if (score := noun_iou(run, mask)) is not None:
+        result["noun_iou"] = score
     return result
+
+
+def noun_iou(run: RunData, mask: np.ndarray) -> float | None:
+    """IoU of the first shape noun's cross-attention (mean over the last third of the steps,
+    thresholded at its mean) with ``mask``; None when the prompt names no shape."""
+    from .shapes.world import SHAPES
+
+    nouns = [i for i, word in enumerate(run.tokens.words) if word.text in SHAPES]
+    if not nouns:
+        return None
+    last_third = run.records[-max(1, len(run.records) // 3) :]
+    return iou(views.word_map(run, nouns[0], last_third), mask)
 
 
 def shape_grid(run: RunData) -> np.ndarray:
@@ -304,25 +312,19 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    main()
-
-
 def noun_attention_iou(model, prompts: list[str], first_seed: int = 1000, steps: int = 20) -> list[float]:
     """The embedded model's attention gate: per prompt, the IoU of the shape noun's cross-attention
     (mean over the last third of the steps, thresholded at its mean) with the drawn shape's pixels."""
-    from .shapes.world import SHAPES
-
     scores = []
     for index, prompt in enumerate(prompts):
         settings = RunSettings(prompt=prompt, seed=first_seed + index, steps=steps, guidance=model.spec.guidance,
                                width=model.spec.width, height=model.spec.height)
         run = InstrumentedRun(model, settings).run_all().data
         mask = shape_grid(run)
-        nouns = [i for i, word in enumerate(run.tokens.words) if word.text in SHAPES]
-        if not nouns or not mask.any():
-            scores.append(0.0)  # no shape drawn: the map cannot match it
-            continue
-        last_third = run.records[-max(1, len(run.records) // 3) :]
-        scores.append(iou(views.word_map(run, nouns[0], last_third), mask))
+        score = noun_iou(run, mask) if mask.any() else None
+        scores.append(0.0 if score is None else score)  # no shape drawn (or named): the map cannot match it
     return scores
+
+
+if __name__ == "__main__":
+    main()
