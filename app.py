@@ -93,13 +93,13 @@ def _step_view(runs: list[RunData], step: int, streaming: bool = False):
     if len(runs) > 1:
         data["second_prompt"] = views.step_summary(runs[1], runs[1].records[record.index - 1])
     total = len(first.timesteps)
-    series = views.concept_series(first)
     if streaming and record.index == 1:  # one point says nothing yet; the first update comes sooner
         concepts = gr.skip()
     elif streaming:  # painted on a chart drawn once per run shape: a matplotlib redraw costs ~200 ms
+        series = views.concept_series(first)
         concepts = plots.streaming_concept_chart(total, tuple(series), CONCEPT_CHART_TITLE).draw(series)
     else:
-        concepts = plots.concept_chart(list(range(1, total + 1)), series, CONCEPT_CHART_TITLE)
+        concepts = plots.concept_chart(list(range(1, total + 1)), views.concept_series(first), CONCEPT_CHART_TITLE)
     if streaming and record.index % max(1, total // 5) and record.index != total:
         # one picture per word: while streaming they follow every fifth of the run (and the last step)
         overlays = gr.skip()
