@@ -25,6 +25,8 @@ def page(url):
 
 
 def test_running_an_example_shows_pictures_and_the_chart(page):
+    from playwright.sync_api import expect
+
     page.get_by_text("Examples").wait_for()
     page.get_by_role("button", name="Run").click()
     steps = config.MODELS[config.default_model_id()].steps
@@ -33,5 +35,7 @@ def test_running_an_example_shows_pictures_and_the_chart(page):
     pictures.first.wait_for()
     assert pictures.count() >= 4  # two views, the noise chart, the concept chart (+ overlays)
     page.get_by_role("tab", name="Attention").click()
+    # The finished run fills the word list in a follow-up event; "Show" before that has no word.
+    expect(page.get_by_label("Word", exact=True)).not_to_have_value("", timeout=60_000)
     page.get_by_role("button", name="Show").click()
     page.get_by_text('"word"').wait_for(timeout=30_000)
