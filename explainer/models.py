@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,20 @@ from diffusers import StableDiffusionPipeline
 
 from . import config
 from .images import fit_latent_rgb
+from .tokens import PromptTokens, tokenize
+
+# A fast (Rust) tokenizer keeps its padding and truncation settings as state that every call
+# rewrites: two threads tokenizing at once can swap settings, and a prompt padded to 77 tokens
+# comes back unpadded (8 tokens), so a run silently gets other text embeddings. Every use of
+# a shared tokenizer goes through its lock (LoadedModel.encode_prompt / .tokenize).
+_TOKENIZER_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TOKENIZER_LOCKS_GUARD = threading.Lock()
+
+
+def tokenizer_lock(tokenizer) -> threading.Lock:
+    """The one lock of this tokenizer object (shared by every pipeline that holds it)."""
+    with _TOKENIZER_LOCKS_GUARD:
+        return _TOKENIZER_LOCKS.setdefault(tokenizer, threading.Lock())
 
 
 @dataclass
@@ -35,6 +50,20 @@ class LoadedModel:
     @property
     def dtype(self) -> torch.dtype:
         return self.pipe.unet.dtype
+
+    def encode_prompt(self, prompt: str, negative_prompt: str = "", guided: bool = True) -> torch.Tensor:
+        """Text embeddings, in diffusers' batch order under guidance: [unconditional, conditional]."""
+        with tokenizer_lock(self.pipe.tokenizer):
+            positive, negative = self.pipe.encode_prompt(
+                prompt, self.device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
+                negative_prompt=negative_prompt or None,
+            )
+        return torch.cat([negative, positive]) if guided else positive
+
+    def tokenize(self, prompt: str) -> PromptTokens:
+        """The prompt's tokens and words (see ``tokens.tokenize``), safe beside other threads."""
+        with tokenizer_lock(self.pipe.tokenizer):
+            return tokenize(self.pipe.tokenizer, prompt)
 
     def check_prompt(self, prompt: str) -> None:
         """For a closed-vocabulary model, a ValueError naming the words it does not know."""

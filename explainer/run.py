@@ -31,7 +31,7 @@ from . import config, images
 from .capture import AttentionRecorder, capture_attention
 from .models import LoadedModel
 from .schedules import timesteps as schedule_timesteps
-from .tokens import PromptTokens, tokenize
+from .tokens import PromptTokens
 
 
 @dataclass
@@ -177,7 +177,7 @@ class InstrumentedRun:
         self.model = model
         self.settings = settings.validated()
         self.scheduler = make_scheduler(model.pipe, self.settings)
-        tokens = tokenize(model.pipe.tokenizer, self.settings.prompt)
+        tokens = model.tokenize(self.settings.prompt)
         timesteps = [int(t) for t in self.scheduler.timesteps]
         alphas = self.scheduler.alphas_cumprod
         factor = model.pipe.vae_scale_factor
@@ -210,7 +210,7 @@ class InstrumentedRun:
         pipe, settings = self.model.pipe, self.settings
         device, dtype = self.model.device, self.model.dtype
         with torch.inference_mode():
-            embeddings = self._encode_prompt(device)
+            embeddings = self.model.encode_prompt(settings.prompt, settings.negative_prompt, self.guided)
             generator = torch.Generator("cpu").manual_seed(settings.seed)
             shape = (1, pipe.unet.config.in_channels, *self.latent_size)
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
@@ -243,17 +243,6 @@ class InstrumentedRun:
         for _ in self.steps():
             pass
         return self
-
-    def _encode_prompt(self, device) -> torch.Tensor:
-        prompt_embeds, negative_embeds = self.model.pipe.encode_prompt(
-            self.settings.prompt,
-            device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=self.guided,
-            negative_prompt=self.settings.negative_prompt or None,
-        )
-        # diffusers' batch order under guidance: [unconditional, conditional]
-        return torch.cat([negative_embeds, prompt_embeds]) if self.guided else prompt_embeds
 
     def _denoise(self, latents, timestep, embeddings, recorder) -> torch.Tensor:
         latent_input = torch.cat([latents] * 2) if self.guided else latents

@@ -104,11 +104,6 @@ def test_ddim_uniform_uses_ddim(tiny_model):
         torch.testing.assert_close(record.next_latents, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="rare: seen once in a full local suite (2026-11-25) and once in CI with relevance: the threaded run's "
-    "steps differed from the same run alone from step 1; passes alone; cause not found yet (issue 8/6 notes)",
-)
 def test_two_threads_give_the_same_records_as_in_sequence(tiny_model):
     jobs = [settings(prompt="a cat", seed=1), settings(prompt="a red dog on a circle", seed=2, guidance=7.0)]
     sequential = [InstrumentedRun(tiny_model, job).run_all() for job in jobs]

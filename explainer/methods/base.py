@@ -169,8 +169,7 @@ def step_inputs(model: LoadedModel, run: RunData, step: int) -> StepInputs:
     alphas = scheduler.alphas_cumprod
     guided = settings.guidance > 1.0
     with torch.no_grad():
-        positive, negative = model.pipe.encode_prompt(settings.prompt, device, 1, guided, settings.negative_prompt or None)
-    embeddings = torch.cat([negative, positive]) if guided else positive
+        embeddings = model.encode_prompt(settings.prompt, settings.negative_prompt, guided)
     return StepInputs(
         latents=record.latents.to(device, dtype).clone(),  # clone: records may hold inference tensors
         next_latents=record.next_latents.to(device, dtype).clone(),
