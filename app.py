@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import gradio as gr
 import numpy as np
 import spaces
@@ -12,6 +14,7 @@ from explainer.models import load_model
 from explainer.run import RunData, RunSettings, StepRecord, stream_runs
 from explainer.schedules import parse_timestep_list
 from explainer.session import OUTPUT_ROOT, Session
+from explainer.streaming import run_ahead
 from ui_tabs import AGGREGATIONS, DEFAULT_MODEL, SALIENCY_METHODS, attention_tab, concepts_tab, denoise_tab, saliency_tab
 
 LIMITS = config.LIMITS
@@ -49,7 +52,8 @@ def _run_on_device(model_id: str, settings_dicts: list[dict]):
 
 
 def _stream(model_id: str, settings: list[RunSettings]):
-    """Yield the list of RunData after every step of all runs, filled as records arrive."""
+    """Yield (runs, step, waiting) after every step done by all runs: the list of RunData, filled as
+    records arrive, the step, and how many newer steps are already done (the page is behind)."""
     try:
         spec = config.model_spec(model_id)
         model = load_model(spec.id)  # fails here, with a message, for a model that cannot load
@@ -57,14 +61,26 @@ def _stream(model_id: str, settings: list[RunSettings]):
             model.check_prompt(one.prompt)
     except ValueError as error:
         raise gr.Error(str(error)) from error
+    # The run goes ahead in a thread: rendering and sending an update never holds it back.
+    for (runs, step), waiting in run_ahead(_collect(spec.id, settings)):
+        yield runs, step, waiting
+
+
+def _up_to(runs: list[RunData], step: int) -> list[RunData]:
+    """The runs as they were at ``step``: the run thread may already be appending later records."""
+    return [dataclasses.replace(run, records=run.records[:step]) for run in runs]
+
+
+def _collect(model_id: str, settings: list[RunSettings]):
+    """Yield (runs, step) each time every run has finished ``step``; the runs fill in place."""
     runs: list[RunData] = []
-    for kind, index, item in _run_on_device(spec.id, [s.to_dict() for s in settings]):
+    for kind, index, item in _run_on_device(model_id, [s.to_dict() for s in settings]):
         if kind == "start":
             runs.append(item)
         elif kind == "step":
             runs[index].records.append(item)
             if index == len(runs) - 1:  # every run has finished this step
-                yield runs
+                yield runs, item.index
         else:  # the finished run: its final image and reproduction record
             runs[index].final_array, runs[index].final_image = item.final_array, item.final_image
             runs[index].reproduction = item.reproduction  # in place: the session holds these objects
@@ -73,10 +89,20 @@ def _stream(model_id: str, settings: list[RunSettings]):
 CONCEPT_CHART_TITLE = "Concept chart (cheap score)"
 
 
-def _step_view(runs: list[RunData], step: int, streaming: bool = False):
-    """What the Denoise tab shows at one step (1-based) of the current runs."""
+def _step_view(runs: list[RunData], step: int, streaming: bool = False, overtaken: bool = False):
+    """What the Denoise tab shows at one step (1-based) of the current runs. While streaming, a
+    step that a newer one has overtaken sends its status and numbers only (pictures follow)."""
     first = runs[0]
     record = first.records[min(step, len(first.records)) - 1]
+    status = f"**{record.label}** · noise level σ = {record.sigma:.3g}"
+    messages = [m for run in runs for m in run.messages]
+    if messages:
+        status += "  \n⚠️ " + " ".join(messages)
+    data = views.step_summary(first, record) | {"words": first.tokens.word_texts, "messages": messages}
+    if len(runs) > 1:
+        data["second_prompt"] = views.step_summary(runs[1], runs[1].records[record.index - 1])
+    if overtaken:
+        return (*[gr.skip()] * 4, status, gr.skip(), gr.skip(), gr.skip(), data)
     pictures = []
     for which in (0, 1):
         if which < len(runs):
@@ -84,14 +110,7 @@ def _step_view(runs: list[RunData], step: int, streaming: bool = False):
             pictures += [views.for_display(views.step_picture(other, "prediction")), views.for_display(views.step_picture(other, "noisy"))]
         else:
             pictures += [None, None]
-    status = f"**{record.label}** · noise level σ = {record.sigma:.3g}"
-    messages = [m for run in runs for m in run.messages]
-    if messages:
-        status += "  \n⚠️ " + " ".join(messages)
     chart = plots.noise_level_chart(tuple(first.timesteps), tuple(first.noise_levels)).at(record.index)
-    data = views.step_summary(first, record) | {"words": first.tokens.word_texts, "messages": messages}
-    if len(runs) > 1:
-        data["second_prompt"] = views.step_summary(runs[1], runs[1].records[record.index - 1])
     total = len(first.timesteps)
     if streaming and record.index == 1:  # one point says nothing yet; the first update comes sooner
         concepts = gr.skip()
@@ -108,7 +127,6 @@ def _step_view(runs: list[RunData], step: int, streaming: bool = False):
     return (*pictures, status, chart, overlays, concepts, data)
 
 
-
 def denoise(model_id, prompt, prompt_b, negative, seed, steps, guidance, width, height, schedule, lam, custom, session):
     """Run the model and stream every step: for each prompt the prediction view and the noisy view,
     then a status line, the noise-level chart, one attention overlay per word, the concept chart and
@@ -121,11 +139,11 @@ def denoise(model_id, prompt, prompt_b, negative, seed, steps, guidance, width, 
         raise gr.Error(str(error)) from error
     session = session or Session()
     added = False
-    for current in _stream(model_id, runs):
+    for current, step, waiting in _stream(model_id, runs):
         if not added:
             session.add(current)
             added = True
-        yield *_step_view(current, len(current[0].records), streaming=True), session
+        yield *_step_view(_up_to(current, step), step, streaming=True, overtaken=waiting > 0), session
 
 
 def after_run(session: Session | None):
@@ -265,9 +283,11 @@ def compare_schedules(model_id, prompt, negative, seed, steps, guidance, width, 
         settings = [_settings(prompt, negative, seed, steps, guidance, width, height, kind, lam, "") for kind in config.SCHEDULE_KINDS]
     except ValueError as error:
         raise gr.Error(str(error)) from error
-    for runs in _stream(model_id, settings):
+    for runs, step, waiting in _stream(model_id, settings):
+        if waiting:  # overtaken: every update carries the whole series so far
+            continue
         outputs, data = [], {}
-        for kind, run in zip(config.SCHEDULE_KINDS, runs):
+        for kind, run in zip(config.SCHEDULE_KINDS, _up_to(runs, step)):
             picture = run.final_image or views.step_picture(run.records[-1], "prediction")
             chart, bars, series = _concept_outputs(run, kind)
             outputs += [views.for_display(picture, 256), chart, bars]

@@ -79,9 +79,11 @@ def test_attention_concepts_and_export_read_the_session_run(url):
 
 def test_compare_schedules_streams_three_runs(client):
     updates = list(client.submit("tiny-random", "a cat", "", 1, 4, 5.0, 64, 64, 2.0, api_name="/compare_schedules"))
-    assert len(updates) == 4
+    assert 1 <= len(updates) <= 4  # a step that a newer one overtook while rendering is not sent
+    shown = [update[-1]["uniform"]["steps"][-1] for update in updates]
+    assert shown == sorted(set(shown)) and shown[-1] == 4
     data = updates[-1][-1]
-    assert set(data) == {"uniform", "early", "latter"}
+    assert set(data) == {"uniform", "early", "latter"} and data["latter"]["steps"] == [1, 2, 3, 4]
     assert data["early"]["timesteps"] != data["uniform"]["timesteps"]
 
 
