@@ -10,11 +10,11 @@ import spaces
 
 from explainer import config, export, metrics, plots, views
 from explainer.methods import METHODS, relevance_series
-from explainer.models import load_model
+from explainer.models import load_model, preferred_device
 from explainer.run import RunData, RunSettings, StepRecord, stream_runs
 from explainer.schedules import parse_timestep_list
 from explainer.session import OUTPUT_ROOT, Session
-from explainer.streaming import run_ahead
+from explainer.streaming import UpdateBudget, run_ahead
 from ui_tabs import AGGREGATIONS, DEFAULT_MODEL, SALIENCY_METHODS, attention_tab, concepts_tab, denoise_tab, saliency_tab
 
 LIMITS = config.LIMITS
@@ -89,20 +89,23 @@ def _collect(model_id: str, settings: list[RunSettings]):
 CONCEPT_CHART_TITLE = "Concept chart (cheap score)"
 
 
-def _step_view(runs: list[RunData], step: int, streaming: bool = False, overtaken: bool = False):
-    """What the Denoise tab shows at one step (1-based) of the current runs. While streaming, a
-    step that a newer one has overtaken sends its status and numbers only (pictures follow)."""
+def _step_view(runs: list[RunData], step: int, streaming: bool = False, since: int | None = None):
+    """What the Denoise tab shows at one step (1-based) of the current runs. The JSON's "steps"
+    lists the facts of every step from ``since`` (default: this one) to this one: while streaming,
+    steps that a newer one overtook before the page was ready go out with it."""
     first = runs[0]
     record = first.records[min(step, len(first.records)) - 1]
     status = f"**{record.label}** · noise level σ = {record.sigma:.3g}"
     messages = [m for run in runs for m in run.messages]
     if messages:
         status += "  \n⚠️ " + " ".join(messages)
+    covered = slice((since or record.index) - 1, record.index)
     data = views.step_summary(first, record) | {"words": first.tokens.word_texts, "messages": messages}
+    data["steps"] = [views.step_summary(first, r) for r in first.records[covered]]
     if len(runs) > 1:
-        data["second_prompt"] = views.step_summary(runs[1], runs[1].records[record.index - 1])
-    if overtaken:
-        return (*[gr.skip()] * 4, status, gr.skip(), gr.skip(), gr.skip(), data)
+        second = runs[1]
+        data["second_prompt"] = views.step_summary(second, second.records[record.index - 1])
+        data["second_prompt"]["steps"] = [views.step_summary(second, r) for r in second.records[covered]]
     pictures = []
     for which in (0, 1):
         if which < len(runs):
@@ -119,7 +122,8 @@ def _step_view(runs: list[RunData], step: int, streaming: bool = False, overtake
         concepts = plots.streaming_concept_chart(total, tuple(series), CONCEPT_CHART_TITLE).draw(series)
     else:
         concepts = plots.concept_chart(list(range(1, total + 1)), views.concept_series(first), CONCEPT_CHART_TITLE)
-    if streaming and record.index % max(1, total // 5) and record.index != total:
+    period = max(1, total // 5)
+    if streaming and record.index != total and not any(i % period == 0 for i in range(covered.start + 1, record.index + 1)):
         # one picture per word: while streaming they follow every fifth of the run (and the last step)
         overlays = gr.skip()
     else:
@@ -139,11 +143,17 @@ def denoise(model_id, prompt, prompt_b, negative, seed, steps, guidance, width, 
         raise gr.Error(str(error)) from error
     session = session or Session()
     added = False
+    last_sent = 0
+    budget = UpdateBudget(LIMITS.cpu_stream_share if preferred_device()[0].type == "cpu" else None)
     for current, step, waiting in _stream(model_id, runs):
         if not added:
             session.add(current)
             added = True
-        yield *_step_view(_up_to(current, step), step, streaming=True, overtaken=waiting > 0), session
+        if waiting or not (step == len(current[0].timesteps) or budget.allows()):
+            continue  # a newer step is done, or drawing would slow a CPU run: its facts go out later
+        with budget.spending():
+            yield *_step_view(_up_to(current, step), step, streaming=True, since=last_sent + 1), session
+        last_sent = step
 
 
 def after_run(session: Session | None):

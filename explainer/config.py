@@ -153,6 +153,10 @@ class Limits:
     max_queue: int = 32
     max_runs_per_session: int = 4
     gpu_overhead_seconds: float = 15.0  # model to GPU, prompt encoding, final decode
+    # A run on the CPU shares its cores with drawing and sending the streamed pictures: the page
+    # then gets pictures only while that has taken at most this share of the time (every step's
+    # numbers still go out). On a GPU the drawing runs beside the run and every step is drawn.
+    cpu_stream_share: float = 0.10
 
 
 LIMITS = Limits()

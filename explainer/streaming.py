@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextvars
 import queue
 import threading
+import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -62,3 +64,25 @@ def run_ahead(items: Iterable[T]) -> Iterator[tuple[T, int]]:
         producer.join()
     finally:
         stop.set()  # on close: the producer stops after its current item
+
+
+class UpdateBudget:
+    """Whether to send an update now, so that sending takes at most ``share`` of the time since
+    the stream started; ``share=None`` allows every update. Time an update with ``spending()``
+    around the ``yield``: a generator resumes when its consumer has dealt with what it yielded."""
+
+    def __init__(self, share: float | None):
+        self.share = share
+        self.started = time.perf_counter()
+        self.spent = 0.0
+
+    def allows(self) -> bool:
+        return self.share is None or self.spent <= self.share * (time.perf_counter() - self.started)
+
+    @contextmanager
+    def spending(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent += time.perf_counter() - start

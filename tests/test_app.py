@@ -1,6 +1,7 @@
 """The launched app, driven through gradio_client as an API user would."""
 
 import json
+import time
 import zipfile
 
 import numpy as np
@@ -30,15 +31,30 @@ def test_only_named_endpoints_are_public(client):
     assert set(endpoints) == {"/denoise", "/attention", "/concepts", "/relevance", "/compare_schedules", "/saliency", "/export"}
 
 
-def test_denoise_streams_one_update_per_step(client):
+def test_denoise_streams_the_steps_and_every_steps_facts(client):
     updates = list(client.submit(*denoise_args(steps=4), api_name="/denoise"))
-    assert [update[DATA]["step"] for update in updates] == [1, 2, 3, 4]
+    shown = [update[DATA]["step"] for update in updates]
+    assert shown == sorted(set(shown)) and shown[-1] == 4  # steps overtaken before the page was ready are not drawn...
+    covered = [summary["step"] for update in updates for summary in update[DATA]["steps"]]
+    assert covered == [1, 2, 3, 4]  # ... but every step's facts go out, with the next update
     last = updates[-1]
     assert last[DATA]["words"] == ["a", "cat", "on", "a", "red", "circle"]
     assert set(last[DATA]["token_scores"]) == {"0:a", "1:cat", "2:on", "3:a", "4:red", "5:circle"}
     assert last[PRED_A].endswith((".webp", ".png")) and "step 4 of 4" in last[STATUS]
     assert last[PRED_B] is None
     assert len(last[OVERLAYS]) == 6  # one overlay per word
+
+
+def test_a_slow_page_skips_pictures_not_steps_and_does_not_hold_the_run_back():
+    import app
+
+    updates, session = [], None
+    for *outputs, session in app.denoise(*denoise_args(steps=8), None):
+        updates.append(outputs[-1])
+        time.sleep(0.3)  # a page that takes long to draw: the run meanwhile goes on
+    assert len(updates) < 8 and updates[-1]["step"] == 8
+    assert [summary["step"] for data in updates for summary in data["steps"]] == list(range(1, 9))
+    assert len(session.run(0).records) == 8  # the scrubber has every step
 
 
 def test_second_prompt_runs_from_the_same_noise(client):
