@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from explainer.shapes import checker, world
@@ -170,3 +171,39 @@ def test_shape_nouns_are_attended_where_the_shape_is_drawn(embedded_model):
     scores = noun_attention_iou(embedded_model, prompts)
     assert np.mean(scores) >= SAMPLE_ATTENTION_IOU, f"mean IoU {np.mean(scores):.2f}; per prompt {np.round(scores, 2)}"
 
+
+
+def test_shape_outline_marks_the_cells_where_circle_and_square_differ():
+    from scipy import ndimage
+
+    from explainer.shapes.train import shape_outline
+    from explainer.shapes.world import generate_scene
+
+    scene = generate_scene(3, n_shapes=1)
+    outline = shape_outline(scene)
+    inside = scene.shapes[0].mask.reshape(16, 4, 16, 4).mean(axis=(1, 3))
+    assert outline.shape == (16, 16) and 0 < outline.max() <= 1
+    assert outline[inside == 1].max() < 0.5  # deep inside: little or no outline
+    assert outline[(inside > 0) & (inside < 1)].min() > 0  # every cell the edge crosses is on it
+    near = ndimage.binary_dilation(inside > 0)
+    assert outline[~near].max() == 0  # nothing more than a cell away from the shape
+
+
+def test_training_script_runs_every_phase_resumes_and_exports_a_loadable_pipeline(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from explainer.shapes import train
+
+    tiny = ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--threads", "1", "--scenes", "16",
+            "--vae-steps", "2", "--vae-batch", "2", "--decoder-steps", "1", "--unet-steps", "2", "--refine-steps", "2",
+            "--shape-steps", "2", "--batch", "2", "--warmup", "1"]
+    train.main(tiny)
+    work = tmp_path / "work"
+    steps = {phase: torch.load(work / name, weights_only=False)["step"] for phase, name in train.CHECKPOINTS.items()}
+    assert steps == {"base": 2, "refine": 2, "shape": 2}
+    assert np.load(work / "outlines.npy").shape == (16, 16, 16)
+    before = (work / train.CHECKPOINTS["shape"]).stat().st_mtime_ns
+    train.main(tiny + ["--resume"])  # every phase is done: nothing is trained again
+    assert (work / train.CHECKPOINTS["shape"]).stat().st_mtime_ns == before
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "out")
+    assert pipe.unet.config.sample_size == 16 and pipe.scheduler.config.prediction_type == "v_prediction"
