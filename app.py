@@ -132,9 +132,11 @@ def _step_view(runs: list[RunData], step: int, streaming: bool = False, since: i
 
 
 def denoise(model_id, prompt, prompt_b, negative, seed, steps, guidance, width, height, schedule, lam, custom, session):
-    """Run the model and stream every step: for each prompt the prediction view and the noisy view,
+    """Run the model and stream its steps: for each prompt the prediction view and the noisy view,
     then a status line, the noise-level chart, one attention overlay per word, the concept chart and
-    the step's data as JSON (timestep, sigma, per-word scores). A second prompt runs from the same noise."""
+    the step's data as JSON (timestep, sigma, per-word scores; "steps": the same for every step
+    since the last update, so none is lost when the page falls behind). A second prompt runs from
+    the same noise."""
     try:
         first = _settings(prompt, negative, seed, steps, guidance, width, height, schedule, lam, custom)
         runs = [first] + ([RunSettings.from_dict(first.to_dict() | {"prompt": prompt_b})] if (prompt_b or "").strip() else [])
