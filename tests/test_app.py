@@ -65,7 +65,7 @@ def test_second_prompt_runs_from_the_same_noise(client):
 
 def test_custom_schedule_through_the_api(client):
     updates = list(client.submit(*denoise_args(schedule="custom", custom="999, 500, 100"), api_name="/denoise"))
-    assert [u[DATA]["timestep"] for u in updates] == [999, 500, 100]
+    assert [summary["timestep"] for u in updates for summary in u[DATA]["steps"]] == [999, 500, 100]
 
 
 def test_attention_concepts_and_export_read_the_session_run(url):

@@ -50,7 +50,8 @@ def test_denoise_bad_input(client, label, changes, message):
     assert f"| {label} |" in TABLE, "the docs table must list every tested input"
     if message is None:
         updates = list(client.submit(*denoise_args(**({"steps": 2} | changes)), api_name="/denoise"))
-        assert len(updates) == 2 and updates[-1][DATA]["seed"] >= 0  # the seed used is reported
+        assert [summary["step"] for update in updates for summary in update[DATA]["steps"]] == [1, 2]
+        assert updates[-1][DATA]["seed"] >= 0  # the seed used is reported
     else:
         assert message in TABLE
         with pytest.raises(Exception, match=message.replace("[", r"\[").replace("^", r"\^")):
