@@ -10,7 +10,7 @@ import spaces
 
 from explainer import config, export, metrics, plots, views
 from explainer.methods import METHODS, relevance_series
-from explainer.models import load_model, preferred_device
+from explainer.models import load_model, preferred_device, share_cpu_cores
 from explainer.run import RunData, RunSettings, StepRecord, stream_runs
 from explainer.schedules import parse_timestep_list
 from explainer.session import OUTPUT_ROOT, Session
@@ -467,6 +467,7 @@ def build_demo() -> gr.Blocks:
     return demo
 
 
+share_cpu_cores(LIMITS.max_concurrent_runs)  # a CPU server: each concurrent run gets its cores
 demo = build_demo()
 
 if __name__ == "__main__":

@@ -81,3 +81,17 @@ def test_prompts_encoded_in_many_threads_equal_the_same_prompts_alone(tiny_model
         thread.join()
     assert mismatches == []
     assert all(embeddings.shape[1] == tiny_model.pipe.tokenizer.model_max_length for embeddings, _ in alone.values())
+
+
+def test_a_cpu_server_shares_the_cores_among_its_concurrent_runs(monkeypatch):
+    import os
+
+    from explainer.models import share_cpu_cores
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    try:
+        assert share_cpu_cores(2) == 4 and torch.get_num_threads() == 4
+        assert share_cpu_cores(16) == 1 and torch.get_num_threads() == 1  # never fewer than one
+    finally:
+        torch.set_num_threads(before)
