@@ -262,7 +262,8 @@ def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: floa
 
 def train_unet(args, work: Path, phase: str = "base"):
     """Joint UNet + text encoder training in three phases, each from the last one's EMA weights
-    with a fresh optimizer: "base"; "refine" (a lower learning rate); "shape", whose loss weighs
+    with a fresh optimizer: "base"; "refine" (a lower learning rate; --refine-high-t-fraction
+    samples more high-noise steps, which the epsilon model needed for place); "shape", whose loss weighs
     the latent cells on the shapes' outlines up (--shape-outline-weight) and whose text encoder
     learns faster (--shape-text-lr-scale). After refine, circles came out as rounded squares:
     the two differ only at the outline, a few percent of the loss, and the text embeddings of
