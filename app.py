@@ -467,8 +467,8 @@ def build_demo() -> gr.Blocks:
     return demo
 
 
-share_cpu_cores(LIMITS.max_concurrent_runs)  # a CPU server: each concurrent run gets its cores
 demo = build_demo()
 
 if __name__ == "__main__":
+    share_cpu_cores(LIMITS.max_concurrent_runs)  # a CPU server: each concurrent run gets its cores
     demo.launch(allowed_paths=[str(OUTPUT_ROOT)])
