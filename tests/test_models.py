@@ -51,8 +51,6 @@ def test_fitted_preview_map_tracks_the_vae(tiny_model):
 
 
 def test_randomised_model_reinitialises_only_the_unet(tiny_model):
-    import torch
-
     # seed 1: the tiny pipeline itself was built from configs under seed 0
     first, second = tiny_model.randomised(seed=1), tiny_model.randomised(seed=1)
     assert first.id == "tiny-random-randomised" and first.pipe.text_encoder is tiny_model.pipe.text_encoder
