@@ -1,4 +1,5 @@
-"""Quality report for the shapes model on held-out colour-shape-place prompts.
+"""Quality report for the shapes model on held-out colour-shape-place prompts: the colour, place
+and shape gates on --n prompts, and the attention gate on the first --attention-n of them.
 
     python -m explainer.shapes.quality --model assets/shapes-ldm --n 200
 """
@@ -19,6 +20,7 @@ from explainer.shapes.checker import Detection, detect, generated_shape_mask
 from explainer.shapes.world import evaluation_prompts
 
 GATES = {"colour": 0.90, "place": 0.85, "shape": 0.75}
+ATTENTION_GATE = 0.4  # mean IoU of the noun's map (last third of the steps, thresholded at its mean)
 DEFAULT_GUIDANCE = 5.0
 DEFAULT_STEPS = 20
 FIRST_SEED = 1000
@@ -97,6 +99,17 @@ def save_grid(samples: list[EvaluationSample], path: Path, columns: int = 10) ->
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
+def attention_gate(pipe, n: int) -> dict:
+    """The attention gate (``explainer.evaluate.noun_attention_iou``) on the first n held-out prompts."""
+    from explainer import config
+    from explainer.evaluate import noun_attention_iou
+    from explainer.models import LoadedModel
+
+    model = LoadedModel.from_pipeline(pipe, "shapes-under-test", config.MODELS[config.EMBEDDED_MODEL_ID])
+    scores = noun_attention_iou(model, [prompt for prompt, *_ in evaluation_prompts(n)], first_seed=FIRST_SEED)
+    return {"mean": float(np.mean(scores)), "per_prompt": [round(score, 3) for score in scores]}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Shapes model quality report")
     parser.add_argument("--model", default="assets/shapes-ldm")
@@ -104,6 +117,7 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--attention-n", type=int, default=40, help="prompts for the attention gate (0: skip)")
     parser.add_argument("--out", default=None, help="JSON path (default runs/quality-*.json)")
     args = parser.parse_args(argv)
 
@@ -112,6 +126,8 @@ def main(argv=None):
     pipe = load_pipeline(args.model)
     samples = list(evaluation_samples(pipe, args.n, args.guidance, args.steps))
     report = quality_report(samples)
+    if args.attention_n:
+        report["attention_iou"] = attention_gate(pipe, args.attention_n)
     report.update(model=str(args.model), guidance=args.guidance, steps=args.steps,
                   scheduler=type(pipe.scheduler).__name__, seconds=round(time.time() - started, 1))
     report["samples"] = [
@@ -128,6 +144,8 @@ def main(argv=None):
     print(f"colour {acc['colour']:.1%}  place {acc['place']:.1%}  shape {acc['shape']:.1%}  "
           f"(n={args.n}, guidance {args.guidance}, {args.steps} steps, "
           f"{report['seconds']}s) -> {out}")
+    if args.attention_n:
+        print(f"attention IoU {report['attention_iou']['mean']:.2f} (gate {ATTENTION_GATE}, n={args.attention_n})")
     return report
 
 
