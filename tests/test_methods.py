@@ -495,7 +495,8 @@ def meaning(embedded_model):
 
 # Measured on the embedded model in assets/ (v-prediction, zero terminal SNR, shape phase; 2026-11-25),
 # seed 1, 20 steps. Left as expected failures, thresholds unchanged, so the suite stays green while
-# they are open; a model or a method that meets the criterion shows up as XPASS.
+# they are open; a model or a method that meets the criterion shows up as XPASS. The same checks on
+# 12 held-out prompts: scripts/meaning_checks.py (docs/results/meaning-checks.json).
 KNOWN_FAILURES = {
     ("ratio", "df-rise"): "'a red circle on the left': inside/outside 6.67, 4.59, 2.98, 2.12 at steps 16-19 but 0.95 "
     "at step 20, the last one; the square prompt passes (1.73-5.24) (next-latent mode, contrast estimator)",
