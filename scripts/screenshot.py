@@ -1,4 +1,4 @@
-"""Screenshots of every tab for docs/: run the default example, then visit each tab.
+"""Screenshots of every tab for docs/: run the default example, then use each tab.
 
 Usage: python app.py &  python scripts/screenshot.py http://127.0.0.1:7860 docs/
 """
@@ -38,7 +38,12 @@ def main(url: str, folder: str) -> None:
         page.get_by_text('"latter"').wait_for(timeout=180_000)
         page.wait_for_timeout(10_000)  # the three runs stream to their end
         page.screenshot(path=out / "concepts.png", full_page=True)
-        for tab in ("Saliency", "Export", "About"):
+        page.get_by_role("tab", name="Saliency").click()
+        page.get_by_role("button", name="Explain").click()  # DF-RISE, the tab's defaults, scored
+        page.get_by_text('"deletion_auc"').wait_for(timeout=180_000)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=out / "saliency.png", full_page=True)
+        for tab in ("Export", "About"):
             if page.get_by_role("tab", name=tab).count():
                 page.get_by_role("tab", name=tab).click()
                 page.wait_for_timeout(800)
