@@ -57,7 +57,11 @@ def start_server() -> tuple[subprocess.Popen, str]:
 
 
 def main() -> None:
-    args = parser(__doc__).parse_args()
+    cli = parser(__doc__)
+    cli.set_defaults(model="embedded")  # the target; the server process loads models by their config id
+    args = cli.parse_args()
+    if args.model != "embedded":
+        cli.error("streaming is measured on the embedded model: the app's server loads only the config's models")
     model, shape = benchmark_model(args.model)
     from gradio_client import Client
 
