@@ -143,3 +143,27 @@ def test_saliency_explains_a_step_of_the_session_run(url):
         "DF-RISE", 2, 16, 0.5, "paper", "pixel", 0, "sum of all layers", 0.8, False, "sum", api_name="/saliency"
     )
     assert paper["options"]["mode"] == "paper" and paper["options"]["estimator"] == "sum"
+
+
+def test_zerogpu_durations_come_from_the_work():
+    """Each @spaces.GPU function asks for a duration that grows with its work, never a constant."""
+    from types import SimpleNamespace
+
+    import app
+
+    sd = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    base = {"steps": 30, "width": 512, "height": 512}
+    run_seconds = app._gpu_duration(sd, [base])
+    assert app._gpu_duration(sd, [base | {"steps": 60}]) > run_seconds
+    assert app._gpu_duration(sd, [base | {"width": 1024, "height": 1024}]) > run_seconds
+    assert app._gpu_duration(sd, [base, base]) > run_seconds  # a second prompt is a second run
+
+    def recorded(steps, side=512):
+        return SimpleNamespace(records=[None] * steps, latent_size=(side // 8, side // 8),
+                               settings=SimpleNamespace(width=side, height=side))
+
+    assert app._relevance_duration(sd, recorded(60)) > app._relevance_duration(sd, recorded(30))
+    rise = {name: app._saliency_duration(sd, recorded(30), "df-rise", {"n_masks": n}, 20, False) for name, n in (("few", 200), ("many", 4000))}
+    assert rise["many"] > rise["few"]
+    assert app._saliency_duration(sd, recorded(30), "df-rise", {"n_masks": 200}, 20, True) > rise["few"]  # + insertion/deletion
+    assert app._saliency_duration(sd, recorded(30, 1024), "df-cam", {}, 20, False) > app._saliency_duration(sd, recorded(30), "df-cam", {}, 20, False)
