@@ -10,7 +10,7 @@ import spaces
 
 from explainer import config, export, metrics, plots, views
 from explainer.methods import METHODS, relevance_series
-from explainer.models import load_model, preferred_device, share_cpu_cores
+from explainer.models import load_model, preferred_device, preload, share_cpu_cores
 from explainer.run import RunData, RunSettings, StepRecord, stream_runs
 from explainer.schedules import parse_timestep_list
 from explainer.session import OUTPUT_ROOT, Session
@@ -19,6 +19,16 @@ from ui_tabs import AGGREGATIONS, DEFAULT_MODEL, SALIENCY_METHODS, attention_tab
 
 LIMITS = config.LIMITS
 ABOUT = (config.REPO_ROOT / "docs" / "about.md").read_text(encoding="utf-8")
+
+
+def models_to_preload(zero_gpu: bool) -> list[str]:
+    """On ZeroGPU, the Hub models load at startup in the main process (see ``models.preload``);
+    elsewhere every model loads when first asked for."""
+    return [spec.id for spec in config.MODELS.values() if spec.hub] if zero_gpu else []
+
+
+for _model_id, _why in preload(models_to_preload(spaces.config.Config.zero_gpu)).items():
+    print(f"{_model_id} did not load at startup (it will be tried again when asked for): {_why}")
 
 
 # ---------------------------------------------------------------- running the model

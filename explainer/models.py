@@ -141,6 +141,24 @@ def load_model(model_id: str | None = None) -> LoadedModel:
         return _CACHE[model_id]
 
 
+def preload(model_ids) -> dict[str, str]:
+    """Load each model now; returns {id: why it did not load} for the ones that failed (they load
+    again when first asked for, with the message then).
+
+    On ZeroGPU the app calls this at startup for the Hub models: ZeroGPU runs every GPU call in
+    a worker process forked from the main one and moves what the main process put "on cuda"
+    into it at each start, while a model first loaded inside a GPU call lives only as long as
+    that worker and is read from disk again, inside the GPU time, by the next one.
+    """
+    failures = {}
+    for model_id in model_ids:
+        try:
+            load_model(model_id)
+        except (ValueError, OSError) as error:
+            failures[model_id] = str(error)
+    return failures
+
+
 def _build_pipeline(spec: config.ModelSpec) -> StableDiffusionPipeline:
     device, dtype = preferred_device()
     if spec.id == config.TINY_RANDOM_MODEL_ID:

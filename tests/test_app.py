@@ -167,3 +167,11 @@ def test_zerogpu_durations_come_from_the_work():
     assert rise["many"] > rise["few"]
     assert app._saliency_duration(sd, recorded(30), "df-rise", {"n_masks": 200}, 20, True) > rise["few"]  # + insertion/deletion
     assert app._saliency_duration(sd, recorded(30, 1024), "df-cam", {}, 20, False) > app._saliency_duration(sd, recorded(30), "df-cam", {}, 20, False)
+
+
+def test_on_zerogpu_the_hub_models_load_at_startup_and_nothing_elsewhere():
+    import app
+    from explainer import config
+
+    assert app.models_to_preload(zero_gpu=False) == []
+    assert set(app.models_to_preload(zero_gpu=True)) == {spec.id for spec in config.MODELS.values() if spec.hub} != set()

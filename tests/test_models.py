@@ -93,3 +93,13 @@ def test_a_cpu_server_shares_the_cores_among_its_concurrent_runs(monkeypatch):
         assert share_cpu_cores(16) == 1 and torch.get_num_threads() == 1  # never fewer than one
     finally:
         torch.set_num_threads(before)
+
+
+def test_preload_loads_what_it_can_and_says_why_not_for_the_rest():
+    from explainer import config
+    from explainer.models import load_model, preload
+
+    failures = preload([config.TINY_RANDOM_MODEL_ID, "no/such-model", "CompVis/stable-diffusion-v1-4"])
+    assert set(failures) == {"no/such-model", "CompVis/stable-diffusion-v1-4"}
+    assert "offline" in failures["CompVis/stable-diffusion-v1-4"]  # HF_HUB_OFFLINE=1 here: never reaches the Hub
+    assert load_model(config.TINY_RANDOM_MODEL_ID) is load_model(config.TINY_RANDOM_MODEL_ID)  # loaded once, kept
