@@ -101,7 +101,7 @@ def concepts_tab():
     with gr.Row():
         c["chart"] = gr.Image(label="Concept chart", type="pil", format="png", height=300)
         c["bars"] = gr.Image(label="Summed over steps", type="pil", height=300)
-    c["data"] = gr.JSON(label="Scores per step")
+    c["data"] = gr.JSON(label="Scores per step", max_height=240)  # the chart shows it; the JSON is for copying
     gr.Markdown("### Compare schedules\nThe Denoise tab's prompt and seed under the three schedules (λ from its settings).")
     c["compare"] = gr.Button("Compare uniform / early / latter", variant="primary")
     c["grid"] = []
@@ -110,10 +110,11 @@ def concepts_tab():
             with gr.Column():
                 c["grid"] += [
                     gr.Image(label=f"{kind}: image", type="pil", height=200),
-                    gr.Image(label=f"{kind}: concept chart", type="pil", height=200),
-                    gr.Image(label=f"{kind}: totals", type="pil", height=200),
+                    # the charts carry their own titles, which a label would cover at this height
+                    gr.Image(label=f"{kind}: concept chart", show_label=False, type="pil", height=200),
+                    gr.Image(label=f"{kind}: totals", show_label=False, type="pil", height=200),
                 ]
-    c["compare_data"] = gr.JSON(label="Scores per schedule")
+    c["compare_data"] = gr.JSON(label="Scores per schedule", max_height=240)
     return c
 
 
