@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from . import config, metrics, views
-from .plots import figure_to_image, normalise
+from .plots import figure_to_image, new_figure, normalise
 from .methods import METHODS
 from .models import load_model
 from .run import InstrumentedRun, RunData, RunSettings
@@ -224,9 +224,7 @@ def write_results(rows: list[dict], summary: dict, out: Path) -> None:
 
 def plot_curves(rows: list[dict], summary: dict) -> Image.Image:
     """Mean insertion and deletion curves per method with 95 % bands."""
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    figure, axes = new_figure((10, 3.6), columns=2)
     for axis, curve in zip(axes, ("insertion", "deletion")):
         for name in summary["methods"]:
             values = np.array([r["methods"][name][curve] for r in rows])

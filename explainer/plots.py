@@ -7,11 +7,10 @@ import io
 from collections.abc import Sequence
 
 import matplotlib
-
-matplotlib.use("Agg")  # no display on servers; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
 
 _JET = matplotlib.colormaps["jet"]
 
@@ -39,10 +38,17 @@ def overlay(image: Image.Image, saliency: np.ndarray, opacity: float = 1.0) -> I
     return Image.fromarray((mixed * 255).round().astype(np.uint8))
 
 
+def new_figure(figsize: tuple[float, float], dpi: int = 100, rows: int = 1, columns: int = 1):
+    """A figure and its axes, outside pyplot: pyplot keeps every figure in one global registry,
+    which the server's threads would share (Matplotlib's advice for web servers)."""
+    figure = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots(rows, columns)
+
+
 def figure_to_image(figure) -> Image.Image:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(figure)
     buffer.seek(0)
     return Image.open(buffer).convert("RGB")
 
@@ -62,7 +68,7 @@ class NoiseLevelChart:
 
     def __init__(self, timesteps: Sequence[int], sigmas: Sequence[float]):
         self.timesteps, self.sigmas = list(timesteps), list(sigmas)
-        figure, axis = plt.subplots(figsize=(4.2, 2.4), dpi=100)
+        figure, axis = new_figure((4.2, 2.4))
         steps = np.arange(1, len(sigmas) + 1)
         axis.plot(steps, sigmas, marker="o", markersize=2.5, color="#4a6fa5", linewidth=1.4)
         axis.set_yscale("log")
@@ -77,7 +83,6 @@ class NoiseLevelChart:
         points = axis.transData.transform(np.column_stack([steps, sigmas]))
         self.pixels = [(x, height - y) for x, y in points]  # display origin is bottom-left
         self.base = Image.fromarray(np.asarray(figure.canvas.buffer_rgba())[..., :3].copy())
-        plt.close(figure)
 
     def at(self, step: int) -> Image.Image:
         """The chart with step ``step`` (1-based) marked and labelled."""
@@ -97,7 +102,7 @@ def concept_chart(
     steps: Sequence[int], series: dict[str, Sequence[float]], title: str, score_name: str = "attention mass"
 ) -> Image.Image:
     """Score vs step, one line per word (SPEC §3's concept chart)."""
-    figure, axis = plt.subplots(figsize=(5.2, 2.8))
+    figure, axis = new_figure((5.2, 2.8))
     for label, values in series.items():
         axis.plot(steps[: len(values)], values, marker="o", markersize=2.5, linewidth=1.3, label=label)
     _style_concept_axis(axis, title, score_name)
@@ -129,7 +134,7 @@ class StreamingConceptChart:
 
     def __init__(self, total_steps: int, words: Sequence[str], title: str):
         self.words = list(words)
-        figure, axis = plt.subplots(figsize=(5.2, 2.8), dpi=100)
+        figure, axis = new_figure((5.2, 2.8))
         colours = [f"C{i}" for i in range(len(self.words))]
         for word, colour in zip(self.words, colours):  # legend entries only: the lines are painted
             axis.plot([], [], marker="o", markersize=2.5, linewidth=1.3, color=colour, label=word)
@@ -141,7 +146,6 @@ class StreamingConceptChart:
         self.to_pixels = axis.transData.transform
         self.colours = [tuple(int(255 * c) for c in matplotlib.colors.to_rgb(colour)) for colour in colours]
         self.base = Image.fromarray(np.asarray(figure.canvas.buffer_rgba())[..., :3].copy())
-        plt.close(figure)
 
     def draw(self, series: dict[str, Sequence[float]]) -> Image.Image:
         """The chart with each word's scores (steps 1, 2, ...) painted as a line with dots."""
@@ -164,7 +168,7 @@ class StreamingConceptChart:
 
 def token_bars(totals: dict[str, float], title: str) -> Image.Image:
     """Each word's score summed over the steps."""
-    figure, axis = plt.subplots(figsize=(4.2, 2.8))
+    figure, axis = new_figure((4.2, 2.8))
     labels = list(totals)
     axis.barh(range(len(labels)), list(totals.values()), color="#4a6fa5")
     axis.set_yticks(range(len(labels)), labels, fontsize=7)
@@ -183,7 +187,7 @@ def colour_scale(width: int = 320, height: int = 18) -> Image.Image:
 
 def insertion_deletion_chart(scores: dict) -> Image.Image:
     """Insertion and deletion curves of one map, with their AUCs (SPEC §7)."""
-    figure, axis = plt.subplots(figsize=(4.6, 2.8))
+    figure, axis = new_figure((4.6, 2.8))
     for curve, colour in (("insertion", "#2a9d8f"), ("deletion", "#d1495b")):
         values = np.asarray(scores[curve])
         x = np.linspace(0, 1, len(values))

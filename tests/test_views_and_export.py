@@ -137,3 +137,34 @@ def test_streaming_concept_chart_paints_each_word_where_its_scores_are():
         assert tuple(picture[int(round(chart.height - y)), int(round(x))]) == colour
     x, y = chart.to_pixels([(5, 1.0)])[0]  # nothing beyond the steps so far
     assert tuple(picture[int(round(chart.height - y)), int(round(x))]) != chart.colours[0]
+
+
+def test_charts_drawn_in_many_threads_at_once_equal_the_same_charts_drawn_alone():
+    """The server draws charts in its handler threads; no figure may leak into another."""
+    import threading
+
+    import matplotlib.pyplot as plt
+
+    series = {word: list(np.linspace(0, 1, 12) ** (i + 1)) for i, word in enumerate(("a", "red", "circle"))}
+    kinds = {
+        "concepts": lambda: plots.concept_chart(list(range(1, 13)), series, "title"),
+        "bars": lambda: plots.token_bars({word: sum(values) for word, values in series.items()}, "totals"),
+        "curves": lambda: plots.insertion_deletion_chart(
+            {"insertion": [1, 0.5, 0.2], "deletion": [0, 0.4, 0.9], "insertion_auc": 0.5, "deletion_auc": 0.4, "distance": "mse"}),
+    }
+    alone = {name: np.asarray(draw()) for name, draw in kinds.items()}
+    drawn, barrier = [], threading.Barrier(6)
+
+    def draw_all():
+        barrier.wait()
+        for _ in range(5):
+            drawn.extend((name, np.asarray(draw())) for name, draw in kinds.items())
+
+    threads = [threading.Thread(target=draw_all) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(drawn) == 6 * 5 * len(kinds)
+    assert all(np.array_equal(picture, alone[name]) for name, picture in drawn)
+    assert plt.get_fignums() == []  # nothing was left in pyplot's global registry
