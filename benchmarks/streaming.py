@@ -14,7 +14,8 @@ handlers run in many threads, so `python app.py` gives each concurrent run one t
 (`models.share_cpu_cores`), and this script leaves its main thread free of PyTorch work.
 A one-step run, alone and streamed, measures what the app costs per request whatever the run
 (queueing, the final update with every picture, the transfer), so that what streaming adds on top
-is printed apart. Targets: first step <= 0.5 s; streaming adds <= 10 % to the run as served.
+is printed apart; a one-line Gradio app gives Gradio's own floor. On 2 shared cores the figures
+vary by about 10 % from run to run: compare several runs. Targets: first step <= 0.5 s; streaming adds <= 10 % to the run as served.
 Run: python benchmarks/streaming.py
 """
 
@@ -38,12 +39,25 @@ PROMPT = "a red circle on the left"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
+# Gradio's own floor: a streamed endpoint that yields its input once, in a server of its own.
+TRIVIAL_APP = """
+import gradio as gr
+def echo(text):
+    yield text
+with gr.Blocks() as demo:
+    box = gr.Textbox()
+    gr.Button().click(echo, box, box, api_name="echo")
+demo.launch()
+"""
+
+
+def start_server(command: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """The app (or ``command``) in a process of its own on a free port; its URL once it answers."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     environment = os.environ | {"GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(command or [sys.executable, "app.py"], cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -56,6 +70,18 @@ def start_server() -> tuple[subprocess.Popen, str]:
     raise RuntimeError("the app did not start within 120 s")
 
 
+def gradio_floor(repeats: int) -> float:
+    """Median seconds of a streamed echo through gradio_client: what any Gradio request costs here."""
+    from gradio_client import Client
+
+    server, url = start_server([sys.executable, "-c", TRIVIAL_APP])
+    try:
+        client = Client(url, verbose=False, download_files=False)
+        return side_by_side({"echo": lambda: list(client.submit("x", api_name="/echo"))}, 3 * repeats)["echo"]
+    finally:
+        server.kill()
+
+
 def main() -> None:
     cli = parser(__doc__)
     cli.set_defaults(model="embedded")  # the issue's target; the server process loads models by their config id
@@ -65,6 +91,7 @@ def main() -> None:
     model, shape = benchmark_model(args.model)
     from gradio_client import Client
 
+    floor = gradio_floor(args.repeats)  # first, on its own: an idle second server would load the cores
     server, url = start_server()
     try:
         clients = {"pictures": Client(url, verbose=False), "data only": Client(url, verbose=False, download_files=False)}
@@ -120,6 +147,7 @@ def main() -> None:
         f"first streamed step (click to first update, via gradio_client): {statistics.median(first_steps):.3f} s (max {max(first_steps):.3f} s)",
         *(f"{name:36s} {seconds:7.3f} s  ({seconds / as_served:.3f}x the run as served, {seconds / fastest:.3f}x with all cores)" for name, seconds in times.items()),
         f"the app's cost per request (a one-step run streamed minus the same run alone; the final update included): {per_request:.3f} s",
+        f"Gradio's own floor, for comparison (an endpoint that streams its input back once): {floor:.3f} s",
         f"streaming beyond that cost (data-only client): {beyond:+.3f} s = {beyond / as_served:+.1%} of the run as served",
         f"updates with pictures per run: median {statistics.median(drawn):.0f} of {shape['steps']} steps "
         f"(every step's numbers are sent; on the CPU pictures go out while that takes <= {config.LIMITS.cpu_stream_share:.0%} of the time)",
