@@ -27,8 +27,12 @@ def models_to_preload(zero_gpu: bool) -> list[str]:
     return [spec.id for spec in config.MODELS.values() if spec.hub] if zero_gpu else []
 
 
-for _model_id, _why in preload(models_to_preload(spaces.config.Config.zero_gpu)).items():
-    print(f"{_model_id} did not load at startup (it will be tried again when asked for): {_why}")
+def _preload_models() -> None:
+    for model_id, why in preload(models_to_preload(spaces.config.Config.zero_gpu)).items():
+        print(f"{model_id} did not load at startup (it will be tried again when asked for): {why}")
+
+
+_preload_models()
 
 
 # ---------------------------------------------------------------- running the model

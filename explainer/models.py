@@ -111,9 +111,10 @@ def share_cpu_cores(concurrent_runs: int) -> int:
 
     More threads than that only oversubscribe the cores when runs overlap. And a server runs its
     work in many threads: while one live thread holds an OpenMP team, libgomp runs another
-    thread's parallel regions 2-3x slower (its ``do_spin`` cuts the spin-wait short once it manages
-    more threads than cores; pytorch#37259). One thread per run on 2 cores makes no team: the embedded model's run
-    takes 0.8 s in any thread, against 0.55 s alone with 2 threads but 1.1 s beside another team.
+    thread's parallel regions 2-3x slower (its ``do_spin`` cuts the spin-wait short once it
+    manages more threads than cores; pytorch#37259). One thread per run makes no team: on 2
+    cores the embedded model's run takes 0.8 s in any thread, against 0.55 s alone with 2
+    threads but 1.1 s beside another team.
     """
     if preferred_device()[0].type != "cpu":
         return 0
