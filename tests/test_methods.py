@@ -14,7 +14,7 @@ from explainer.capture import capture_attention
 from explainer.methods import METHODS, CentreBaseline, DFCam, DFLime, DFRise, RandomBaseline, TokenRelevance, cam_layers
 from explainer.methods.base import ddim_step, guided_prediction, step_inputs
 from explainer.methods.relevance import RelevanceState, cheap_token_scores, explicit_attention, relevance_series
-from explainer.metrics import inside_outside_ratio, spearman
+from explainer.metrics import insertion_deletion, inside_outside_ratio, spearman
 from explainer.run import InstrumentedRun, RunSettings
 from explainer.views import token_scores
 
@@ -44,6 +44,33 @@ def hook_count(model) -> int:
     modules = [m for part in (model.pipe.unet, model.pipe.text_encoder, model.pipe.vae) for m in part.modules()]
     names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
     return sum(len(getattr(m, name, {})) for m in modules for name in names)
+
+
+@pytest.fixture(scope="module")
+def half_model():
+    """The tiny model in float16, as the app loads every model on a GPU (CPU float16 here)."""
+    from explainer.models import LoadedModel
+    from explainer.tiny import tiny_pipeline
+
+    return LoadedModel.from_pipeline(tiny_pipeline().to(dtype=torch.float16), model_id="tiny-random")
+
+
+def test_a_half_precision_model_runs_and_gives_the_float32_maps(tiny_model, tiny_run, half_model):
+    """Dtype slips (a float32 tensor meeting float16 weights, gradients underflowing) would
+    otherwise surface only on the Space's GPU."""
+    half_run = InstrumentedRun(half_model, tiny_run.settings).run_all().data
+    assert np.abs(half_run.final_array - tiny_run.final_array).max() < 0.02
+    assert all(np.isfinite(r.attention.astype(np.float32)).all() for r in half_run.records)
+    for name, options in CASES:
+        full = METHODS[name](**options).explain(tiny_model, tiny_run, STEP).saliency
+        half = METHODS[name](**options).explain(half_model, tiny_run, STEP).saliency
+        assert half.shape == full.shape and np.isfinite(half).all(), name
+        if np.ptp(full) > 0 and name != "df-lime":  # DF-LIME's ridge weights on few samples are brittle
+            assert spearman(full, half) > 0.95, f"{name} {options}: Spearman {spearman(full, half):.3f}"
+    scores = insertion_deletion(half_model, tiny_run, STEP, full)
+    assert np.isfinite([scores["insertion_auc"], scores["deletion_auc"]]).all()
+    series = relevance_series(half_model, tiny_run)["scores"]  # the Concepts tab's relevance chart
+    assert all(np.isfinite(values).all() for values in series.values())
 
 
 @pytest.mark.parametrize("name, options", CASES, ids=IDS)
