@@ -293,7 +293,7 @@ def relevance(session):
     every step of the latest run (one forward and backward pass per step), as a chart, totals and JSON."""
     try:
         run = _current(session)[0]
-        series = _relevance_on_device(run.model_id, run)
+        series = _relevance_on_device(run.model_id, run.for_computing())
     except ValueError as error:
         raise gr.Error(str(error)) from error
     totals = {label: float(sum(values)) for label, values in series["scores"].items()}
@@ -362,7 +362,7 @@ def saliency(method, step, masks, keep, mode, mask_kind, seed, layer, opacity, s
         METHODS[name](**options)  # option checks (limits from the config) before any GPU work
         if not 1 <= int(step) <= len(run.records):
             raise ValueError(f"step must be between 1 and {len(run.records)}, got {step}.")
-        explanation, scores = _explain_on_device(run.model_id, run, name, options, int(step), bool(score))
+        explanation, scores = _explain_on_device(run.model_id, run.for_computing(), name, options, int(step), bool(score))
     except ValueError as error:
         raise gr.Error(str(error)) from error
     saliency_map = explanation.saliency

@@ -73,6 +73,21 @@ def test_a_half_precision_model_runs_and_gives_the_float32_maps(tiny_model, tiny
     assert all(np.isfinite(values).all() for values in series.values())
 
 
+def test_a_run_for_computing_is_smaller_and_gives_the_same_maps(tiny_model):
+    """What the app hands to its GPU calls (ZeroGPU pickles it into the worker)."""
+    import pickle
+
+    settings = RunSettings(prompt=PROMPT, steps=4, guidance=5.0, width=64, height=64, seed=3, per_layer=True)
+    run = InstrumentedRun(tiny_model, settings).run_all().data
+    slim = run.for_computing()
+    assert len(pickle.dumps(slim)) < 0.5 * len(pickle.dumps(run))
+    assert run.records[0].layer_attention and run.records[-1].prediction_view is not None and run.done  # untouched
+    for name, options in CASES:
+        expected = METHODS[name](**options).explain(tiny_model, run, STEP).saliency
+        assert np.array_equal(METHODS[name](**options).explain(tiny_model, slim, STEP).saliency, expected), name
+    assert insertion_deletion(tiny_model, slim, STEP, expected) == insertion_deletion(tiny_model, run, STEP, expected)
+
+
 @pytest.mark.parametrize("name, options", CASES, ids=IDS)
 def test_contract_shape_range_and_same_seed_same_map(tiny_model, tiny_run, name, options):
     first = METHODS[name](**options).explain(tiny_model, tiny_run, STEP)
