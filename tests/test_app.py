@@ -175,3 +175,25 @@ def test_on_zerogpu_the_hub_models_load_at_startup_and_nothing_elsewhere():
 
     assert app.models_to_preload(zero_gpu=False) == []
     assert set(app.models_to_preload(zero_gpu=True)) == {spec.id for spec in config.MODELS.values() if spec.hub} != set()
+
+
+def test_what_crosses_into_and_out_of_a_zerogpu_worker_pickles():
+    """ZeroGPU runs each @spaces.GPU call in a forked worker and pickles its arguments, its result
+    and every item it yields; an object that does not pickle fails only on the Space."""
+    import pickle
+
+    import app
+    from explainer.run import RunSettings
+
+    settings = RunSettings(prompt="a cat", steps=3, guidance=5.0, width=64, height=64, seed=1, per_layer=True).to_dict()
+    items = list(app._run_on_device("tiny-random", [settings]))
+    assert [kind for kind, _, _ in items] == ["start", "step", "step", "step", "end"]
+    for item in items:
+        pickle.loads(pickle.dumps(item))
+    run = items[0][2]
+    run.records.extend(item for kind, _, item in items if kind == "step")
+    computing = pickle.loads(pickle.dumps(run.for_computing()))
+    explanation, scores = pickle.loads(pickle.dumps(app._explain_on_device("tiny-random", computing, "df-cam", {}, 2, True)))
+    assert explanation.saliency.shape == run.latent_size and 0 <= scores["insertion_auc"] <= 1
+    series = pickle.loads(pickle.dumps(app._relevance_on_device("tiny-random", computing)))
+    assert len(series["steps"]) == 3
