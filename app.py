@@ -187,7 +187,7 @@ def after_run(session: Session | None):
         gr.update(maximum=steps, value=steps),
         gr.update(choices=groups, value=groups),
         str(gif),
-        gr.update(maximum=steps, value=max(1, round(steps * config.DEFAULTS.explained_fraction))),
+        gr.update(maximum=steps, value=config.explained_step(steps)),
     )
 
 

@@ -130,7 +130,7 @@ def saliency_tab():
     with gr.Row():
         with gr.Column(scale=1):
             c["method"] = gr.Dropdown(list(SALIENCY_METHODS), value="DF-RISE", label="Method")
-            c["step"] = gr.Slider(1, DEFAULT_SPEC.steps, value=max(1, round(DEFAULT_SPEC.steps * config.DEFAULTS.explained_fraction)), step=1, label="Step")
+            c["step"] = gr.Slider(1, DEFAULT_SPEC.steps, value=config.explained_step(DEFAULT_SPEC.steps), step=1, label="Step")
             with gr.Accordion("DF-RISE options", open=True):
                 c["masks"] = gr.Slider(1, LIMITS.max_masks, value=config.DEFAULTS.rise_masks, step=1, label=f"Masks N (paper: 500; limit {LIMITS.max_masks})")
                 c["keep"] = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Keep probability p")

@@ -9,13 +9,14 @@ all the cores in one long-lived thread, the fastest way the library runs on a CP
 
 On a CPU the threads matter: PyTorch's OpenMP (libgomp) runs the embedded model's small ops 2-3x
 slower in a thread while another live thread holds an OpenMP team of its own (PyTorch issue
-#37259; libgomp stops spin-waiting when it manages more threads than there are cores). A server's
+#37259; libgomp cuts its spin-wait short once it manages more threads than cores). A server's
 handlers run in many threads, so `python app.py` gives each concurrent run one thread on 2 cores
 (`models.share_cpu_cores`), and this script leaves its main thread free of PyTorch work.
 A one-step run, alone and streamed, measures what the app costs per request whatever the run
 (queueing, the final update with every picture, the transfer), so that what streaming adds on top
 is printed apart; a one-line Gradio app gives Gradio's own floor. On 2 shared cores the figures
-vary by about 10 % from run to run: compare several runs. Targets: first step <= 0.5 s; streaming adds <= 10 % to the run as served.
+vary by about 10 % from run to run: compare several runs.
+Targets: first step <= 0.5 s; streaming adds <= 10 % to the run as served.
 Run: python benchmarks/streaming.py
 """
 

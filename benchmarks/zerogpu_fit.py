@@ -32,7 +32,7 @@ def main() -> None:
     spec = config.model_spec(model_id)
     settings = RunSettings(prompt=PROMPT, seed=1, per_layer=True, vae_decode_every=spec.vae_decode_every, **shape).validated()
     run = InstrumentedRun(model, settings).run_all().data
-    step = max(1, round(shape["steps"] * config.DEFAULTS.explained_fraction))
+    step = config.explained_step(shape["steps"])
     cases = {"denoise (one prompt)": (lambda: list(app._run_on_device(model_id, [settings.to_dict()])),
                                       app._gpu_duration(model_id, [settings.to_dict()])),
              "denoise (two prompts)": (lambda: list(app._run_on_device(model_id, [settings.to_dict()] * 2)),

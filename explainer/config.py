@@ -180,6 +180,11 @@ class Defaults:
 
 DEFAULTS = Defaults()
 
+
+def explained_step(steps: int) -> int:
+    """The step of a run of ``steps`` steps that the Saliency tab explains first."""
+    return max(1, round(steps * DEFAULTS.explained_fraction))
+
 # Hub ids are only loaded where the Hub is reachable (the Space); tests and CI set this.
 HUB_OFFLINE = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
