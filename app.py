@@ -50,7 +50,7 @@ def _settings(prompt, negative, seed, steps, guidance, width, height, schedule, 
         height=int(height),
         schedule=chosen,
         lam=float(lam),
-        per_layer=True,
+        per_group=True,
     ).validated()
 
 
@@ -220,12 +220,7 @@ def attention(word, step, aggregation, start, end, groups, view, opacity, includ
         if word not in labels:
             raise ValueError(f"The word {word!r} is not in the prompt. Its words are: {', '.join(map(repr, labels))}.")
         chosen = _steps_for(run, aggregation, int(step), int(start), int(end))
-        layer_groups = views.layer_groups(run)
-        unknown = [g for g in (groups or []) if g not in layer_groups]
-        if unknown:
-            raise ValueError(f"Unknown layer groups {unknown}; this model has {list(layer_groups)}.")
-        layers = [key for g in (groups or []) for key in layer_groups[g]] or None
-        saliency = views.word_map(run, labels.index(word), chosen, include_special, layers)
+        saliency = views.word_map(run, labels.index(word), chosen, include_special, groups)
     except ValueError as error:
         raise gr.Error(str(error)) from error
     picture = views.for_display(views.step_picture(chosen[-1], view), 320)
@@ -234,7 +229,8 @@ def attention(word, step, aggregation, start, end, groups, view, opacity, includ
     summary = {
         "word": word,
         "steps": [r.index for r in chosen],
-        "layers": layers or "all",
+        "groups": list(groups or []) or "all",
+        "layers": [key for g in groups for key in views.layer_groups(run)[g]] if groups else "all",
         "min": float(saliency.min()),
         "max": float(saliency.max()),
         "shape": list(saliency.shape),

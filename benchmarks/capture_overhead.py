@@ -28,10 +28,10 @@ def main() -> None:
     def instrumented():
         InstrumentedRun(model, settings).run_all()
 
-    def instrumented_per_layer():
-        InstrumentedRun(model, RunSettings(prompt=PROMPT, seed=1, vae_decode_every=0, per_layer=True, **shape)).run_all()
+    def instrumented_per_group():
+        InstrumentedRun(model, RunSettings(prompt=PROMPT, seed=1, vae_decode_every=0, per_group=True, **shape)).run_all()
 
-    times = side_by_side({"plain pipeline": plain, "instrumented": instrumented, "instrumented, per-layer maps": instrumented_per_layer}, args.repeats)
+    times = side_by_side({"plain pipeline": plain, "instrumented": instrumented, "instrumented, per-group maps": instrumented_per_group}, args.repeats)
     lines = [header("Capture overhead", model), f"settings: {shape}, {args.repeats} alternating repeats, median seconds per run"]
     for name, seconds in times.items():
         lines.append(f"{name:32s} {seconds:8.3f} s   {seconds / times['plain pipeline']:.3f}x")

@@ -1,6 +1,6 @@
 """Memory: bytes of the stored records of a run, per step and for 30 steps; peak GPU memory vs plain.
 
-Records are what a session keeps (latents, x0_hat, previews, VAE views, attention maps, per-layer
+Records are what a session keeps (latents, x0_hat, previews, VAE views, attention maps, per-group
 maps). Target at SD v1.5 size, 512x512, 30 steps: <= 64 MB; peak GPU memory <= 1.1x the plain pipe.
 The maps keep one row per prompt token, so the size is measured for several prompt lengths.
 Run: python benchmarks/memory.py [--model sd15] [--steps 5] [--tokens 10,20,40,77]   (per step: it extrapolates to 30)
@@ -51,14 +51,14 @@ def main() -> None:
     model, shape = benchmark_model(args.model)
     shape = shape | {"steps": args.steps}
     lengths = [int(n) for n in args.tokens.split(",")]
-    settings = [RunSettings(prompt=prompt_of(n), seed=1, per_layer=True, vae_decode_every=model.spec.vae_decode_every, **shape) for n in lengths]
+    settings = [RunSettings(prompt=prompt_of(n), seed=1, per_group=True, vae_decode_every=model.spec.vae_decode_every, **shape) for n in lengths]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         with torch.inference_mode():
             model.pipe(settings[0].prompt, num_inference_steps=args.steps, width=shape["width"], height=shape["height"], output_type="pil")
         plain_peak = torch.cuda.max_memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    lines = [header("Memory of stored records", model), f"settings: {shape}; per_layer=True (as the app runs)"]
+    lines = [header("Memory of stored records", model), f"settings: {shape}; per_group=True (as the app runs)"]
     for length, one in zip(lengths, settings):
         per_field, rows = per_step_bytes(model, one)
         if length == lengths[0]:

@@ -26,7 +26,7 @@ def rss_mb() -> float:
 def one_run(model, shape, session, index):
     prompt = f"a {COLOURS[index % 6]} {SHAPES[index % 3]} {PLACES[index % 5]}"
     runs = []
-    for kind, which, item in stream_runs(model, [RunSettings(prompt=prompt, seed=index, per_layer=True, **shape)]):
+    for kind, which, item in stream_runs(model, [RunSettings(prompt=prompt, seed=index, per_group=True, **shape)]):
         if kind == "start":
             runs.append(item)
             session.add(runs)

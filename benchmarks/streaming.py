@@ -109,7 +109,7 @@ def main() -> None:
                 drawn.append(updates)
 
         def library_only(steps=shape["steps"]):
-            settings = RunSettings(prompt=PROMPT, seed=1, per_layer=True, vae_decode_every=model.spec.vae_decode_every,
+            settings = RunSettings(prompt=PROMPT, seed=1, per_group=True, vae_decode_every=model.spec.vae_decode_every,
                                    **(shape | {"steps": steps}))
             InstrumentedRun(model, settings).run_all()
 

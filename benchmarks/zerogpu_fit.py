@@ -30,7 +30,7 @@ def main() -> None:
     import app  # builds the UI too; after the model is in place
 
     spec = config.model_spec(model_id)
-    settings = RunSettings(prompt=PROMPT, seed=1, per_layer=True, vae_decode_every=spec.vae_decode_every, **shape).validated()
+    settings = RunSettings(prompt=PROMPT, seed=1, per_group=True, vae_decode_every=spec.vae_decode_every, **shape).validated()
     run = InstrumentedRun(model, settings).run_all().data
     step = config.explained_step(shape["steps"])
     cases = {"denoise (one prompt)": (lambda: list(app._run_on_device(model_id, [settings.to_dict()])),

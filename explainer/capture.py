@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import LIMITS
+
 _PROCESSOR_SUFFIX = ".processor"
 
 
@@ -33,7 +35,10 @@ class AttentionRecorder:
         conditional_index: which item of the UNet batch is the conditional prompt
             (1 under classifier-free guidance, where diffusers puts the negative prompt first).
         batch_size: the UNet batch size (2 under guidance).
-        per_layer: also keep each layer's map at its own resolution.
+        per_group: also keep each layer group's mean map (SPEC §2's subsets: layers of one block
+            kind and resolution, e.g. "up 16×16") at its own resolution, pooled to at most
+            ``max_group_side``. Averaging layers before or after upsampling gives the same map
+            (bilinear resizing is linear), so subset views need no per-layer maps.
     """
 
     def __init__(
@@ -42,19 +47,22 @@ class AttentionRecorder:
         kept_positions: int,
         conditional_index: int,
         batch_size: int,
-        per_layer: bool = False,
+        per_group: bool = False,
+        max_group_side: int = LIMITS.max_group_map_side,
     ):
         self.latent_size = latent_size
         self.kept_positions = kept_positions
         self.conditional_index = conditional_index
         self.batch_size = batch_size
-        self.per_layer = per_layer
+        self.per_group = per_group
+        self.max_group_side = max_group_side
+        self.groups: dict[str, list[str]] = {}  # group label -> its layer keys, in forward order
         self._reset()
 
     def _reset(self) -> None:
         self._sum: torch.Tensor | None = None
         self._count = 0
-        self._layers: dict[str, np.ndarray] = {}
+        self._group_sums: dict[str, torch.Tensor] = {}
 
     def add(self, layer: str, probs: torch.Tensor, heads: int) -> None:
         """Record ``probs`` of shape (batch * heads, N image tokens, L text tokens)."""
@@ -65,25 +73,47 @@ class AttentionRecorder:
         reduced = torch.cat([probs[:, :kept], probs[:, kept:].sum(1, keepdim=True)], dim=1)  # (N, kept + 1)
         height, width = layer_grid(tokens, self.latent_size)
         maps = reduced.T.reshape(kept + 1, height, width)
-        if self.per_layer:
-            self._layers[layer] = maps.to(torch.float16).cpu().numpy()
+        if self.per_group:
+            self._add_to_group(layer, maps)
         if (height, width) != self.latent_size:
             # bilinear weights are convex, so the maps still sum to 1 over tokens
             maps = F.interpolate(maps[None], size=self.latent_size, mode="bilinear", align_corners=False)[0]
         self._sum = maps if self._sum is None else self._sum + maps
         self._count += 1
 
+    def _add_to_group(self, layer: str, maps: torch.Tensor) -> None:
+        label = layer_group(layer, maps.shape[1:])
+        members = self.groups.setdefault(label, [])
+        if layer not in members:
+            members.append(layer)
+        total = self._group_sums.get(label)
+        self._group_sums[label] = maps if total is None else total + maps
+
     def finish_step(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """The step's layer-averaged maps (kept + 1, H_lat, W_lat) in float16, and the per-layer maps."""
+        """The step's layer-averaged maps (kept + 1, H_lat, W_lat) and the per-group maps, float16."""
         if self._sum is None:
             raise RuntimeError(
                 "No cross-attention was captured in this step: is the UNet inside `capture_attention`, "
                 "and was the recorder passed as cross_attention_kwargs={'recorder': ...}?"
             )
         mean = (self._sum / self._count).to(torch.float16).cpu().numpy()
-        layers = self._layers
+        groups = {label: self._group_mean(label, total) for label, total in self._group_sums.items()}
         self._reset()
-        return mean, layers
+        return mean, groups
+
+    def _group_mean(self, label: str, total: torch.Tensor) -> np.ndarray:
+        mean = total / len(self.groups[label])
+        height, width = mean.shape[1:]
+        pooled = (min(height, self.max_group_side), min(width, self.max_group_side))
+        if pooled != (height, width):
+            mean = F.adaptive_avg_pool2d(mean, pooled)  # area means: rows still sum to 1 over tokens
+        return mean.to(torch.float16).cpu().numpy()
+
+
+def layer_group(layer: str, grid: tuple[int, int]) -> str:
+    """The group of a cross-attention layer: its block kind and resolution, e.g. "up 16×16"."""
+    block = layer.split(".", 1)[0].removesuffix("_blocks").removesuffix("_block")  # down, mid, up
+    return f"{block} {grid[0]}×{grid[1]}"
 
 
 def layer_grid(tokens: int, latent_size: tuple[int, int]) -> tuple[int, int]:

@@ -52,7 +52,7 @@ class RunSettings:
     schedule: str | list[int] = config.DEFAULTS.schedule
     lam: float = config.DEFAULTS.lam
     scheduler: str = config.DEFAULTS.scheduler
-    per_layer: bool = False
+    per_group: bool = False  # also keep each layer group's maps (block and resolution, SPEC §2)
     vae_decode_every: int = 1
 
     def to_dict(self) -> dict:
@@ -114,8 +114,10 @@ class StepRecord:
 
     Latents are CPU float32 tensors (1, C, h, w) in the UNet's scale. ``attention`` is float16
     (P + 1, h, w): rows 0..P-1 are token positions 0 (start) to the end token, the last row is all
-    padding positions summed; rows sum to 1 at every latent pixel. ``layer_attention`` holds the
-    per-layer maps at their own resolution when the run asked for them.
+    padding positions summed; rows sum to 1 at every latent pixel. ``group_attention`` holds each
+    layer group's mean map (same rows) at the group's own resolution, at most
+    ``LIMITS.max_group_map_side`` a side, when the run asked for them (``RunData.attention_groups``
+    names each group's layers).
     """
 
     index: int
@@ -134,7 +136,7 @@ class StepRecord:
     attention: np.ndarray
     noisy_view: Image.Image | None = None
     prediction_view: Image.Image | None = None
-    layer_attention: dict[str, np.ndarray] = field(default_factory=dict)
+    group_attention: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -156,6 +158,7 @@ class RunData:
     latent_size: tuple[int, int]
     messages: list[str] = field(default_factory=list)
     records: list[StepRecord] = field(default_factory=list)
+    attention_groups: dict[str, list[str]] = field(default_factory=dict)  # "up 16×16" -> layer keys
     final_array: np.ndarray | None = None  # (H, W, 3) float in [0, 1], as pipe(output_type="np")
     final_image: Image.Image | None = None
     reproduction: dict = field(default_factory=dict)
@@ -165,11 +168,11 @@ class RunData:
         return self.final_image is not None
 
     def for_computing(self) -> RunData:
-        """A shallow copy without what no method reads: the per-layer maps and the decoded views
+        """A shallow copy without what no method reads: the per-group maps and the decoded views
         of every step, and the final image. ZeroGPU pickles a GPU call's arguments into its
-        worker process; at SD size these are most of a run's bytes (per-layer maps 54 KB per
+        worker process; at SD size these are most of a run's bytes (per-group maps 9 KB per
         prompt token per step, views 1.5 MB every fifth step, the final image 3.8 MB)."""
-        records = [dataclasses.replace(r, layer_attention={}, noisy_view=None, prediction_view=None) for r in self.records]
+        records = [dataclasses.replace(r, group_attention={}, noisy_view=None, prediction_view=None) for r in self.records]
         return dataclasses.replace(self, records=records, final_array=None, final_image=None)
 
 
@@ -228,8 +231,9 @@ class InstrumentedRun:
             kept_positions=self.tokens.stored_positions,
             conditional_index=1 if self.guided else 0,
             batch_size=2 if self.guided else 1,
-            per_layer=settings.per_layer,
+            per_group=settings.per_group,
         )
+        self.data.attention_groups = recorder.groups  # filled by the first step
         extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, 0.0)
         with capture_attention(pipe.unet):
             for index, timestep in enumerate(self.scheduler.timesteps):
@@ -268,7 +272,7 @@ class InstrumentedRun:
         return unconditional + self.settings.guidance * (conditional - unconditional)
 
     def _record(self, index, timestep, latents, next_latents, noise_pred, recorder) -> StepRecord:
-        attention, layers = recorder.finish_step()
+        attention, groups = recorder.finish_step()
         alpha_bar = float(self.scheduler.alphas_cumprod[timestep])
         x0_hat = predicted_original(latents.float(), noise_pred.float(), alpha_bar, self.scheduler.config.prediction_type)
         total = len(self.timesteps)
@@ -288,7 +292,7 @@ class InstrumentedRun:
             preview_noisy=images.preview(latents, self.model.latent_rgb),
             preview_prediction=images.preview(x0_hat, self.model.latent_rgb),
             attention=attention,
-            layer_attention=layers,
+            group_attention=groups,
         )
         every = self.settings.vae_decode_every
         if (every and (index + 1) % every == 0) or index + 1 == total:

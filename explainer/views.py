@@ -41,12 +41,13 @@ def word_map(
     label_index: int,
     steps: Sequence[StepRecord] | None = None,
     include_special: bool = False,
-    layers: Sequence[str] | None = None,
+    groups: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Attention map (H_lat, W_lat) of one word, averaged over ``steps`` (default: all).
 
-    With ``layers`` the map averages those layers' own maps (each resized to the latent grid);
-    this needs a run made with ``per_layer=True``.
+    With ``groups`` (labels of ``layer_groups(run)``, e.g. "up 16×16") the map averages the
+    layers of those groups only, each layer weighing the same as in the all-layer map; this
+    needs a run made with ``per_group=True``.
     """
     labels = token_labels(run, include_special)
     if not 0 <= label_index < len(labels):
@@ -55,20 +56,26 @@ def word_map(
     if not steps:
         raise ValueError("No steps recorded yet.")
     rows = _rows(run, label_index, include_special)
+    weights = _group_weights(run, groups)
     total = np.zeros(run.latent_size, np.float32)
     for record in steps:
-        sources = _sources(record, layers)
-        total += sum(_resize(source[rows].astype(np.float32).sum(0), run.latent_size) for source in sources) / len(sources)
-    return total / len(steps)
+        sources = [(record.attention, 1)] if not weights else [(record.group_attention[g], n) for g, n in weights.items()]
+        for source, weight in sources:
+            total += weight * _resize(source[rows].astype(np.float32).sum(0), run.latent_size)
+    return total / (len(steps) * (sum(weights.values()) if weights else 1))
 
 
-def _sources(record: StepRecord, layers: Sequence[str] | None) -> list[np.ndarray]:
-    if not layers:
-        return [record.attention]
-    missing = [layer for layer in layers if layer not in record.layer_attention]
-    if missing:
-        raise ValueError(f"Per-layer maps were not recorded for {missing}; run with per_layer=True.")
-    return [record.layer_attention[layer] for layer in layers]
+def _group_weights(run: RunData, groups: Sequence[str] | None) -> dict[str, int]:
+    """Each chosen group's layer count (a group's map is its layers' mean)."""
+    if not groups:
+        return {}
+    known = layer_groups(run)
+    if not known:
+        raise ValueError("Per-group maps were not recorded; run with per_group=True.")
+    unknown = [g for g in groups if g not in known]
+    if unknown:
+        raise ValueError(f"Unknown layer groups {unknown}; this model has {list(known)}.")
+    return {g: len(known[g]) for g in dict.fromkeys(groups)}
 
 
 def _resize(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -130,14 +137,9 @@ def concept_series(run: RunData) -> dict[str, list[float]]:
 
 
 def layer_groups(run: RunData) -> dict[str, list[str]]:
-    """Per-layer map keys grouped by block and resolution, e.g. "down 16×16" -> [keys]."""
-    groups: dict[str, list[str]] = {}
-    layers = run.records[0].layer_attention if run.records else {}
-    for key, values in layers.items():
-        block = key.split(".", 1)[0].removesuffix("_blocks").removesuffix("_block")  # down, mid, up
-        label = f"{block} {values.shape[1]}×{values.shape[2]}"
-        groups.setdefault(label, []).append(key)
-    return groups
+    """Cross-attention layer keys by group (block kind and resolution), e.g. "down 16×16" -> [keys];
+    empty for a run made without ``per_group``."""
+    return run.attention_groups
 
 
 def step_summary(run: RunData, record: StepRecord) -> dict:

@@ -185,7 +185,7 @@ def test_what_crosses_into_and_out_of_a_zerogpu_worker_pickles():
     import app
     from explainer.run import RunSettings
 
-    settings = RunSettings(prompt="a cat", steps=3, guidance=5.0, width=64, height=64, seed=1, per_layer=True).to_dict()
+    settings = RunSettings(prompt="a cat", steps=3, guidance=5.0, width=64, height=64, seed=1, per_group=True).to_dict()
     items = list(app._run_on_device("tiny-random", [settings]))
     assert [kind for kind, _, _ in items] == ["start", "step", "step", "step", "end"]
     for item in items:

@@ -1,5 +1,6 @@
 import threading
 
+import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
@@ -11,6 +12,7 @@ from explainer.capture import (
     capture_attention,
     cross_attention_layers,
     layer_grid,
+    layer_group,
 )
 
 
@@ -101,3 +103,60 @@ def test_layer_grid(tokens, latent, expected):
 def test_layer_grid_refuses_impossible_sizes():
     with pytest.raises(ValueError, match="Cannot place"):
         layer_grid(7, (8, 8))
+
+
+class LayerKeepingRecorder(AttentionRecorder):
+    """The slow reference: keeps every layer's raw probabilities."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.raw = {}
+
+    def add(self, layer, probs, heads):
+        self.raw[layer] = (probs.clone(), heads)
+        super().add(layer, probs, heads)
+
+
+def layer_maps_from_probs(probs, heads, kept, latent_size):
+    """One layer's (kept + 1, h, w) map written straight from SPEC §2: conditional half, head mean."""
+    conditional = probs.view(2, heads, *probs.shape[1:])[1].mean(0)  # (N, L)
+    rows = torch.cat([conditional[:, :kept], conditional[:, kept:].sum(1, keepdim=True)], 1).T
+    return rows.reshape(kept + 1, *layer_grid(probs.shape[1], latent_size))
+
+
+def record_one_call(model, max_group_side):
+    unet = model.pipe.unet
+    latents, timestep, text = unet_inputs(model)
+    recorder = LayerKeepingRecorder((8, 8), kept_positions=5, conditional_index=1, batch_size=2,
+                                    per_group=True, max_group_side=max_group_side)
+    with torch.inference_mode(), capture_attention(unet):
+        unet(latents, timestep, encoder_hidden_states=text, cross_attention_kwargs={"recorder": recorder})
+    references = {layer: layer_maps_from_probs(probs, heads, 5, (8, 8)) for layer, (probs, heads) in recorder.raw.items()}
+    return recorder, *recorder.finish_step(), references
+
+
+def test_group_maps_are_the_mean_of_their_layers(tiny_model):
+    recorder, _, groups, references = record_one_call(tiny_model, max_group_side=32)
+    assert sorted(k for keys in recorder.groups.values() for k in keys) == sorted(cross_attention_layers(tiny_model.pipe.unet))
+    assert len(groups) < len(references)  # the tiny UNet has two layers in some groups
+    for label, keys in recorder.groups.items():
+        assert all(layer_group(k, references[k].shape[1:]) == label for k in keys)
+        expected = torch.stack([references[k] for k in keys]).mean(0)
+        assert groups[label].dtype == np.float16 and groups[label].shape == tuple(expected.shape)
+        np.testing.assert_allclose(groups[label].astype(np.float32), expected.numpy(), atol=1e-3)
+        np.testing.assert_allclose(groups[label].astype(np.float32).sum(0), 1.0, atol=3e-3)
+
+
+def test_group_maps_larger_than_the_limit_are_area_pooled(tiny_model):
+    _, _, full, _ = record_one_call(tiny_model, max_group_side=32)
+    _, _, pooled, _ = record_one_call(tiny_model, max_group_side=2)
+    for label, values in full.items():
+        values = values.astype(np.float32)
+        height, width = values.shape[1:]
+        if height <= 2:
+            np.testing.assert_array_equal(pooled[label], full[label])
+            continue
+        blocks = values.reshape(values.shape[0], 2, height // 2, 2, width // 2).mean(axis=(2, 4))
+        assert pooled[label].shape == blocks.shape
+        np.testing.assert_allclose(pooled[label].astype(np.float32), blocks, atol=1e-3)
+        np.testing.assert_allclose(pooled[label].astype(np.float32).sum(0), 1.0, atol=3e-3)

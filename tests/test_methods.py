@@ -77,11 +77,11 @@ def test_a_run_for_computing_is_smaller_and_gives_the_same_maps(tiny_model):
     """What the app hands to its GPU calls (ZeroGPU pickles it into the worker)."""
     import pickle
 
-    settings = RunSettings(prompt=PROMPT, steps=4, guidance=5.0, width=64, height=64, seed=3, per_layer=True)
+    settings = RunSettings(prompt=PROMPT, steps=4, guidance=5.0, width=64, height=64, seed=3, per_group=True)
     run = InstrumentedRun(tiny_model, settings).run_all().data
     slim = run.for_computing()
     assert len(pickle.dumps(slim)) < 0.5 * len(pickle.dumps(run))
-    assert run.records[0].layer_attention and run.records[-1].prediction_view is not None and run.done  # untouched
+    assert run.records[0].group_attention and run.records[-1].prediction_view is not None and run.done  # untouched
     for name, options in CASES:
         expected = METHODS[name](**options).explain(tiny_model, run, STEP).saliency
         assert np.array_equal(METHODS[name](**options).explain(tiny_model, slim, STEP).saliency, expected), name

@@ -133,12 +133,13 @@ def test_processors_restored_when_a_run_stops_or_fails(tiny_model):
 
 
 def test_records_carry_views_and_layers_on_request(tiny_model):
-    run = InstrumentedRun(tiny_model, settings(per_layer=True, vae_decode_every=3)).run_all()
+    run = InstrumentedRun(tiny_model, settings(per_group=True, vae_decode_every=3)).run_all()
     layers = cross_attention_layers(tiny_model.pipe.unet)
+    assert sorted(k for keys in run.data.attention_groups.values() for k in keys) == sorted(layers)
     for record in run.records:
         assert record.preview_noisy.size == (8, 8) and record.preview_prediction.size == (8, 8)  # latent grid
         assert record.image_size == (64, 64)
-        assert set(record.layer_attention) == set(layers)
+        assert set(record.group_attention) == set(run.data.attention_groups)
         assert record.latents.device.type == "cpu" and record.latents.shape == (1, 4, 8, 8)
     decoded = [r.index for r in run.records if r.prediction_view is not None]
     assert decoded == [3, 6]

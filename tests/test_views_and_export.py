@@ -13,7 +13,7 @@ from explainer.session import Session
 
 @pytest.fixture(scope="module")
 def run(tiny_model):
-    settings = RunSettings(prompt="a cat and a dog", steps=4, guidance=5.0, width=64, height=64, per_layer=True)
+    settings = RunSettings(prompt="a cat and a dog", steps=4, guidance=5.0, width=64, height=64, per_group=True)
     return InstrumentedRun(tiny_model, settings).run_all().data
 
 
@@ -53,10 +53,15 @@ def test_special_tokens_come_behind_a_toggle(run):
 def test_layer_choice_averages_those_layers(run):
     groups = views.layer_groups(run)
     assert all(label.split()[0] in {"down", "mid", "up"} for label in groups)
-    one_group = next(iter(groups.values()))
-    chosen = views.word_map(run, 1, [run.records[0]], layers=one_group)
+    record = run.records[0]
+    first, last = next(iter(groups)), next(reversed(groups))
+    chosen = views.word_map(run, 1, [record], groups=[first])
     assert chosen.shape == run.latent_size
-    assert not np.allclose(chosen, views.word_map(run, 1, [run.records[0]], layers=next(reversed(groups.values()))))
+    assert not np.allclose(chosen, views.word_map(run, 1, [record], groups=[last]))
+    # every group together, each weighing its layer count, is the all-layer map (no group is pooled here)
+    np.testing.assert_allclose(views.word_map(run, 1, [record], groups=list(groups)), views.word_map(run, 1, [record]), atol=2e-3)
+    with pytest.raises(ValueError, match="Unknown layer groups"):
+        views.word_map(run, 1, [record], groups=["sideways 3×3"])
 
 
 def test_concept_series_has_one_line_per_word(run):
