@@ -95,9 +95,10 @@ def _collect(model_id: str, settings: list[RunSettings]):
             runs[index].records.append(item)
             if index == len(runs) - 1:  # every run has finished this step
                 yield runs, item.index
-        else:  # the finished run: its final image and reproduction record
+        else:  # the finished run: its final image, reproduction record and the layer groups its steps filled
             runs[index].final_array, runs[index].final_image = item.final_array, item.final_image
             runs[index].reproduction = item.reproduction  # in place: the session holds these objects
+            runs[index].attention_groups = item.attention_groups
 
 
 CONCEPT_CHART_TITLE = "Concept chart (cheap score)"

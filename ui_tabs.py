@@ -73,7 +73,10 @@ def attention_tab():
             with gr.Row():
                 c["start"] = gr.Slider(1, DEFAULT_SPEC.steps, value=1, step=1, label="Range start")
                 c["end"] = gr.Slider(1, DEFAULT_SPEC.steps, value=DEFAULT_SPEC.steps, step=1, label="Range end")
-            c["groups"] = gr.CheckboxGroup(label="Layers (block and resolution)", choices=[])
+            # a dropdown, not checkboxes: its choices come from the run, and an API client (which
+            # never sees them filled) may still name a group; the handler checks the name
+            c["groups"] = gr.Dropdown(label="Layers (block and resolution; empty = all)", choices=[], value=[],
+                                      multiselect=True, allow_custom_value=True)
             c["view"] = gr.Radio(["prediction", "noisy"], value="prediction", label="Picture under the map")
             c["opacity"] = gr.Slider(0, 1, value=0.8, step=0.05, label="Overlay opacity")
             c["which"] = gr.Radio(["first prompt", "second prompt"], value="first prompt", label="Prompt")

@@ -77,7 +77,12 @@ def test_attention_concepts_and_export_read_the_session_run(url):
     saliency = np.load(npy)
     assert saliency.shape == (8, 8) and summary["steps"] == [2] and summary["word"] == "cat"
     _, _, summary = session_client.predict("cat", 3, "all steps", 1, 3, [], "noisy", 0.5, False, "first prompt", api_name="/attention")
-    assert summary["steps"] == [1, 2, 3]
+    assert summary["steps"] == [1, 2, 3] and summary["layers"] == "all"
+    _, npy, summary = session_client.predict("cat", 2, "this step", 1, 3, ["up 8×8"], "prediction", 0.8, False, "first prompt", api_name="/attention")
+    assert summary["groups"] == ["up 8×8"] and len(summary["layers"]) == 2 and all(k.startswith("up_blocks.1.") for k in summary["layers"])
+    assert np.load(npy).shape == (8, 8) and not np.allclose(np.load(npy), saliency)
+    with pytest.raises(Exception, match="Unknown layer groups"):
+        session_client.predict("cat", 2, "this step", 1, 3, ["up 64×64"], "prediction", 0.8, False, "first prompt", api_name="/attention")
     with pytest.raises(Exception, match="'dog' is not in the prompt"):
         session_client.predict("dog", 1, "this step", 1, 3, [], "prediction", 0.8, False, "first prompt", api_name="/attention")
     chart, bars, data = session_client.predict(api_name="/concepts")

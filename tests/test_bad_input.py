@@ -66,6 +66,10 @@ def test_a_word_not_in_the_prompt(client):
         client.predict("zebra", 1, "this step", 1, 2, [], "prediction", 0.8, False, "first prompt", api_name="/attention")
     with pytest.raises(Exception, match="step must be between 1 and 2, got 7"):
         client.predict("cat", 7, "this step", 1, 2, [], "prediction", 0.8, False, "first prompt", api_name="/attention")
+    assert "| a layer group the model does not have |" in TABLE
+    with pytest.raises(Exception, match=r"Unknown layer groups \['up 64×64'\]; this model has \['down 8×8', 'down 4×4'"):
+        client.predict("cat", 1, "this step", 1, 2, ["up 64×64"], "prediction", 0.8, False, "first prompt", api_name="/attention")
+    assert client.predict("cat", 1, "this step", 1, 2, [], "prediction", 0.8, False, "first prompt", api_name="/attention")[2]["steps"] == [1]
 
 
 @pytest.mark.parametrize("value, message", [("NaN", "guidance must be a finite number"), ("Infinity", "greater than maximum value 30")])
