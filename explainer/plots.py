@@ -5,14 +5,38 @@ from __future__ import annotations
 import functools
 import io
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib
 import numpy as np
+from matplotlib import font_manager
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
 _JET = matplotlib.colormaps["jet"]
+
+# Fonts for the glyphs DejaVu Sans lacks: prompts in Chinese, Japanese or Korean would otherwise
+# show as boxes in the charts' legends. The Space installs them (packages.txt), as does CI.
+FALLBACK_FONT_FILES = ("DroidSansFallbackFull.ttf", "NanumGothic.ttf")  # Chinese and Japanese; Korean
+
+
+def _fallback_font_families() -> list[str]:
+    """Families of the fallback fonts on this system, registered with matplotlib even when its font
+    cache was built before they were installed (matplotlib does not rescan on its own)."""
+    manager = font_manager.fontManager
+    known = {Path(entry.fname).name for entry in manager.ttflist}
+    for path in font_manager.findSystemFonts():
+        if Path(path).name in FALLBACK_FONT_FILES and Path(path).name not in known:
+            manager.addfont(path)
+            known.add(Path(path).name)
+    return list(dict.fromkeys(entry.name for entry in manager.ttflist if Path(entry.fname).name in FALLBACK_FONT_FILES))
+
+
+# Set once at import, never while drawing (rcParams are global). Matplotlib falls back glyph by
+# glyph along the font.family list (a generic family such as "sans-serif" counts as one font), so
+# Latin text keeps its font; only families found are added (a missing one warns at every text).
+matplotlib.rcParams["font.family"] = list(dict.fromkeys([*matplotlib.rcParams["font.family"], *_fallback_font_families()]))
 
 
 def normalise(saliency: np.ndarray) -> np.ndarray:

@@ -1,8 +1,11 @@
 import json
+import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib import font_manager
 from PIL import Image
 
 from explainer import config, export, plots, views
@@ -173,3 +176,16 @@ def test_charts_drawn_in_many_threads_at_once_equal_the_same_charts_drawn_alone(
     assert len(drawn) == 6 * 5 * len(kinds)
     assert all(np.array_equal(picture, alone[name]) for name, picture in drawn)
     assert plt.get_fignums() == []  # nothing was left in pyplot's global registry
+
+
+@pytest.mark.skipif(not any(Path(p).name in plots.FALLBACK_FONT_FILES for p in font_manager.findSystemFonts()),
+                    reason="the fallback fonts of packages.txt are not installed (.ci/run installs them)")
+def test_charts_draw_words_in_other_scripts():
+    """Prompts in Chinese, Japanese or Korean: the legend shows the words, not boxes."""
+    words = {"0:猫": [0.0, 1.0], "1:고양이": [1.0, 0.0], "2:ねこ": [0.2, 0.3], "3:dog": [0.5, 0.5]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plots.concept_chart([1, 2], words, "title")
+        plots.StreamingConceptChart(2, tuple(words), "title").draw(words)
+        plots.token_bars({word: sum(values) for word, values in words.items()}, "title")
+    assert not [str(w.message) for w in caught if "missing from font" in str(w.message)]
