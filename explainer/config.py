@@ -159,7 +159,7 @@ class Limits:
     cpu_stream_share: float = 0.10
     # Per-group attention maps (SPEC §2's subsets: block and resolution) are stored at their own
     # resolution, pooled to at most this side: SD's 64x64 groups hold 3/4 of the stored map
-    # pixels, and a 77-token prompt's 30 steps would otherwise need 87 MB of records.
+    # pixels, and a 77-token prompt's 30 steps would otherwise need about 87 MB of records.
     max_group_map_side: int = 32
 
 
