@@ -119,16 +119,22 @@ def localisation(protocol: Protocol, model, run: RunData, maps_at_step: dict) ->
     return result
 
 
-def noun_iou(run: RunData, mask: np.ndarray) -> float | None:
-    """IoU of the first shape noun's cross-attention (mean over the last third of the steps,
-    thresholded at its mean) with ``mask``; None when the prompt names no shape."""
+def noun_map(run: RunData, groups: list[str] | None = None) -> np.ndarray | None:
+    """The first shape noun's cross-attention, mean over the last third of the steps (the attention
+    gate's map; ``groups`` as in ``views.word_map``); None when the prompt names no shape."""
     from .shapes.world import SHAPES
 
     nouns = [i for i, word in enumerate(run.tokens.words) if word.text in SHAPES]
     if not nouns:
         return None
     last_third = run.records[-max(1, len(run.records) // 3) :]
-    return iou(views.word_map(run, nouns[0], last_third), mask)
+    return views.word_map(run, nouns[0], last_third, groups=groups)
+
+
+def noun_iou(run: RunData, mask: np.ndarray) -> float | None:
+    """IoU of ``noun_map`` thresholded at its mean with ``mask``; None when the prompt names no shape."""
+    saliency = noun_map(run)
+    return None if saliency is None else iou(saliency, mask)
 
 
 def shape_grid(run: RunData) -> np.ndarray:

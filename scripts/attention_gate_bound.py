@@ -19,11 +19,11 @@ from PIL import Image
 from scipy.ndimage import binary_dilation
 
 from explainer import config, views
-from explainer.evaluate import _to_grid, iou, shape_grid
+from explainer.evaluate import _to_grid, iou, noun_map, shape_grid
 from explainer.models import load_model
 from explainer.run import InstrumentedRun, RunSettings
 from explainer.shapes.quality import FIRST_SEED
-from explainer.shapes.world import SHAPES, evaluation_prompts, generate_scene
+from explainer.shapes.world import evaluation_prompts, generate_scene
 
 EIGHT_NEIGHBOURS = np.ones((3, 3), bool)
 
@@ -77,12 +77,10 @@ def measure_model(prompts: int, figure: str | None = None, figure_rows: int = 8)
                                width=spec.width, height=spec.height, per_group=True)
         run = InstrumentedRun(model, settings).run_all().data
         shape = shape_grid(run)
-        noun = next((i for i, word in enumerate(run.tokens.words) if word.text in SHAPES), None)
-        if noun is None or not shape.any():
+        if noun_map(run) is None or not shape.any():
             continue
-        last_third = run.records[-max(1, len(run.records) // 3):]
         for name, groups in {"all layers": None, **{g: [g] for g in views.layer_groups(run)}}.items():
-            saliency = views.word_map(run, noun, last_third, groups=groups)
+            saliency = noun_map(run, groups)
             row = where_the_region_lies(saliency > saliency.mean(), shape) | {"IoU": iou(saliency, shape)}
             rows.setdefault(name, []).append(row)
             if groups is None and len(pictures) < figure_rows:
