@@ -230,8 +230,8 @@ def attention(word, step, aggregation, start, end, groups, view, opacity, includ
     summary = {
         "word": word,
         "steps": [r.index for r in chosen],
-        "groups": list(groups or []) or "all",
-        "layers": [key for g in groups for key in views.layer_groups(run)[g]] if groups else "all",
+        "groups": list(dict.fromkeys(groups)) if groups else "all",
+        "layers": [key for g in dict.fromkeys(groups) for key in views.layer_groups(run)[g]] if groups else "all",
         "min": float(saliency.min()),
         "max": float(saliency.max()),
         "shape": list(saliency.shape),
