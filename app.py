@@ -104,10 +104,15 @@ def _collect(model_id: str, settings: list[RunSettings]):
 CONCEPT_CHART_TITLE = "Concept chart (cheap score)"
 
 
-def _step_view(runs: list[RunData], step: int, streaming: bool = False, since: int | None = None):
+def _step_view(
+    runs: list[RunData], step: int, streaming: bool = False, since: int | None = None,
+    numbers_only: bool = False, pictures_since: int | None = None,
+):
     """What the Denoise tab shows at one step (1-based) of the current runs. The JSON's "steps"
     lists the facts of every step from ``since`` (default: this one) to this one: while streaming,
-    steps that a newer one overtook before the page was ready go out with it."""
+    steps that a newer one overtook before the page was ready go out with it. ``numbers_only``
+    leaves the pictures and charts as they are (a light update: status line and JSON);
+    ``pictures_since`` is the first step after the last update that had pictures (default: ``since``)."""
     first = runs[0]
     record = first.records[min(step, len(first.records)) - 1]
     status = f"**{record.label}** · noise level σ = {record.sigma:.3g}"
@@ -121,6 +126,8 @@ def _step_view(runs: list[RunData], step: int, streaming: bool = False, since: i
         second = runs[1]
         data["second_prompt"] = views.step_summary(second, second.records[record.index - 1])
         data["second_prompt"]["steps"] = [views.step_summary(second, r) for r in second.records[covered]]
+    if numbers_only:
+        return (*[gr.skip()] * 4, status, gr.skip(), gr.skip(), gr.skip(), data)
     pictures = []
     for which in (0, 1):
         if which < len(runs):
@@ -138,7 +145,8 @@ def _step_view(runs: list[RunData], step: int, streaming: bool = False, since: i
     else:
         concepts = plots.concept_chart(list(range(1, total + 1)), views.concept_series(first), CONCEPT_CHART_TITLE)
     period = max(1, total // 5)
-    if streaming and record.index != total and not any(i % period == 0 for i in range(covered.start + 1, record.index + 1)):
+    unpictured = range(pictures_since or covered.start + 1, record.index + 1)
+    if streaming and record.index != total and not any(i % period == 0 for i in unpictured):
         # one picture per word: while streaming they follow every fifth of the run (and the last step)
         overlays = gr.skip()
     else:
@@ -161,16 +169,25 @@ def denoise(model_id, prompt, prompt_b, negative, seed, steps, guidance, width, 
     session = session or Session()
     added = False
     last_sent = 0
-    budget = UpdateBudget(LIMITS.cpu_stream_share if preferred_device()[0].type == "cpu" else None)
+    budget = UpdateBudget(LIMITS.cpu_stream_share if preferred_device()[0].type == "cpu" else None, LIMITS.max_update_gap_s)
+    last_pictured = 0
     for current, step, waiting in _stream(model_id, runs):
         if not added:
             session.add(current)
             added = True
-        if waiting or not (step == len(current[0].timesteps) or budget.allows()):
-            continue  # a newer step is done, or drawing would slow a CPU run: its facts go out later
+        if waiting:
+            continue  # a newer step is done: this one's facts go out with it
+        pictures = step == len(current[0].timesteps) or budget.allows()
+        if not (pictures or budget.due()):
+            continue  # drawing would slow a CPU run, and the page had news a moment ago
         with budget.spending():
-            yield *_step_view(_up_to(current, step), step, streaming=True, since=last_sent + 1), session
+            view = _step_view(
+                _up_to(current, step), step, streaming=True, since=last_sent + 1,
+                numbers_only=not pictures, pictures_since=last_pictured + 1,
+            )
+            yield *view, session
         last_sent = step
+        last_pictured = step if pictures else last_pictured
 
 
 def after_run(session: Session | None):

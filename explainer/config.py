@@ -157,6 +157,9 @@ class Limits:
     # then gets pictures only while that has taken at most this share of the time (every step's
     # numbers still go out). On a GPU the drawing runs beside the run and every step is drawn.
     cpu_stream_share: float = 0.10
+    # Between two picture updates the page still gets the step's numbers at least this often: the
+    # status line keeps moving, and a cancel (which waits for the stream's next update) stays prompt.
+    max_update_gap_s: float = 1.0
     # Per-group attention maps (SPEC §2's subsets: block and resolution) are stored at their own
     # resolution, pooled to at most this side: SD's 64x64 groups hold 3/4 of the stored map
     # pixels, and a 77-token prompt's 30 steps would otherwise need about 87 MB of records.

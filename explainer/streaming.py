@@ -67,22 +67,30 @@ def run_ahead(items: Iterable[T]) -> Iterator[tuple[T, int]]:
 
 
 class UpdateBudget:
-    """Whether to send an update now, so that sending takes at most ``share`` of the time since
-    the stream started; ``share=None`` allows every update. Time an update with ``spending()``
-    around the ``yield``: a generator resumes when its consumer has dealt with what it yielded."""
+    """When to send an update, and whether with pictures. Pictures go out while sending has taken
+    at most ``share`` of the time since the stream started (``share=None``: always). Between them,
+    a light update is ``due`` once ``max_gap`` seconds have passed since the last update ended
+    (``None``: never). Time every update with ``spending()`` around the ``yield``: a generator
+    resumes when its consumer has dealt with what it yielded."""
 
-    def __init__(self, share: float | None):
+    def __init__(self, share: float | None, max_gap: float | None = None, clock=time.perf_counter):
         self.share = share
-        self.started = time.perf_counter()
+        self.max_gap = max_gap
+        self.clock = clock
+        self.started = self.last_sent = clock()
         self.spent = 0.0
 
     def allows(self) -> bool:
-        return self.share is None or self.spent <= self.share * (time.perf_counter() - self.started)
+        return self.share is None or self.spent <= self.share * (self.clock() - self.started)
+
+    def due(self) -> bool:
+        return self.max_gap is not None and self.clock() - self.last_sent >= self.max_gap
 
     @contextmanager
     def spending(self):
-        start = time.perf_counter()
+        start = self.clock()
         try:
             yield
         finally:
-            self.spent += time.perf_counter() - start
+            self.last_sent = self.clock()
+            self.spent += self.last_sent - start

@@ -1,11 +1,13 @@
 """The launched app, driven through gradio_client as an API user would."""
 
+import dataclasses
 import json
 import time
 import zipfile
 
 import numpy as np
 import pytest
+import torch
 from gradio_client import Client
 
 # /denoise outputs, in order
@@ -55,6 +57,27 @@ def test_a_slow_page_skips_pictures_not_steps_and_does_not_hold_the_run_back():
     assert len(updates) < 8 and updates[-1]["step"] == 8
     assert [summary["step"] for data in updates for summary in data["steps"]] == list(range(1, 9))
     assert len(session.run(0).records) == 8  # the scrubber has every step
+
+
+def test_while_pictures_wait_the_page_still_gets_news_of_the_steps(monkeypatch):
+    import app
+    from explainer.models import load_model
+
+    # no share of the time for pictures (only the first and last updates have them), no gap allowed
+    monkeypatch.setattr(app, "LIMITS", dataclasses.replace(app.LIMITS, cpu_stream_share=0.0, max_update_gap_s=0.0))
+    monkeypatch.setattr(app, "preferred_device", lambda: (torch.device("cpu"), torch.float32))
+    unet = load_model("tiny-random").pipe.unet
+    hook = unet.register_forward_pre_hook(lambda *_: time.sleep(0.1))  # steps slower than a light update
+    try:
+        updates = [outputs for *outputs, _ in app.denoise(*denoise_args(steps=8), None)]
+    finally:
+        hook.remove()
+    pictured = [not isinstance(update[PRED_A], dict) for update in updates]
+    assert pictured[0] and pictured[-1] and not any(pictured[1:-1]) and len(updates) > 2
+    assert all(isinstance(update[OVERLAYS], dict) and isinstance(update[CONCEPTS], dict) for update in updates[1:-1])
+    assert [update[DATA]["step"] for update in updates] == sorted({update[DATA]["step"] for update in updates})
+    assert [summary["step"] for update in updates for summary in update[DATA]["steps"]] == list(range(1, 9))
+    assert all(f"step {update[DATA]['step']} of 8" in update[STATUS] for update in updates)
 
 
 def test_second_prompt_runs_from_the_same_noise(client):

@@ -1,4 +1,5 @@
-"""run_ahead(): the work runs ahead of a slow reader, which gets every item and knows how far behind it is."""
+"""run_ahead(): the work runs ahead of a slow reader, which gets every item and knows how far behind it is.
+UpdateBudget: when an update goes out, and whether with pictures."""
 
 import contextvars
 import threading
@@ -6,7 +7,7 @@ import time
 
 import pytest
 
-from explainer.streaming import run_ahead
+from explainer.streaming import UpdateBudget, run_ahead
 
 
 def counting(n, seconds=0.0, log=None):
@@ -82,3 +83,35 @@ def test_the_work_sees_the_readers_context_variables():
 
     ((seen, thread_name), waiting), = list(run_ahead(work()))
     assert seen == "the user's request" and thread_name != threading.current_thread().name and waiting == 0
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_pictures_wait_for_their_share_and_light_updates_keep_the_gap_short():
+    clock = FakeClock()
+    budget = UpdateBudget(share=0.1, max_gap=1.0, clock=clock)
+    assert budget.allows() and not budget.due()  # the first update has pictures
+    with budget.spending():
+        clock.now = 0.5  # drawing and sending took 0.5 s: pictures wait until 10 % of the time again
+    clock.now = 1.4
+    assert not budget.allows() and not budget.due()  # the page had news 0.9 s ago
+    clock.now = 1.5
+    assert not budget.allows() and budget.due()  # a light update now
+    with budget.spending():
+        clock.now = 1.52
+    assert not budget.due()  # the gap counts from the end of the last update, of any kind
+    clock.now = 5.3
+    assert budget.allows()  # 0.52 s spent of 5.3 s
+
+
+def test_on_a_gpu_every_update_has_pictures_and_none_is_due_without_a_gap():
+    budget = UpdateBudget(share=None)
+    with budget.spending():
+        pass
+    assert budget.allows() and not budget.due()
