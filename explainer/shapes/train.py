@@ -1,10 +1,11 @@
 """Train the shapes latent diffusion model on CPU and save it in diffusers format.
 
 Stages (all run by default, each resumable): VAE on 32x32 crops, latent
-cache for a fixed scene set, decoder fine-tune, UNet + text encoder jointly in three
-phases (base, refine, shape), pipeline export.
+cache for a fixed scene set, decoder fine-tune, UNet + text encoder jointly in four
+phases (base, refine, shape, ground), pipeline export.
 
     python -m explainer.shapes.train --resume
+    python -m explainer.shapes.train --seed-from assets/shapes-ldm  # only the ground phase, from a saved model
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from explainer.capture import explicit_attention, layer_grid
 from explainer.shapes.tokenizer import MODEL_MAX_LENGTH, write_tokenizer
-from explainer.shapes.world import generate_scene
+from explainer.shapes.world import SHAPES, generate_scene
 
 CHECKPOINT_SECONDS = 180
-CHECKPOINTS = {"base": "unet_ckpt.pt", "refine": "refine_ckpt.pt", "shape": "shape_ckpt.pt"}  # one per UNet phase
+CHECKPOINTS = {"base": "unet_ckpt.pt", "refine": "refine_ckpt.pt", "shape": "shape_ckpt.pt", "ground": "ground_ckpt.pt"}  # one per UNet phase
+PREVIOUS_PHASE = {"refine": "base", "shape": "refine", "ground": "shape"}
 BETA_START, BETA_END = 0.00085, 0.012
 
 
@@ -215,6 +219,72 @@ def cache_outlines(args, work: Path) -> None:
     log(f"outlines cached: {outlines.shape}, mean {outlines.mean():.4f}")
 
 
+def cache_nouns(args, work: Path) -> None:
+    """Each cached caption's shape nouns: their token positions (in caption order, -1 for none)
+    and, per noun, the share of each latent cell its shape covers (for the ground phase)."""
+    from transformers import CLIPTokenizer
+
+    path = work / "nouns.npz"
+    if path.exists():
+        return
+    tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
+    noun_ids = {tokenizer.convert_tokens_to_ids(word + "</w>") for word in SHAPES}
+    positions = np.full((args.scenes, 2), -1, np.int16)
+    cover = np.zeros((args.scenes, 2, 16, 16), np.float16)
+    for i in range(args.scenes):
+        scene = generate_scene(scene_seed(args, i))
+        ids = tokenizer(scene.caption, max_length=MODEL_MAX_LENGTH, truncation=True)["input_ids"]
+        found = [k for k, token in enumerate(ids) if token in noun_ids]
+        assert len(found) == len(scene.shapes), scene.caption  # the captions name each shape once, in order
+        for slot, (position, item) in enumerate(zip(found, scene.shapes)):
+            positions[i, slot] = position
+            cover[i, slot] = item.mask.reshape(16, 4, 16, 4).mean(axis=(1, 3))
+    np.savez(work / "nouns.tmp.npz", positions=positions, cover=cover)
+    os.replace(work / "nouns.tmp.npz", path)
+    log(f"shape nouns cached: {int((positions >= 0).sum())} nouns in {args.scenes} captions")
+
+
+class ProbabilityTap:
+    """A cross-attention processor (diffusers' classic maths) that keeps each layer's
+    probabilities, with their graph, for the grounding loss."""
+
+    def __init__(self, found: list):
+        self.found = found
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
+        return explicit_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                  on_probs=lambda probs: self.found.append((probs, attn.heads)))
+
+
+def tap_cross_attention(unet) -> list:
+    """Install ``ProbabilityTap`` on every cross-attention layer; returns the list it fills."""
+    found: list = []
+    unet.set_attn_processor({name: ProbabilityTap(found) if name.endswith("attn2.processor") else processor
+                             for name, processor in unet.attn_processors.items()})
+    return found
+
+
+def grounding_loss(found: list, positions: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+    """TokenCompose's token loss (Wang et al., CVPR 2024), per layer and per shape noun:
+    (1 - the share of the noun's attention, mean over heads, that falls on its shape)^2, with
+    the shape's cover of each cell of the layer's grid (area means of the 16x16 cover).
+
+    positions: (batch, slots) noun token positions, -1 for none; cover: (batch, slots, 16, 16).
+    """
+    batch, slots = positions.shape
+    valid = positions >= 0
+    losses = []
+    for probs, heads in found:
+        _, tokens, text_length = probs.shape
+        mean = probs.view(batch, heads, tokens, text_length).mean(1)  # (batch, N, L)
+        grid = layer_grid(tokens, tuple(cover.shape[-2:]))
+        cells = F.adaptive_avg_pool2d(cover, grid).flatten(2)  # (batch, slots, N)
+        noun = torch.gather(mean, 2, positions.clamp(min=0).long()[:, None, :].expand(batch, tokens, slots)).transpose(1, 2)
+        inside = (noun * cells).sum(-1) / noun.sum(-1).clamp(min=1e-8)
+        losses.append((1 - inside).pow(2)[valid])
+    return torch.cat(losses).mean()
+
+
 def finetune_decoder(args, work: Path):
     """Fine-tune the VAE decoder on full 64x64 scenes, encoder frozen.
 
@@ -261,15 +331,18 @@ def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: floa
 
 
 def train_unet(args, work: Path, phase: str = "base"):
-    """Joint UNet + text encoder training in three phases, each from the last one's EMA weights
+    """Joint UNet + text encoder training in four phases, each from the last one's EMA weights
     with a fresh optimizer: "base"; "refine" (a lower learning rate; --refine-high-t-fraction
     samples more high-noise steps, which the epsilon model needed for place); "shape", whose loss weighs
     the latent cells on the shapes' outlines up (--shape-outline-weight) and whose text encoder
     learns faster (--shape-text-lr-scale). After refine, circles came out as rounded squares:
     the two differ only at the outline, a few percent of the loss, and the text embeddings of
-    "circle" and "square" stayed 0.96 cosine-similar.
+    "circle" and "square" stayed 0.96 cosine-similar. "ground" keeps the shape phase's loss and
+    adds --ground-weight times ``grounding_loss``: each shape noun's cross-attention should fall
+    on its shape. Without it the noun's map peaks on the shape but its floor spreads over the image.
     """
-    refine, shaping = phase == "refine", phase == "shape"
+    refine, grounding = phase == "refine", phase == "ground"
+    shaping = phase in ("shape", "ground")
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
@@ -281,12 +354,16 @@ def train_unet(args, work: Path, phase: str = "base"):
     empty_ids = tokenizer([""], padding="max_length", max_length=MODEL_MAX_LENGTH,
                           return_tensors="pt")["input_ids"]
     outlines = torch.from_numpy(np.load(work / "outlines.npy").astype(np.float32)) if shaping else None
+    if grounding:
+        nouns = np.load(work / "nouns.npz")
+        noun_positions, noun_cover = torch.from_numpy(nouns["positions"]), torch.from_numpy(nouns["cover"].astype(np.float32))
     torch.manual_seed(args.seed)
     unet, text_encoder = make_unet(), make_text_encoder(tokenizer)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
-    total = {"base": args.unet_steps, "refine": args.refine_steps, "shape": args.shape_steps}[phase]
-    lr, warmup = {"base": (args.lr, args.warmup), "refine": (args.refine_lr, 50), "shape": (args.shape_lr, 50)}[phase]
+    total = {"base": args.unet_steps, "refine": args.refine_steps, "shape": args.shape_steps, "ground": args.ground_steps}[phase]
+    lr, warmup = {"base": (args.lr, args.warmup), "refine": (args.refine_lr, 50), "shape": (args.shape_lr, 50),
+                  "ground": (args.ground_lr, 50)}[phase]
     groups = [{"params": params}]
     if shaping:  # the text encoder learns faster, without weight decay
         groups = [{"params": list(unet.parameters())},
@@ -296,10 +373,10 @@ def train_unet(args, work: Path, phase: str = "base"):
     ddpm, _ = make_noise_schedulers(args.prediction_type, args.zero_terminal_snr)
     alphas_cumprod = ddpm.alphas_cumprod.float()
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    gen = torch.Generator().manual_seed(args.seed + {"base": 2, "refine": 4, "shape": 6}[phase])
-    step, losses = 0, []
+    gen = torch.Generator().manual_seed(args.seed + {"base": 2, "refine": 4, "shape": 6, "ground": 8}[phase])
+    step, losses, ground_losses = 0, [], []
     ckpt = work / CHECKPOINTS[phase]
-    previous = {"refine": CHECKPOINTS["base"], "shape": CHECKPOINTS["refine"]}.get(phase)
+    previous = CHECKPOINTS.get(PREVIOUS_PHASE.get(phase))
     if previous and not (args.resume and ckpt.exists()):
         before = torch.load(work / previous, weights_only=False)
         unet.load_state_dict(before["unet"]), text_encoder.load_state_dict(before["text"])
@@ -315,12 +392,13 @@ def train_unet(args, work: Path, phase: str = "base"):
             e.copy_(saved)
         opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"])
-        step, losses = state["step"], state["losses"]
+        step, losses, ground_losses = state["step"], state["losses"], state.get("ground_losses", [])
         log(f"UNet resumed at step {step}")
     log(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
         f"text {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M, "
         f"{len(captions)} scenes, latent scale {scale:.4f}")
     unet.train(), text_encoder.train()
+    found = tap_cross_attention(unet) if grounding else []
     last_save, started = time.time(), time.time()
     while step < total:
         index = torch.randint(0, len(captions), (args.batch,), generator=gen)
@@ -328,6 +406,9 @@ def train_unet(args, work: Path, phase: str = "base"):
         tokens = ids[index].clone()
         drop = torch.rand(args.batch, generator=gen) < args.caption_dropout
         tokens[drop] = empty_ids[0]
+        if grounding:
+            positions = noun_positions[index].clone()
+            positions[drop] = -1  # an empty caption names no shape
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
         if refine:
             high = torch.rand(args.batch, generator=gen) < args.refine_high_t_fraction
@@ -339,6 +420,7 @@ def train_unet(args, work: Path, phase: str = "base"):
             t = torch.where(high, t_high, t)
         noise = torch.randn(x0.shape, generator=gen)
         xt = ddpm.add_noise(x0, noise, t)
+        found.clear()
         context = text_encoder(tokens)[0]
         pred = unet(xt, t, context).sample
         if args.prediction_type == "v_prediction":
@@ -357,26 +439,55 @@ def train_unet(args, work: Path, phase: str = "base"):
         if refine and args.prediction_type == "epsilon":  # the epsilon model's layout needed 1/SNR weights
             weight = torch.clamp(1.0 / snr[t], min=1.0, max=args.refine_max_weight)
         loss = (per_sample * weight).mean()
+        if grounding:
+            ground = grounding_loss(found, positions, noun_cover[index])
+            loss = loss + args.ground_weight * ground
+            ground_losses.append(ground.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step(), sched.step()
         step += 1
-        decay = {"refine": args.refine_ema, "shape": args.shape_ema}.get(phase, min(args.ema, (1 + step) / (10 + step)))
+        decay = {"refine": args.refine_ema, "shape": args.shape_ema, "ground": args.ground_ema}.get(
+            phase, min(args.ema, (1 + step) / (10 + step)))
         _ema_update(ema, params, decay)
         losses.append(per_sample.mean().item())
         if step % 25 == 0:
             rate = (time.time() - started) / 25
             started = time.time()
-            log(f"{phase} step {step}/{total} loss {np.mean(losses[-25:]):.4f} "
+            grounded = f" grounding {np.mean(ground_losses[-25:]):.4f}" if grounding else ""
+            log(f"{phase} step {step}/{total} loss {np.mean(losses[-25:]):.4f}{grounded} "
                 f"lr {sched.get_last_lr()[0]:.2e} {rate:.2f}s/step")
         if time.time() - last_save > CHECKPOINT_SECONDS or step == total:
             save_checkpoint(ckpt, dict(unet=unet.state_dict(), text=text_encoder.state_dict(),
                                        ema=ema, opt=opt.state_dict(), sched=sched.state_dict(),
                                        gen=gen.get_state(), step=step, losses=losses,
-                                       torch_rng=torch.get_rng_state()))
+                                       ground_losses=ground_losses, torch_rng=torch.get_rng_state()))
             last_save = time.time()
             log(f"checkpoint at step {step}")
+
+
+def seed_work_folder(pipeline: Path, work: Path) -> None:
+    """Stand a saved pipeline in for the stages before the ground phase: its VAE (the decoder
+    fine-tune left the encoder, so the latents, unchanged), its tokenizer, and its UNet and text
+    encoder as the shape phase's checkpoint (their EMA weights; the loss history is not saved)."""
+    import shutil
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    for part in ("vae", "vae_decoder"):
+        if not (work / part).exists():
+            AutoencoderKL.from_pretrained(pipeline / "vae").save_pretrained(work / part)
+    if not (work / "tokenizer").exists():
+        shutil.copytree(pipeline / "tokenizer", work / "tokenizer")
+    if not (work / CHECKPOINTS["shape"]).exists():
+        unet = UNet2DConditionModel.from_pretrained(pipeline / "unet")
+        text_encoder = CLIPTextModel.from_pretrained(pipeline / "text_encoder")
+        params = list(unet.parameters()) + list(text_encoder.parameters())
+        save_checkpoint(work / CHECKPOINTS["shape"], dict(unet=unet.state_dict(), text=text_encoder.state_dict(),
+                                                          ema=[p.detach().clone() for p in params], losses=[]))
+    log(f"work folder seeded from {pipeline}")
 
 
 def export_pipeline(args, work: Path):
@@ -385,7 +496,8 @@ def export_pipeline(args, work: Path):
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
-    candidates = [(CHECKPOINTS["shape"], args.shape_steps), (CHECKPOINTS["refine"], args.refine_steps), (CHECKPOINTS["base"], 1)]
+    candidates = [(CHECKPOINTS["ground"], args.ground_steps), (CHECKPOINTS["shape"], args.shape_steps),
+                  (CHECKPOINTS["refine"], args.refine_steps), (CHECKPOINTS["base"], 1)]
     latest = next(name for name, steps in candidates if steps and (work / name).exists())
     state = torch.load(work / latest, weights_only=False)
     unet, text_encoder = make_unet(), make_text_encoder(tokenizer)
@@ -406,14 +518,16 @@ def export_pipeline(args, work: Path):
     )
     out = Path(args.out)
     pipe.save_pretrained(out, safe_serialization=True)
-    save_loss_curve(state["losses"], out / "loss_curve.png")
+    save_loss_curve(state["losses"], out / "loss_curve.png", state.get("ground_losses"))
     info = dict(steps_in_last_phase=state["step"], final_loss=float(np.mean(state["losses"][-200:])),
                 scaling_factor=vae.config.scaling_factor)
     (work / "export.json").write_text(json.dumps(info, indent=2))
     log(f"pipeline saved to {out}: {info}")
 
 
-def save_loss_curve(losses: list[float], path: Path) -> None:
+def save_loss_curve(losses: list[float], path: Path, ground_losses: list[float] | None = None) -> None:
+    """The denoising loss of every UNet step the checkpoint remembers; the ground phase's
+    grounding loss, where there is one, on its own axis (its steps are the last ones)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -428,7 +542,16 @@ def save_loss_curve(losses: list[float], path: Path) -> None:
     ax.set_xlabel("UNet step, all phases (batch 64)")
     ax.set_ylabel("loss (v-prediction, weighted)")
     ax.set_ylim(0, min(1.0, float(values.max())))
-    ax.legend()
+    handles = ax.get_legend_handles_labels()
+    if ground_losses:
+        ground = np.asarray(ground_losses)
+        twin = ax.twinx()
+        steps = np.arange(len(values) - len(ground), len(values))
+        twin.plot(steps, ground, color="tab:red", alpha=0.6, lw=0.8, label="grounding loss (ground phase)")
+        twin.set_ylabel("grounding loss")
+        twin.set_ylim(0, 1)
+        handles = [a + b for a, b in zip(handles, twin.get_legend_handles_labels())]
+    ax.legend(*handles, fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -475,7 +598,13 @@ def main(argv=None):
     parser.add_argument("--shape-text-lr-scale", type=float, default=3.0)
     parser.add_argument("--shape-outline-weight", type=float, default=8.0)
     parser.add_argument("--shape-ema", type=float, default=0.995)
+    parser.add_argument("--ground-steps", type=int, default=800)
+    parser.add_argument("--ground-lr", type=float, default=1e-4)
+    parser.add_argument("--ground-weight", type=float, default=0.1)
+    parser.add_argument("--ground-ema", type=float, default=0.995)
     parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument("--seed-from", help="a saved pipeline (e.g. assets/shapes-ldm) whose VAE, tokenizer and "
+                        "weights stand in for the stages before the ground phase, which alone runs")
     args = parser.parse_args(argv)
     if args.zero_terminal_snr and args.prediction_type == "epsilon":
         parser.error("--zero-terminal-snr needs --prediction-type v_prediction (epsilon is undefined at SNR 0)")
@@ -487,7 +616,13 @@ def main(argv=None):
     if args.decoder_only:
         finetune_decoder(args, work)
         return
-    if not args.export_only:
+    if args.seed_from and not args.export_only:
+        seed_work_folder(Path(args.seed_from), work)
+        cache_latents(args, work)
+        cache_outlines(args, work)
+        cache_nouns(args, work)
+        train_unet(args, work, phase="ground")
+    elif not args.export_only:
         write_tokenizer(work / "tokenizer")
         train_vae(args, work)
         cache_latents(args, work)
@@ -498,6 +633,9 @@ def main(argv=None):
         if args.refine_steps and args.shape_steps:
             cache_outlines(args, work)
             train_unet(args, work, phase="shape")
+        if args.refine_steps and args.shape_steps and args.ground_steps:
+            cache_nouns(args, work)
+            train_unet(args, work, phase="ground")
     export_pipeline(args, work)
 
 
