@@ -469,8 +469,9 @@ def train_unet(args, work: Path, phase: str = "base"):
 
 def seed_work_folder(pipeline: Path, work: Path) -> None:
     """Stand a saved pipeline in for the stages before the ground phase: its VAE (the decoder
-    fine-tune left the encoder, so the latents, unchanged), its tokenizer, and its UNet and text
-    encoder as the shape phase's checkpoint (their EMA weights; the loss history is not saved)."""
+    fine-tune froze the encoder, so the cached latents come out as they did), its tokenizer, and
+    its UNet and text encoder (the shape phase's EMA weights) as the shape phase's checkpoint,
+    without its loss history."""
     import shutil
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
