@@ -77,14 +77,14 @@ class UpdateBudget:
         self.share = share
         self.max_gap = max_gap
         self.clock = clock
-        self.started = self.last_sent = clock()
+        self.started = self.last_update_end = clock()
         self.spent = 0.0
 
     def allows(self) -> bool:
         return self.share is None or self.spent <= self.share * (self.clock() - self.started)
 
     def due(self) -> bool:
-        return self.max_gap is not None and self.clock() - self.last_sent >= self.max_gap
+        return self.max_gap is not None and self.clock() - self.last_update_end >= self.max_gap
 
     @contextmanager
     def spending(self):
@@ -92,5 +92,5 @@ class UpdateBudget:
         try:
             yield
         finally:
-            self.last_sent = self.clock()
-            self.spent += self.last_sent - start
+            self.last_update_end = self.clock()
+            self.spent += self.last_update_end - start

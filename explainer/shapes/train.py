@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from explainer.capture import explicit_attention, layer_grid
+from explainer.capture import cross_attention_layers, explicit_attention, layer_grid
 from explainer.shapes.tokenizer import MODEL_MAX_LENGTH, write_tokenizer
 from explainer.shapes.world import SHAPES, generate_scene
 
@@ -196,6 +196,12 @@ def scene_seed(args, index: int) -> int:
     return args.seed * 1_000_003 + index
 
 
+def latent_cells(mask: np.ndarray) -> np.ndarray:
+    """The share of each 4x4 pixel cell (one latent cell) that a 64x64 mask covers."""
+    height, width = mask.shape
+    return mask.reshape(height // 4, 4, width // 4, 4).mean(axis=(1, 3))
+
+
 def shape_outline(scene) -> np.ndarray:
     """Share of each 4x4 pixel cell (one latent cell) on a shape's outline, +-2 pixels: where a
     circle and a square of the same place and size differ."""
@@ -204,8 +210,7 @@ def shape_outline(scene) -> np.ndarray:
     outline = np.zeros(scene.image.shape[:2], bool)
     for item in scene.shapes:
         outline |= ndimage.binary_dilation(item.mask, iterations=2) & ~ndimage.binary_erosion(item.mask, iterations=2)
-    height, width = outline.shape
-    return outline.reshape(height // 4, 4, width // 4, 4).mean(axis=(1, 3))
+    return latent_cells(outline)
 
 
 def cache_outlines(args, work: Path) -> None:
@@ -238,7 +243,7 @@ def cache_nouns(args, work: Path) -> None:
         assert len(found) == len(scene.shapes), scene.caption  # the captions name each shape once, in order
         for slot, (position, item) in enumerate(zip(found, scene.shapes)):
             positions[i, slot] = position
-            cover[i, slot] = item.mask.reshape(16, 4, 16, 4).mean(axis=(1, 3))
+            cover[i, slot] = latent_cells(item.mask)
     np.savez(work / "nouns.tmp.npz", positions=positions, cover=cover)
     os.replace(work / "nouns.tmp.npz", path)
     log(f"shape nouns cached: {int((positions >= 0).sum())} nouns in {args.scenes} captions")
@@ -259,7 +264,8 @@ class ProbabilityTap:
 def tap_cross_attention(unet) -> list:
     """Install ``ProbabilityTap`` on every cross-attention layer; returns the list it fills."""
     found: list = []
-    unet.set_attn_processor({name: ProbabilityTap(found) if name.endswith("attn2.processor") else processor
+    cross = set(cross_attention_layers(unet))
+    unet.set_attn_processor({name: ProbabilityTap(found) if name in cross else processor
                              for name, processor in unet.attn_processors.items()})
     return found
 
