@@ -141,10 +141,10 @@ def shape_grid(run: RunData) -> np.ndarray:
     """The drawn shape's pixels (the checker's segmentation of the final image) on the latent grid."""
     from .shapes.checker import generated_shape_mask
 
-    return _to_grid(generated_shape_mask(np.asarray(run.final_image)), run.latent_size)
+    return mask_on_grid(generated_shape_mask(np.asarray(run.final_image)), run.latent_size)
 
 
-def _to_grid(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def mask_on_grid(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A pixel mask on the latent grid: a latent pixel is in when at least half its patch is."""
     small = Image.fromarray(mask.astype(np.float32)).resize((size[1], size[0]), Image.Resampling.BOX)
     return np.asarray(small) >= 0.5

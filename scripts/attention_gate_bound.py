@@ -19,7 +19,7 @@ from PIL import Image
 from scipy.ndimage import binary_dilation
 
 from explainer import config, views
-from explainer.evaluate import _to_grid, iou, noun_map, shape_grid
+from explainer.evaluate import mask_on_grid, iou, noun_map, shape_grid
 from explainer.models import load_model
 from explainer.run import InstrumentedRun, RunSettings
 from explainer.shapes.quality import FIRST_SEED
@@ -36,7 +36,7 @@ def halo_bounds(scenes: int, grid: int) -> dict[str, float]:
         scene = generate_scene(rng)
         if len(scene.shapes) != 1:
             continue
-        cells = _to_grid(scene.shapes[0].mask, (grid, grid))
+        cells = mask_on_grid(scene.shapes[0].mask, (grid, grid))
         if not cells.any():
             continue
         bounds["8-neighbour"].append(cells.sum() / binary_dilation(cells, EIGHT_NEIGHBOURS).sum())
