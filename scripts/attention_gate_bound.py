@@ -19,7 +19,7 @@ from PIL import Image
 from scipy.ndimage import binary_dilation
 
 from explainer import config, views
-from explainer.evaluate import mask_on_grid, iou, noun_map, shape_grid
+from explainer.evaluate import iou, mask_on_grid, noun_map, shape_grid
 from explainer.models import load_model
 from explainer.run import InstrumentedRun, RunSettings
 from explainer.shapes.quality import FIRST_SEED
