@@ -24,9 +24,11 @@ STEP = 3
 CASES = [
     ("relevance", {}),
     ("relevance", {"word": "circle"}),
+    ("relevance", {"word": "circle", "rectify": "relu"}),
     ("df-rise", {"n_masks": 8, "batch_size": 3}),
     ("df-rise", {"n_masks": 8, "batch_size": 3, "mode": "paper", "mask": "grid", "grid": 3}),
     ("df-cam", {}),
+    ("df-cam", {"rectify": "abs"}),
     ("df-lime", {"n_samples": 24, "batch_size": 10, "kernel_size": 1, "max_dist": 5}),
     ("random", {"seed": 4}),
     ("centre", {"sigma": 0.3}),
@@ -134,6 +136,8 @@ def test_no_hook_or_processor_left_after_a_run_or_an_error(tiny_model, tiny_run,
         (lambda: DFLime(n_samples=1), "n_samples must be an integer"),
         (lambda: DFLime(kernel_width=0), "kernel_width must be a finite number"),
         (lambda: DFCam(layers="down_blocks.0.resnets.0"), "layers must be a list"),
+        (lambda: DFCam(rectify="square"), r"rectify must be one of \('abs', 'relu'\)"),
+        (lambda: TokenRelevance(rectify=None), "rectify must be one of"),
         (lambda: TokenRelevance(word=" "), "word must be a word of the prompt"),
         (lambda: CentreBaseline(sigma=-1.0), "sigma must be a finite number"),
         (lambda: RandomBaseline(seed=1.5), "seed must be an integer"),
@@ -249,8 +253,12 @@ def test_rise_masks_are_seeded_and_keep_about_p():
 # --- DF-CAM: one pass equals one pass per layer --------------------------------------------------
 
 
-def slow_cam(model, run, step):
-    """One forward and backward per layer, hooking only that layer; Grad-CAM straight from SPEC §5."""
+RECTIFY = {"abs": torch.abs, "relu": torch.relu}
+
+
+def slow_cam(model, run, step, rectify="abs"):
+    """One forward and backward per layer, hooking only that layer; Grad-CAM straight from SPEC §5
+    (``rectify="relu"``), or with the magnitude of each layer's weighted sum (``"abs"``)."""
     unet = model.pipe.unet
     inputs = step_inputs(model, run, step)
     maps = {}
@@ -272,7 +280,7 @@ def slow_cam(model, run, step):
             handle.remove()
         a = seen["A"][0] + 5.0 * (seen["A"][1] - seen["A"][0])
         g = seen["G"][0] + 5.0 * (seen["G"][1] - seen["G"][0])
-        cam = torch.relu((g.mean(dim=(1, 2))[:, None, None] * a).sum(0))
+        cam = RECTIFY[rectify]((g.mean(dim=(1, 2))[:, None, None] * a).sum(0))
         cam = F.interpolate(cam[None, None], size=(8, 8), mode="bilinear", align_corners=False)[0, 0].numpy()
         maps[name] = (cam - cam.min()) / (cam.max() - cam.min()) if cam.max() > cam.min() else np.zeros_like(cam)
     total = sum(maps.values())
@@ -284,13 +292,14 @@ def count_calls(unet):
     return calls, unet.register_forward_pre_hook(lambda module, args: calls.append(1))
 
 
-def test_one_pass_cam_equals_one_pass_per_layer(tiny_model, tiny_run):
+@pytest.mark.parametrize("rectify", ["abs", "relu"])
+def test_one_pass_cam_equals_one_pass_per_layer(tiny_model, tiny_run, rectify):
     unet = tiny_model.pipe.unet
     calls, handle = count_calls(unet)
     try:
-        fast = DFCam().explain(tiny_model, tiny_run, STEP)
+        fast = DFCam(rectify=rectify).explain(tiny_model, tiny_run, STEP)
         fast_calls = len(calls)
-        per_layer, total = slow_cam(tiny_model, tiny_run, STEP)
+        per_layer, total = slow_cam(tiny_model, tiny_run, STEP, rectify)
     finally:
         handle.remove()
     names = cam_layers(unet)
@@ -385,11 +394,12 @@ def norm_rule(r: np.ndarray) -> np.ndarray:
     return rest + eye
 
 
-def abar(probs: torch.Tensor, gradient: torch.Tensor) -> np.ndarray:
-    return np.maximum(gradient.double().numpy() * probs.detach().double().numpy(), 0).mean(0)
+def abar(probs: torch.Tensor, gradient: torch.Tensor, rectify: str) -> np.ndarray:
+    product = gradient.double().numpy() * probs.detach().double().numpy()
+    return (np.abs(product) if rectify == "abs" else np.maximum(product, 0)).mean(0)
 
 
-def slow_relevance(model, run, step):
+def slow_relevance(model, run, step, rectify="abs"):
     pipe = model.pipe
     unet, text_encoder = pipe.unet, pipe.text_encoder
     inputs = step_inputs(model, run, step)
@@ -412,11 +422,11 @@ def slow_relevance(model, run, step):
     length = text_probs[0].shape[-1]
     r_qq = np.eye(length)
     for probs, gradient in zip(text_probs, text_gradients):
-        r_qq = r_qq + abar(probs[0], gradient[0]) @ r_qq
+        r_qq = r_qq + abar(probs[0], gradient[0], rectify) @ r_qq
     n = 64  # 8 x 8 latent grid
     r_ii, r_iq = np.eye(n), np.zeros((n, length))
     for (cross, probs), gradient in zip(kept, unet_gradients):
-        layer = abar(probs[1], gradient[1])  # conditional half, (N_l, N_l or L)
+        layer = abar(probs[1], gradient[1], rectify)  # conditional half, (N_l, N_l or L)
         side = int(round(np.sqrt(layer.shape[0])))
         upsample = np.kron(bilinear_matrix(side, 8), bilinear_matrix(side, 8))  # (N, N_l)
         if cross:
@@ -433,14 +443,41 @@ def slow_relevance(model, run, step):
     return (sums - sums.min()) / (sums.max() - sums.min()), [c.reshape(8, 8) for c in columns]
 
 
-def test_relevance_equals_a_direct_loop_over_layers(tiny_model, tiny_run):
-    fast = TokenRelevance(word="circle").explain(tiny_model, tiny_run, STEP)
-    scores, maps = slow_relevance(tiny_model, tiny_run, STEP)
+@pytest.mark.parametrize("rectify", ["abs", "relu"])
+def test_relevance_equals_a_direct_loop_over_layers(tiny_model, tiny_run, rectify):
+    fast = TokenRelevance(word="circle", rectify=rectify).explain(tiny_model, tiny_run, STEP)
+    scores, maps = slow_relevance(tiny_model, tiny_run, STEP, rectify)
     np.testing.assert_allclose(list(fast.token_scores.values()), scores, atol=1e-4)
     for fast_map, slow_map in zip(fast.token_maps.values(), maps):
         np.testing.assert_allclose(fast_map, (slow_map - slow_map.min()) / np.ptp(slow_map), atol=1e-4)
     circle = maps[tiny_run.tokens.find("circle")]
     np.testing.assert_allclose(fast.saliency, (circle - circle.min()) / np.ptp(circle), atol=1e-4)
+
+
+def negate_output(unet, monkeypatch):
+    """Make the UNet predict minus its noise: the methods' target, the output's sum, flips sign."""
+    forward = unet.forward
+
+    def negated(*args, **kwargs):
+        output = forward(*args, **kwargs)
+        return (-output[0], *output[1:]) if isinstance(output, tuple) else type(output)(sample=-output.sample)
+
+    monkeypatch.setattr(unet, "forward", negated)
+
+
+@pytest.mark.parametrize("make", [lambda rectify: DFCam(rectify=rectify), lambda rectify: TokenRelevance(rectify=rectify)])
+def test_abs_maps_do_not_depend_on_the_sign_of_the_target_and_the_papers_relu_maps_do(tiny_model, tiny_run, make, monkeypatch):
+    def maps(method):
+        explanation = method.explain(tiny_model, tiny_run, STEP)
+        return {"saliency": explanation.saliency, **(explanation.per_layer or {}), **(explanation.token_maps or {})}
+
+    plain = {rectify: maps(make(rectify)) for rectify in ("abs", "relu")}
+    negate_output(tiny_model.pipe.unet, monkeypatch)
+    flipped = {rectify: maps(make(rectify)) for rectify in ("abs", "relu")}
+    for name, expected in plain["abs"].items():
+        np.testing.assert_allclose(flipped["abs"][name], expected, atol=1e-5, err_msg=name)
+    changed = [name for name, expected in plain["relu"].items() if np.abs(flipped["relu"][name] - expected).max() > 0.1]
+    assert "saliency" in changed and len(changed) >= len(plain["relu"]) // 2
 
 
 def test_explicit_attention_hooks_do_not_change_the_model(tiny_model, tiny_run):

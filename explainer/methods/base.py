@@ -65,6 +65,16 @@ class Explanation:
         return overlay(image, self.saliency, opacity)
 
 
+# How the gradient methods turn a signed gradient x activation into a map. Their target, the sum of
+# the denoiser's output, has no preferred sign: the model may draw a region by pushing the output up or
+# down, and which one depends on what is drawn. The paper's ReLU keeps one direction and drops the
+# other; "abs" keeps both, as vanilla gradient saliency |dy/dx| does (Simonyan et al., 2014). Each
+# method's default is the one that passed both meaning checks of scripts/meaning_checks.py (the map
+# favours the drawn shape; it changes when the model's weights are randomised): "abs" for token
+# relevance, the paper's "relu" for DF-CAM, whose "abs" maps stay much the same on a randomised model.
+RECTIFIERS = {"abs": torch.abs, "relu": torch.relu}
+
+
 def check_choice(name: str, value, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
@@ -132,7 +142,18 @@ class PerturbationMethod(Method):
 
 @dataclass(kw_only=True)
 class GradientMethod(Method):
-    """Family base of DF-CAM and token relevance: hooks and processors are removed in ``finally``."""
+    """Family base of DF-CAM and token relevance: hooks and processors are removed in ``finally``.
+
+    Args:
+        rectify: "abs" keeps the magnitude of gradient x activation, whichever way it pushes the
+            output; "relu" keeps only the positive part, as the paper does. Each method sets its
+            default (see ``RECTIFIERS``).
+    """
+
+    rectify: str = "abs"
+
+    def _check_options(self) -> None:
+        check_choice("rectify", self.rectify, tuple(RECTIFIERS))
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..plots import normalise
-from .base import GradientMethod, StepInputs, combine_guidance, step_inputs, unet_batch
+from .base import RECTIFIERS, GradientMethod, StepInputs, combine_guidance, step_inputs, unet_batch
 
 _PARTS = ("resnets", "attentions", "downsamplers", "upsamplers")
 _LAYER_PATH = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.(" + "|".join(_PARTS) + r")\.\d+$")
@@ -47,13 +47,16 @@ def unet_forward(model, inputs: StepInputs, latents: torch.Tensor) -> torch.Tens
     return model.pipe.unet(latent_input, timestep, encoder_hidden_states=text, return_dict=False)[0]
 
 
-def layer_map(activation: torch.Tensor, gradient: torch.Tensor, inputs: StepInputs, size: tuple[int, int]) -> np.ndarray:
-    """Grad-CAM of one layer: guidance-combined A and G (halves, C, h, w) -> ReLU(sum_c mean(G_c) A_c),
-    upsampled bilinearly to ``size`` and min-max normalised; float32 (H_lat, W_lat)."""
+def layer_map(
+    activation: torch.Tensor, gradient: torch.Tensor, inputs: StepInputs, size: tuple[int, int], rectify: str = "relu"
+) -> np.ndarray:
+    """Grad-CAM of one layer: guidance-combined A and G (halves, C, h, w) -> rectify(sum_c mean(G_c) A_c)
+    (``RECTIFIERS``: |.| or the paper's ReLU), upsampled bilinearly to ``size`` and min-max normalised;
+    float32 (H_lat, W_lat)."""
     activation = combine_guidance(activation.float(), inputs)[0]  # (C, h, w)
     gradient = combine_guidance(gradient.float(), inputs)[0]
     weights = gradient.mean(dim=(1, 2))  # (C,)
-    cam = torch.relu((weights[:, None, None] * activation).sum(0))  # (h, w)
+    cam = RECTIFIERS[rectify]((weights[:, None, None] * activation).sum(0))  # (h, w)
     cam = F.interpolate(cam[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
     return normalise(cam.detach().cpu().numpy())
 
@@ -64,15 +67,21 @@ class DFCam(GradientMethod):
 
     Args:
         layers: module paths to use (default: all of ``cam_layers(unet)``); the summed map uses these.
+        rectify: "relu" (default, the paper's) or "abs", applied to each layer's weighted sum. "abs"
+            finds the drawn shape more often on the shapes model, but its maps stay much the same
+            when the UNet's weights are randomised (Spearman up to 0.78), so it partly shows the
+            input rather than the model; see ``base.RECTIFIERS``.
     Returns (from ``explain``):
         ``Explanation`` with ``saliency`` (H_lat, W_lat) = min-max of the sum of the per-layer
         maps, ``per_layer`` {path: (H_lat, W_lat)}, ``denoiser_calls`` = 1.
     """
 
     layers: tuple[str, ...] | None = None
+    rectify: str = "relu"
     name = "df-cam"
 
     def _check_options(self) -> None:
+        super()._check_options()
         if self.layers is not None and (isinstance(self.layers, str) or not all(isinstance(x, str) for x in self.layers)):
             raise ValueError(f"layers must be a list of module paths (see cam_layers(unet)), got {self.layers!r}.")
 
@@ -105,7 +114,8 @@ class DFCam(GradientMethod):
             for handle in handles:
                 handle.remove()
         per_layer = {
-            name: layer_map(activations[name].detach(), gradient, inputs, size) for name, gradient in zip(names, gradients)
+            name: layer_map(activations[name].detach(), gradient, inputs, size, self.rectify)
+        for name, gradient in zip(names, gradients)
         }
         total = np.sum(list(per_layer.values()), axis=0)
         return self._result(run, step, total, per_layer=per_layer, denoiser_calls=1)
