@@ -9,7 +9,7 @@ import numpy as np
 import spaces
 
 from explainer import config, export, metrics, plots, views
-from explainer.methods import METHODS, relevance_series
+from explainer.methods import METHODS, TokenRelevance, relevance_series
 from explainer.models import load_model, preferred_device, preload, share_cpu_cores
 from explainer.run import RunData, RunSettings, StepRecord, stream_runs
 from explainer.schedules import parse_timestep_list
@@ -292,26 +292,29 @@ def _concept_outputs(run: RunData, title: str):
     return plots.concept_chart(steps, series, f"Concept chart: {title}"), plots.token_bars(totals, f"Totals: {title}"), data
 
 
-def _relevance_duration(model_id, run) -> int:
+def _relevance_duration(model_id, run, rectify="abs") -> int:
     spec = config.model_spec(model_id)
     return config.gpu_seconds(spec, 3 * len(run.records), run.settings.width, run.settings.height)  # fwd + bwd per step
 
 
 @spaces.GPU(duration=_relevance_duration)
-def _relevance_on_device(model_id: str, run: RunData) -> dict:
-    return relevance_series(load_model(model_id), run)
+def _relevance_on_device(model_id: str, run: RunData, rectify: str = "abs") -> dict:
+    return relevance_series(load_model(model_id), run, method=TokenRelevance(rectify=rectify))
 
 
-def relevance(session):
+def relevance(rectify, session):
     """The paper's concept measure: gradient-weighted attention relevance (SPEC §3) of every word at
-    every step of the latest run (one forward and backward pass per step), as a chart, totals and JSON."""
+    every step of the latest run (one forward and backward pass per step), as a chart, totals and JSON.
+    ``rectify``: "abs" (default) keeps |gradient x attention|, "relu" the paper's positive part."""
     try:
+        TokenRelevance(rectify=rectify)  # the option's check, before any GPU work
         run = _current(session)[0]
-        series = _relevance_on_device(run.model_id, run.for_computing())
+        series = _relevance_on_device(run.model_id, run.for_computing(), rectify)
     except ValueError as error:
         raise gr.Error(str(error)) from error
     totals = {label: float(sum(values)) for label, values in series["scores"].items()}
-    data = {"steps": series["steps"], "timesteps": run.timesteps, "score": "token relevance", "series": series["scores"], "totals": totals}
+    data = {"steps": series["steps"], "timesteps": run.timesteps, "score": "token relevance", "rectify": rectify,
+            "series": series["scores"], "totals": totals}
     chart = plots.concept_chart(series["steps"], series["scores"], "Concept chart: token relevance (gradient)", "relevance")
     return chart, plots.token_bars(totals, "Relevance summed over steps"), data
 
@@ -337,10 +340,12 @@ def compare_schedules(model_id, prompt, negative, seed, steps, guidance, width, 
 
 # ---------------------------------------------------------------- saliency
 
-def _saliency_options(name, masks, keep, mode, mask_kind, seed, estimator="contrast") -> dict:
+def _saliency_options(name, masks, keep, mode, mask_kind, seed, estimator="contrast", rectify="relu") -> dict:
     if name == "df-rise":
         return {"n_masks": int(masks), "keep": float(keep), "mode": mode, "mask": mask_kind, "seed": int(seed),
                 "estimator": estimator}
+    if name == "df-cam":
+        return {"rectify": rectify}
     if name == "df-lime":
         return {"seed": int(seed)}
     if name == "random":
@@ -364,7 +369,7 @@ def _explain_on_device(model_id, run: RunData, name: str, options: dict, step: i
     return explanation, scores
 
 
-def saliency(method, step, masks, keep, mode, mask_kind, seed, layer, opacity, score, estimator, session):
+def saliency(method, step, masks, keep, mode, mask_kind, seed, layer, opacity, score, estimator, rectify, session):
     """Where does the model recover the image at this step? A DF-RISE, DF-CAM or DF-LIME map (or a
     baseline) of the latest run, its overlay, and its insertion and deletion curves with their AUC."""
     try:
@@ -372,7 +377,7 @@ def saliency(method, step, masks, keep, mode, mask_kind, seed, layer, opacity, s
         if method not in SALIENCY_METHODS:
             raise ValueError(f"method must be one of {list(SALIENCY_METHODS)}, got {method!r}.")
         name = SALIENCY_METHODS[method]
-        options = _saliency_options(name, masks, keep, mode, mask_kind, seed, estimator)
+        options = _saliency_options(name, masks, keep, mode, mask_kind, seed, estimator, rectify)
         METHODS[name](**options)  # option checks (limits from the config) before any GPU work
         if not 1 <= int(step) <= len(run.records):
             raise ValueError(f"step must be between 1 and {len(run.records)}, got {step}.")
@@ -477,7 +482,7 @@ def build_demo() -> gr.Blocks:
         a["show"].click(attention, attention_inputs + [session], [a["overlay"], a["npy"], a["summary"]], api_name="attention")
         k["refresh"].click(concepts, session, [k["chart"], k["bars"], k["data"]], api_name="concepts")
         k["relevance"].click(
-            relevance, session, [k["chart"], k["bars"], k["data"]], api_name="relevance",
+            relevance, [k["rectify"], session], [k["chart"], k["bars"], k["data"]], api_name="relevance",
             concurrency_limit=LIMITS.max_concurrent_runs, concurrency_id="gpu",
         )
         compare_inputs = [d[n] for n in ("model_id", "prompt", "negative", "seed", "steps", "guidance", "width", "height", "lam")]
@@ -485,7 +490,7 @@ def build_demo() -> gr.Blocks:
             compare_schedules, compare_inputs, k["grid"] + [k["compare_data"]], api_name="compare_schedules",
             concurrency_limit=LIMITS.max_concurrent_runs, concurrency_id="gpu",
         )
-        saliency_inputs = [sal[n] for n in ("method", "step", "masks", "keep", "mode", "mask_kind", "seed", "layer", "opacity", "score", "estimator")]
+        saliency_inputs = [sal[n] for n in ("method", "step", "masks", "keep", "mode", "mask_kind", "seed", "layer", "opacity", "score", "estimator", "rectify")]
         sal["explain"].click(
             saliency, saliency_inputs + [session], [sal["overlay"], sal["chart"], sal["npy"], sal["data"], sal["layer"]],
             api_name="saliency", concurrency_limit=LIMITS.max_concurrent_runs, concurrency_id="gpu",

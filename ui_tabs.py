@@ -5,12 +5,17 @@ from __future__ import annotations
 import gradio as gr
 
 from explainer import config, plots
+from explainer.methods.base import RECTIFIERS
 from explainer.methods.rise import ESTIMATORS as RISE_ESTIMATORS
 
 LIMITS = config.LIMITS
 DEFAULT_MODEL = config.default_model_id()
 DEFAULT_SPEC = config.MODELS[DEFAULT_MODEL]
 AGGREGATIONS = ["this step", "range of steps", "all steps"]
+RELEVANCE_RECTIFY_INFO = ("abs (default): gradient × attention counts whichever way it pushes the output; relu: the "
+                          "paper's positive part, which misses what the model draws by pushing the output down")
+CAM_RECTIFY_INFO = ("relu (default): the paper's, where the layer pushes the output up; abs: either way; it finds the "
+                    "shape more often but looks much the same on a model with random weights (it partly shows the input)")
 SALIENCY_METHODS = {"DF-RISE": "df-rise", "DF-CAM": "df-cam", "DF-LIME": "df-lime", "random baseline": "random", "centred baseline": "centre"}
 
 
@@ -95,12 +100,15 @@ def concepts_tab():
     gr.Markdown(
         "**Which concept is drawn at each step?** The *cheap score* is each word's share of the cross-attention "
         "at that step; *token relevance* is the paper's measure, attention weighted by its gradient and carried "
-        "through every layer (Chefer et al.). Both are min-max normalised across the words at each step (SPEC §3); "
+        "through every layer (Chefer et al.), by default in either direction (|gradient × attention|; *relu* is the "
+        "paper's positive part). Both are min-max normalised across the words at each step (SPEC §3); "
         "the chart's title says which one is shown."
     )
     with gr.Row():
         c["refresh"] = gr.Button("Cheap score (recorded attention)")
         c["relevance"] = gr.Button("Token relevance (gradient, one pass per step)")
+        c["rectify"] = gr.Radio(list(RECTIFIERS), value="abs", label="Relevance: gradient × attention kept as",
+                                info=RELEVANCE_RECTIFY_INFO)
     with gr.Row():
         c["chart"] = gr.Image(label="Concept chart", type="pil", format="png", height=300)
         c["bars"] = gr.Image(label="Summed over steps", type="pil", height=300)
@@ -144,7 +152,9 @@ def saliency_tab():
                                           info="contrast: kept minus dropped (default, best measured); "
                                                "mean: over kept masks; sum: the paper's")
             c["seed"] = gr.Number(value=0, precision=0, label="Mask seed")
-            c["layer"] = gr.Dropdown(["sum of all layers"], value="sum of all layers", label="DF-CAM layer", allow_custom_value=True)
+            with gr.Accordion("DF-CAM options", open=True):
+                c["layer"] = gr.Dropdown(["sum of all layers"], value="sum of all layers", label="DF-CAM layer", allow_custom_value=True)
+                c["rectify"] = gr.Radio(list(RECTIFIERS), value="relu", label="Each layer's map kept as", info=CAM_RECTIFY_INFO)
             c["opacity"] = gr.Slider(0, 1, value=0.8, step=0.05, label="Overlay opacity")
             c["score"] = gr.Checkbox(value=True, label="Score with insertion / deletion")
             c["explain"] = gr.Button("Explain", variant="primary")

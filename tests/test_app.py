@@ -111,8 +111,10 @@ def test_attention_concepts_and_export_read_the_session_run(url):
     chart, bars, data = session_client.predict(api_name="/concepts")
     assert data["steps"] == [1, 2, 3] and set(data["series"]) == {"0:a", "1:cat", "2:on", "3:a", "4:red", "5:circle"}
     _, _, relevance = session_client.predict(api_name="/relevance")
-    assert relevance["score"] == "token relevance" and relevance["steps"] == [1, 2, 3]
+    assert relevance["score"] == "token relevance" and relevance["steps"] == [1, 2, 3] and relevance["rectify"] == "abs"
     assert set(relevance["series"]) == set(data["series"])
+    _, _, paper = session_client.predict("relu", api_name="/relevance")
+    assert paper["rectify"] == "relu" and paper["series"] != relevance["series"]
     archive, gif = session_client.predict(api_name="/export")
     with zipfile.ZipFile(archive) as opened:
         names = opened.namelist()
@@ -166,6 +168,11 @@ def test_saliency_explains_a_step_of_the_session_run(url):
         "DF-CAM", 3, 16, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, api_name="/saliency"
     )
     assert cam["denoiser_calls"] == 1 and len(cam["layers"]) > 5 and "insertion_auc" not in cam
+    assert cam["options"]["rectify"] == "relu"  # left out: the control's default, the paper's
+    _, _, cam_npy, magnitude_cam, _ = session_client.predict(
+        "DF-CAM", 3, 16, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, "contrast", "abs", api_name="/saliency"
+    )
+    assert magnitude_cam["options"]["rectify"] == "abs" and np.load(cam_npy).shape == (8, 8)
     assert data["options"]["estimator"] == "contrast"  # left out: the control's default
     _, _, _, paper, _ = session_client.predict(
         "DF-RISE", 2, 16, 0.5, "paper", "pixel", 0, "sum of all layers", 0.8, False, "sum", api_name="/saliency"
