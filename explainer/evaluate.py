@@ -31,10 +31,14 @@ from .methods import METHODS
 from .models import load_model
 from .run import InstrumentedRun, RunData, RunSettings
 
-MAP_METHODS = ("df-rise", "df-rise-paper", "df-cam", "df-lime", "cross-attention", "relevance", "random", "centre")
+MAP_METHODS = ("df-rise", "df-rise-paper", "df-cam", "df-cam-abs", "df-lime", "cross-attention", "relevance",
+               "relevance-paper", "random", "centre")
+# Other options of a method, scored beside its defaults: the paper's rules where the defaults differ.
+VARIANTS = {"df-rise-paper": "df-rise", "df-cam-abs": "df-cam", "relevance-paper": "relevance"}
 # A map that knows the answer, as an upper reference on the shapes world: the drawn shape's own pixels.
 REFERENCE = "shape-mask"
-LOCALISED = ("df-rise", "df-cam", "cross-attention", "relevance", "random", "centre")  # cheap enough at 3 phases
+# cheap enough at 3 phases
+LOCALISED = ("df-rise", "df-cam", "df-cam-abs", "cross-attention", "relevance", "relevance-paper", "random", "centre")
 
 
 @dataclass
@@ -68,10 +72,12 @@ def make_map(name: str, protocol: Protocol, model, run: RunData, step: int) -> n
         "df-rise": dict(n_masks=protocol.masks, batch_size=protocol.batch_size, mode="next-latent"),
         # the paper's method as published: its score and its undivided sum
         "df-rise-paper": dict(n_masks=protocol.masks, batch_size=protocol.batch_size, mode="paper", estimator="sum"),
+        "df-cam-abs": dict(rectify="abs"),  # |each layer's weighted sum|
+        "relevance-paper": dict(rectify="relu"),  # clamp(G * A, min=0)
         "df-lime": dict(n_samples=protocol.lime_samples, batch_size=protocol.batch_size),
         "random": dict(seed=run.settings.seed),
     }.get(name, {})
-    method = METHODS["df-rise" if name == "df-rise-paper" else name](**options)
+    method = METHODS[VARIANTS.get(name, name)](**options)
     return method.explain(model, run, step).saliency
 
 

@@ -25,6 +25,9 @@ METHODS = {
     "df-rise": lambda noun: DFRise(n_masks=500, batch_size=100),
     "df-cam": lambda noun: DFCam(),
     "relevance": lambda noun: TokenRelevance(word=noun),
+    # the other rectifier of each gradient method (base.RECTIFIERS), for comparison
+    "df-cam (abs)": lambda noun: DFCam(rectify="abs"),
+    "relevance (relu)": lambda noun: TokenRelevance(word=noun, rectify="relu"),
 }
 
 

@@ -69,7 +69,8 @@ class DFCam(GradientMethod):
         layers: module paths to use (default: all of ``cam_layers(unet)``); the summed map uses these.
         rectify: "relu" (default, the paper's) or "abs", applied to each layer's weighted sum. "abs"
             finds the drawn shape more often on the shapes model, but its maps stay much the same
-            when the UNet's weights are randomised (Spearman up to 0.78), so it partly shows the
+            when the UNet's weights are randomised (Spearman up to 0.80; 35 of 60 held-out cases
+            under 0.5, against 60 of 60 with "relu"), so it partly shows the
             input rather than the model; see ``base.RECTIFIERS``.
     Returns (from ``explain``):
         ``Explanation`` with ``saliency`` (H_lat, W_lat) = min-max of the sum of the per-layer
