@@ -69,9 +69,9 @@ class DFCam(GradientMethod):
         layers: module paths to use (default: all of ``cam_layers(unet)``); the summed map uses these.
         rectify: "relu" (default, the paper's) or "abs", applied to each layer's weighted sum. "abs"
             finds the drawn shape more often on the shapes model, but its maps stay much the same
-            when the UNet's weights are randomised (Spearman up to 0.80; 35 of 60 held-out cases
-            under 0.5, against 60 of 60 with "relu"), so it partly shows the
-            input rather than the model; see ``base.RECTIFIERS``.
+            when the UNet's weights are randomised (Spearman up to 0.80; under 0.5 in 35 of 60
+            held-out cases, against 60 of 60 with "relu"), so it partly shows the input rather
+            than the model; see ``base.RECTIFIERS``.
     Returns (from ``explain``):
         ``Explanation`` with ``saliency`` (H_lat, W_lat) = min-max of the sum of the per-layer
         maps, ``per_layer`` {path: (H_lat, W_lat)}, ``denoiser_calls`` = 1.
@@ -116,7 +116,7 @@ class DFCam(GradientMethod):
                 handle.remove()
         per_layer = {
             name: layer_map(activations[name].detach(), gradient, inputs, size, self.rectify)
-        for name, gradient in zip(names, gradients)
+            for name, gradient in zip(names, gradients)
         }
         total = np.sum(list(per_layer.values()), axis=0)
         return self._result(run, step, total, per_layer=per_layer, denoiser_calls=1)

@@ -3,9 +3,8 @@
 One forward and one backward pass per step. The attention probabilities of every self- and
 cross-attention layer of the UNet, and of every text-encoder layer, are computed explicitly
 with gradients; as each one's gradient G arrives in the backward pass, a tensor hook keeps only
-``Abar = mean over heads of rectify(G * A)`` of the conditional prompt (|G * A| by default,
-the paper's ``clamp(G * A, min=0)`` with ``rectify="relu"``) and lets autograd
-free the rest. The bi-modal rules then run in forward order on the finest latent grid.
+``Abar = mean over heads of rectify(G * A)`` of the conditional prompt (|G * A| by default, the
+paper's ``clamp(G * A, min=0)`` with ``rectify="relu"``) and lets autograd free the rest. The bi-modal rules then run in forward order on the finest latent grid.
 
 The explicit attention comes from forward hooks that act only on calls from the explaining
 thread, not from swapped processors: swapping the UNet's processor dict while another thread's
