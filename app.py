@@ -9,7 +9,7 @@ import numpy as np
 import spaces
 
 from explainer import config, export, metrics, plots, views
-from explainer.methods import METHODS, TokenRelevance, relevance_series
+from explainer.methods import METHODS, DFCam, TokenRelevance, relevance_series
 from explainer.models import load_model, preferred_device, preload, share_cpu_cores
 from explainer.run import RunData, RunSettings, StepRecord, stream_runs
 from explainer.schedules import parse_timestep_list
@@ -292,13 +292,13 @@ def _concept_outputs(run: RunData, title: str):
     return plots.concept_chart(steps, series, f"Concept chart: {title}"), plots.token_bars(totals, f"Totals: {title}"), data
 
 
-def _relevance_duration(model_id, run, rectify="abs") -> int:
+def _relevance_duration(model_id, run, *_rectify) -> int:  # the rectifier does not change the work
     spec = config.model_spec(model_id)
     return config.gpu_seconds(spec, 3 * len(run.records), run.settings.width, run.settings.height)  # fwd + bwd per step
 
 
 @spaces.GPU(duration=_relevance_duration)
-def _relevance_on_device(model_id: str, run: RunData, rectify: str = "abs") -> dict:
+def _relevance_on_device(model_id: str, run: RunData, rectify: str = TokenRelevance.rectify) -> dict:
     return relevance_series(load_model(model_id), run, method=TokenRelevance(rectify=rectify))
 
 
@@ -340,7 +340,7 @@ def compare_schedules(model_id, prompt, negative, seed, steps, guidance, width, 
 
 # ---------------------------------------------------------------- saliency
 
-def _saliency_options(name, masks, keep, mode, mask_kind, seed, estimator="contrast", rectify="relu") -> dict:
+def _saliency_options(name, masks, keep, mode, mask_kind, seed, estimator="contrast", rectify=DFCam.rectify) -> dict:
     if name == "df-rise":
         return {"n_masks": int(masks), "keep": float(keep), "mode": mode, "mask": mask_kind, "seed": int(seed),
                 "estimator": estimator}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from explainer import config, plots
+from explainer.methods import DFCam, TokenRelevance
 from explainer.methods.base import RECTIFIERS
 from explainer.methods.rise import ESTIMATORS as RISE_ESTIMATORS
 
@@ -107,7 +108,7 @@ def concepts_tab():
     with gr.Row():
         c["refresh"] = gr.Button("Cheap score (recorded attention)")
         c["relevance"] = gr.Button("Token relevance (gradient, one pass per step)")
-        c["rectify"] = gr.Radio(list(RECTIFIERS), value="abs", label="Relevance: gradient × attention kept as",
+        c["rectify"] = gr.Radio(list(RECTIFIERS), value=TokenRelevance.rectify, label="Relevance: gradient × attention kept as",
                                 info=RELEVANCE_RECTIFY_INFO)
     with gr.Row():
         c["chart"] = gr.Image(label="Concept chart", type="pil", format="png", height=300)
@@ -154,7 +155,7 @@ def saliency_tab():
             c["seed"] = gr.Number(value=0, precision=0, label="Mask seed")
             with gr.Accordion("DF-CAM options", open=True):
                 c["layer"] = gr.Dropdown(["sum of all layers"], value="sum of all layers", label="DF-CAM layer", allow_custom_value=True)
-                c["rectify"] = gr.Radio(list(RECTIFIERS), value="relu", label="Each layer's map kept as", info=CAM_RECTIFY_INFO)
+                c["rectify"] = gr.Radio(list(RECTIFIERS), value=DFCam.rectify, label="Each layer's map kept as", info=CAM_RECTIFY_INFO)
             c["opacity"] = gr.Slider(0, 1, value=0.8, step=0.05, label="Overlay opacity")
             c["score"] = gr.Checkbox(value=True, label="Score with insertion / deletion")
             c["explain"] = gr.Button("Explain", variant="primary")

@@ -487,7 +487,7 @@ def test_explicit_attention_hooks_do_not_change_the_model(tiny_model, tiny_run):
     with torch.no_grad():
         stock_text = pipe.text_encoder(ids)[0]
         stock = guided_prediction(tiny_model, inputs, inputs.latents)
-    state, elsewhere = RelevanceState(conditional_index=1, batch_size=2), {}
+    state, elsewhere = RelevanceState(conditional_index=1, batch_size=2, rectify="abs"), {}
 
     def other_thread():
         with torch.no_grad():

@@ -146,11 +146,11 @@ class GradientMethod(Method):
 
     Args:
         rectify: "abs" keeps the magnitude of gradient x activation, whichever way it pushes the
-            output; "relu" keeps only the positive part, as the paper does. Each method sets its
-            default (see ``RECTIFIERS``).
+            output; "relu" keeps only the positive part, as the paper does. Each method declares its
+            own default (see ``RECTIFIERS``).
     """
 
-    rectify: str = "abs"
+    rectify: str
 
     def _check_options(self) -> None:
         check_choice("rectify", self.rectify, tuple(RECTIFIERS))

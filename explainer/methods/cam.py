@@ -48,7 +48,7 @@ def unet_forward(model, inputs: StepInputs, latents: torch.Tensor) -> torch.Tens
 
 
 def layer_map(
-    activation: torch.Tensor, gradient: torch.Tensor, inputs: StepInputs, size: tuple[int, int], rectify: str = "relu"
+    activation: torch.Tensor, gradient: torch.Tensor, inputs: StepInputs, size: tuple[int, int], rectify: str
 ) -> np.ndarray:
     """Grad-CAM of one layer: guidance-combined A and G (halves, C, h, w) -> rectify(sum_c mean(G_c) A_c)
     (``RECTIFIERS``: |.| or the paper's ReLU), upsampled bilinearly to ``size`` and min-max normalised;

@@ -4,7 +4,8 @@ One forward and one backward pass per step. The attention probabilities of every
 cross-attention layer of the UNet, and of every text-encoder layer, are computed explicitly
 with gradients; as each one's gradient G arrives in the backward pass, a tensor hook keeps only
 ``Abar = mean over heads of rectify(G * A)`` of the conditional prompt (|G * A| by default, the
-paper's ``clamp(G * A, min=0)`` with ``rectify="relu"``) and lets autograd free the rest. The bi-modal rules then run in forward order on the finest latent grid.
+paper's ``clamp(G * A, min=0)`` with ``rectify="relu"``) and lets autograd free the rest. The
+bi-modal rules then run in forward order on the finest latent grid.
 
 The explicit attention comes from forward hooks that act only on calls from the explaining
 thread, not from swapped processors: swapping the UNet's processor dict while another thread's
@@ -41,7 +42,7 @@ from .base import RECTIFIERS, GradientMethod, step_inputs, unet_batch
 class RelevanceState:
     """One explain call's Abar matrices, in forward order; nothing is shared between calls."""
 
-    def __init__(self, conditional_index: int, batch_size: int, rectify: str = "abs"):
+    def __init__(self, conditional_index: int, batch_size: int, rectify: str):
         self.conditional_index = conditional_index
         self.batch_size = batch_size
         self.rectify = RECTIFIERS[rectify]
@@ -232,6 +233,7 @@ class TokenRelevance(GradientMethod):
     """
 
     word: str | None = None
+    rectify: str = "abs"
     name = "relevance"
 
     def _check_options(self) -> None:
