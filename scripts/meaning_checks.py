@@ -3,7 +3,7 @@ prompt, each method's inside/outside ratio (the drawn shape's latent pixels agai
 the last quarter of the steps, and its Spearman correlation with the same method on the model with
 re-initialised UNet weights (Adebayo et al., 2018). Criteria: ratio > 1.5, Spearman < 0.5.
 
-    python scripts/meaning_checks.py --prompts 12   (16 min on the 2-core CPU)
+    python scripts/meaning_checks.py --prompts 12   (25 min on the 2-core CPU, both rectifiers)
 """
 
 from __future__ import annotations
