@@ -340,12 +340,13 @@ def compare_schedules(model_id, prompt, negative, seed, steps, guidance, width, 
 
 # ---------------------------------------------------------------- saliency
 
-def _saliency_options(name, masks, keep, mode, mask_kind, seed, estimator="contrast", rectify=DFCam.rectify) -> dict:
+def _saliency_options(name, masks, keep, mode, mask_kind, seed, estimator="contrast", rectify=DFCam.rectify,
+                      target=DFCam.target) -> dict:
     if name == "df-rise":
         return {"n_masks": int(masks), "keep": float(keep), "mode": mode, "mask": mask_kind, "seed": int(seed),
                 "estimator": estimator}
     if name == "df-cam":
-        return {"rectify": rectify}
+        return {"rectify": rectify, "target": target}
     if name == "df-lime":
         return {"seed": int(seed)}
     if name == "random":
@@ -369,7 +370,7 @@ def _explain_on_device(model_id, run: RunData, name: str, options: dict, step: i
     return explanation, scores
 
 
-def saliency(method, step, masks, keep, mode, mask_kind, seed, layer, opacity, score, estimator, rectify, session):
+def saliency(method, step, masks, keep, mode, mask_kind, seed, layer, opacity, score, estimator, rectify, target, session):
     """Where does the model recover the image at this step? A DF-RISE, DF-CAM or DF-LIME map (or a
     baseline) of the latest run, its overlay, and its insertion and deletion curves with their AUC."""
     try:
@@ -377,7 +378,7 @@ def saliency(method, step, masks, keep, mode, mask_kind, seed, layer, opacity, s
         if method not in SALIENCY_METHODS:
             raise ValueError(f"method must be one of {list(SALIENCY_METHODS)}, got {method!r}.")
         name = SALIENCY_METHODS[method]
-        options = _saliency_options(name, masks, keep, mode, mask_kind, seed, estimator, rectify)
+        options = _saliency_options(name, masks, keep, mode, mask_kind, seed, estimator, rectify, target)
         METHODS[name](**options)  # option checks (limits from the config) before any GPU work
         if not 1 <= int(step) <= len(run.records):
             raise ValueError(f"step must be between 1 and {len(run.records)}, got {step}.")
@@ -490,7 +491,8 @@ def build_demo() -> gr.Blocks:
             compare_schedules, compare_inputs, k["grid"] + [k["compare_data"]], api_name="compare_schedules",
             concurrency_limit=LIMITS.max_concurrent_runs, concurrency_id="gpu",
         )
-        saliency_inputs = [sal[n] for n in ("method", "step", "masks", "keep", "mode", "mask_kind", "seed", "layer", "opacity", "score", "estimator", "rectify")]
+        saliency_inputs = [sal[n] for n in ("method", "step", "masks", "keep", "mode", "mask_kind", "seed", "layer", "opacity",
+                                            "score", "estimator", "rectify", "target")]
         sal["explain"].click(
             saliency, saliency_inputs + [session], [sal["overlay"], sal["chart"], sal["npy"], sal["data"], sal["layer"]],
             api_name="saliency", concurrency_limit=LIMITS.max_concurrent_runs, concurrency_id="gpu",

@@ -7,6 +7,7 @@ import gradio as gr
 from explainer import config, plots
 from explainer.methods import DFCam, TokenRelevance
 from explainer.methods.base import RECTIFIERS
+from explainer.methods.cam import TARGETS as CAM_TARGETS
 from explainer.methods.rise import ESTIMATORS as RISE_ESTIMATORS
 
 LIMITS = config.LIMITS
@@ -15,6 +16,8 @@ DEFAULT_SPEC = config.MODELS[DEFAULT_MODEL]
 AGGREGATIONS = ["this step", "range of steps", "all steps"]
 RELEVANCE_RECTIFY_INFO = ("abs (default): gradient × attention counts whichever way it pushes the output; relu: the "
                           "paper's positive part, which misses what the model draws by pushing the output down")
+CAM_TARGET_INFO = ("guidance (default): how much the prompt changes the prediction, ½‖ε_c − ε_u‖²; sum: the paper's "
+                   "sum of the output, which has no preferred sign (ReLU then drops shapes drawn by pushing it down)")
 CAM_RECTIFY_INFO = ("relu (default): the paper's, where the layer pushes the output up; abs: either way; it finds the "
                     "shape more often but looks much the same on a model with random weights (it partly shows the input)")
 SALIENCY_METHODS = {"DF-RISE": "df-rise", "DF-CAM": "df-cam", "DF-LIME": "df-lime", "random baseline": "random", "centred baseline": "centre"}
@@ -155,6 +158,7 @@ def saliency_tab():
             c["seed"] = gr.Number(value=0, precision=0, label="Mask seed")
             with gr.Accordion("DF-CAM options", open=True):
                 c["layer"] = gr.Dropdown(["sum of all layers"], value="sum of all layers", label="DF-CAM layer", allow_custom_value=True)
+                c["target"] = gr.Radio(list(CAM_TARGETS), value=DFCam.target, label="Explained quantity", info=CAM_TARGET_INFO)
                 c["rectify"] = gr.Radio(list(RECTIFIERS), value=DFCam.rectify, label="Each layer's map kept as", info=CAM_RECTIFY_INFO)
             c["opacity"] = gr.Slider(0, 1, value=0.8, step=0.05, label="Overlay opacity")
             c["score"] = gr.Checkbox(value=True, label="Score with insertion / deletion")

@@ -31,14 +31,20 @@ from .methods import METHODS
 from .models import load_model
 from .run import InstrumentedRun, RunData, RunSettings
 
-MAP_METHODS = ("df-rise", "df-rise-paper", "df-cam", "df-cam-abs", "df-lime", "cross-attention", "relevance",
-               "relevance-paper", "random", "centre")
+MAP_METHODS = ("df-rise", "df-rise-paper", "df-cam", "df-cam-paper", "df-cam-abs", "df-lime", "cross-attention",
+               "relevance", "relevance-paper", "random", "centre")
 # Other options of a method, scored beside its defaults: the paper's rules where the defaults differ.
-VARIANTS = {"df-rise-paper": "df-rise", "df-cam-abs": "df-cam", "relevance-paper": "relevance"}
+VARIANTS = {
+    "df-rise-paper": ("df-rise", dict(mode="paper", estimator="sum")),  # the paper's score and undivided sum
+    "df-cam-paper": ("df-cam", dict(target="sum")),  # Grad-CAM of the output's sum
+    "df-cam-abs": ("df-cam", dict(rectify="abs")),  # |each layer's weighted sum|
+    "relevance-paper": ("relevance", dict(rectify="relu")),  # clamp(G * A, min=0)
+}
 # A map that knows the answer, as an upper reference on the shapes world: the drawn shape's own pixels.
 REFERENCE = "shape-mask"
 # cheap enough at 3 phases
-LOCALISED = ("df-rise", "df-cam", "df-cam-abs", "cross-attention", "relevance", "relevance-paper", "random", "centre")
+LOCALISED = ("df-rise", "df-cam", "df-cam-paper", "df-cam-abs", "cross-attention", "relevance", "relevance-paper", "random",
+             "centre")
 
 
 @dataclass
@@ -68,16 +74,13 @@ def make_map(name: str, protocol: Protocol, model, run: RunData, step: int) -> n
     if name == "cross-attention":  # raw attention of all prompt words, as recorded
         maps = [views.word_map(run, i, [run.records[step - 1]]) for i in range(len(run.tokens.words))]
         return normalise(np.sum(maps, axis=0)) if maps else np.zeros(run.latent_size, np.float32)
+    method_name, variant = VARIANTS.get(name, (name, {}))
     options = {
         "df-rise": dict(n_masks=protocol.masks, batch_size=protocol.batch_size, mode="next-latent"),
-        # the paper's method as published: its score and its undivided sum
-        "df-rise-paper": dict(n_masks=protocol.masks, batch_size=protocol.batch_size, mode="paper", estimator="sum"),
-        "df-cam-abs": dict(rectify="abs"),  # |each layer's weighted sum|
-        "relevance-paper": dict(rectify="relu"),  # clamp(G * A, min=0)
         "df-lime": dict(n_samples=protocol.lime_samples, batch_size=protocol.batch_size),
         "random": dict(seed=run.settings.seed),
-    }.get(name, {})
-    method = METHODS[VARIANTS.get(name, name)](**options)
+    }.get(method_name, {})
+    method = METHODS[method_name](**(options | variant))
     return method.explain(model, run, step).saliency
 
 

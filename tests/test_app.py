@@ -168,11 +168,17 @@ def test_saliency_explains_a_step_of_the_session_run(url):
         "DF-CAM", 3, 16, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, api_name="/saliency"
     )
     assert cam["denoiser_calls"] == 1 and len(cam["layers"]) > 5 and "insertion_auc" not in cam
-    assert cam["options"]["rectify"] == "relu"  # left out: the control's default, the paper's
+    assert cam["options"]["rectify"] == "relu" and cam["options"]["target"] == "guidance"  # left out: the defaults
     _, _, cam_npy, magnitude_cam, _ = session_client.predict(
         "DF-CAM", 3, 16, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, "contrast", "abs", api_name="/saliency"
     )
     assert magnitude_cam["options"]["rectify"] == "abs" and np.load(cam_npy).shape == (8, 8)
+    _, _, paper_npy, paper_cam, _ = session_client.predict(
+        "DF-CAM", 3, 16, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, "contrast", "relu", "sum",
+        api_name="/saliency",
+    )
+    assert paper_cam["options"]["target"] == "sum" and paper_cam["options"]["rectify"] == "relu"
+    assert not np.allclose(np.load(paper_npy), np.load(cam_npy))
     assert data["options"]["estimator"] == "contrast"  # left out: the control's default
     _, _, _, paper, _ = session_client.predict(
         "DF-RISE", 2, 16, 0.5, "paper", "pixel", 0, "sum of all layers", 0.8, False, "sum", api_name="/saliency"

@@ -101,12 +101,15 @@ def test_mask_counts(client, label, masks, message):
         client.predict("DF-RISE", 1, masks, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, api_name="/saliency")
 
 
-def test_an_unknown_rectifier(client):
-    assert "| an unknown rectifier (" in TABLE
+def test_an_unknown_rectifier_or_cam_target(client):
+    assert "| an unknown rectifier (" in TABLE and "| an unknown DF-CAM target |" in TABLE
     client.predict(*denoise_args(steps=2), api_name="/denoise")
     with pytest.raises(Exception, match="'square' .* is not in the list of choices"):
         client.predict("square", api_name="/relevance")
     with pytest.raises(Exception, match="'square' .* is not in the list of choices"):
         client.predict("DF-CAM", 1, 8, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, "contrast", "square",
                        api_name="/saliency")
+    with pytest.raises(Exception, match="'energy' .* is not in the list of choices"):
+        client.predict("DF-CAM", 1, 8, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, "contrast", "relu",
+                       "energy", api_name="/saliency")
     assert client.predict("relu", api_name="/relevance")[2]["rectify"] == "relu"

@@ -29,6 +29,7 @@ CASES = [
     ("df-rise", {"n_masks": 8, "batch_size": 3, "mode": "paper", "mask": "grid", "grid": 3}),
     ("df-cam", {}),
     ("df-cam", {"rectify": "abs"}),
+    ("df-cam", {"target": "sum"}),
     ("df-lime", {"n_samples": 24, "batch_size": 10, "kernel_size": 1, "max_dist": 5}),
     ("random", {"seed": 4}),
     ("centre", {"sigma": 0.3}),
@@ -137,6 +138,7 @@ def test_no_hook_or_processor_left_after_a_run_or_an_error(tiny_model, tiny_run,
         (lambda: DFLime(kernel_width=0), "kernel_width must be a finite number"),
         (lambda: DFCam(layers="down_blocks.0.resnets.0"), "layers must be a list"),
         (lambda: DFCam(rectify="square"), r"rectify must be one of \('abs', 'relu'\)"),
+        (lambda: DFCam(target="energy"), r"target must be one of \('guidance', 'sum'\)"),
         (lambda: TokenRelevance(rectify=None), "rectify must be one of"),
         (lambda: TokenRelevance(word=" "), "word must be a word of the prompt"),
         (lambda: CentreBaseline(sigma=-1.0), "sigma must be a finite number"),
@@ -256,11 +258,17 @@ def test_rise_masks_are_seeded_and_keep_about_p():
 RECTIFY = {"abs": torch.abs, "relu": torch.relu}
 
 
-def slow_cam(model, run, step, rectify="abs"):
+def slow_cam(model, run, step, rectify="abs", target="sum"):
     """One forward and backward per layer, hooking only that layer; Grad-CAM straight from SPEC §5
-    (``rectify="relu"``), or with the magnitude of each layer's weighted sum (``"abs"``)."""
+    (``rectify="relu"``, ``target="sum"``), or with the magnitude of each layer's weighted sum
+    (``"abs"``), or for the target ||eps_c - eps_u||^2 (``"guidance"``; its 1/2 in the library
+    scales every gradient alike, which the min-max removes)."""
     unet = model.pipe.unet
     inputs = step_inputs(model, run, step)
+    weight = run.settings.guidance
+    embeddings = model.encode_prompt(run.settings.prompt, run.settings.negative_prompt, guided=True)
+    if weight <= 1 and target == "sum":  # unguided: the conditional half alone, as the run made it
+        embeddings = embeddings[1:]
     maps = {}
     for name in cam_layers(unet):
         seen = {}
@@ -274,12 +282,16 @@ def slow_cam(model, run, step, rectify="abs"):
         try:
             latents = inputs.latents.clone().requires_grad_(True)
             with torch.enable_grad():
-                out = unet(torch.cat([latents, latents]), inputs.timestep, encoder_hidden_states=inputs.embeddings).sample
-                torch.autograd.grad(out.sum(), latents)
+                out = unet(torch.cat([latents] * len(embeddings)), inputs.timestep, encoder_hidden_states=embeddings).sample
+                explained = out.sum() if target == "sum" else ((out[1] - out[0]) ** 2).sum()
+                torch.autograd.grad(explained, latents)
         finally:
             handle.remove()
-        a = seen["A"][0] + 5.0 * (seen["A"][1] - seen["A"][0])
-        g = seen["G"][0] + 5.0 * (seen["G"][1] - seen["G"][0])
+        if weight > 1:
+            a = seen["A"][0] + weight * (seen["A"][1] - seen["A"][0])
+            g = seen["G"][0] + weight * (seen["G"][1] - seen["G"][0])
+        else:  # the conditional half: the run's own prediction
+            a, g = seen["A"][-1], seen["G"][-1]
         cam = RECTIFY[rectify]((g.mean(dim=(1, 2))[:, None, None] * a).sum(0))
         cam = F.interpolate(cam[None, None], size=(8, 8), mode="bilinear", align_corners=False)[0, 0].numpy()
         maps[name] = (cam - cam.min()) / (cam.max() - cam.min()) if cam.max() > cam.min() else np.zeros_like(cam)
@@ -292,14 +304,15 @@ def count_calls(unet):
     return calls, unet.register_forward_pre_hook(lambda module, args: calls.append(1))
 
 
+@pytest.mark.parametrize("target", ["guidance", "sum"])
 @pytest.mark.parametrize("rectify", ["abs", "relu"])
-def test_one_pass_cam_equals_one_pass_per_layer(tiny_model, tiny_run, rectify):
+def test_one_pass_cam_equals_one_pass_per_layer(tiny_model, tiny_run, rectify, target):
     unet = tiny_model.pipe.unet
     calls, handle = count_calls(unet)
     try:
-        fast = DFCam(rectify=rectify).explain(tiny_model, tiny_run, STEP)
+        fast = DFCam(rectify=rectify, target=target).explain(tiny_model, tiny_run, STEP)
         fast_calls = len(calls)
-        per_layer, total = slow_cam(tiny_model, tiny_run, STEP, rectify)
+        per_layer, total = slow_cam(tiny_model, tiny_run, STEP, rectify, target)
     finally:
         handle.remove()
     names = cam_layers(unet)
@@ -465,7 +478,7 @@ def negate_output(unet, monkeypatch):
     monkeypatch.setattr(unet, "forward", negated)
 
 
-@pytest.mark.parametrize("make", [lambda rectify: DFCam(rectify=rectify), lambda rectify: TokenRelevance(rectify=rectify)])
+@pytest.mark.parametrize("make", [lambda rectify: DFCam(target="sum", rectify=rectify), lambda rectify: TokenRelevance(rectify=rectify)])
 def test_abs_maps_do_not_depend_on_the_sign_of_the_target_and_the_papers_relu_maps_do(tiny_model, tiny_run, make, monkeypatch):
     def maps(method):
         explanation = method.explain(tiny_model, tiny_run, STEP)
@@ -478,6 +491,38 @@ def test_abs_maps_do_not_depend_on_the_sign_of_the_target_and_the_papers_relu_ma
         np.testing.assert_allclose(flipped["abs"][name], expected, atol=1e-5, err_msg=name)
     changed = [name for name, expected in plain["relu"].items() if np.abs(flipped["relu"][name] - expected).max() > 0.1]
     assert "saliency" in changed and len(changed) >= len(plain["relu"]) // 2
+
+
+def test_guidance_target_maps_do_not_depend_on_the_sign_of_the_output(tiny_model, tiny_run, monkeypatch):
+    """||eps_c - eps_u||^2 has a sign of its own: with the UNet's output negated, DF-CAM's default
+    maps (the paper's ReLU) stay as they were, where the sum target's change (test above)."""
+
+    def maps():
+        explanation = DFCam().explain(tiny_model, tiny_run, STEP)
+        return {"saliency": explanation.saliency, **explanation.per_layer}
+
+    assert DFCam().target == "guidance" and DFCam().rectify == "relu"
+    plain = maps()
+    negate_output(tiny_model.pipe.unet, monkeypatch)
+    flipped = maps()
+    for name, expected in plain.items():
+        np.testing.assert_allclose(flipped[name], expected, atol=1e-5, err_msg=name)
+
+
+def test_cam_on_an_unguided_run_explains_the_conditional_half(tiny_model):
+    """At guidance 1 the run predicts with the prompt alone: the sum target explains that half, and
+    the guidance target computes the empty prompt's half too, keeping A and G of the prompt's."""
+    settings = RunSettings(prompt=PROMPT, steps=4, guidance=1.0, width=64, height=64, seed=3)
+    run = InstrumentedRun(tiny_model, settings).run_all().data
+    found = {}
+    for target in ("guidance", "sum"):
+        fast = DFCam(target=target, rectify="abs").explain(tiny_model, run, STEP)
+        per_layer, total = slow_cam(tiny_model, run, STEP, "abs", target)
+        for name, expected in per_layer.items():
+            np.testing.assert_allclose(fast.per_layer[name], expected, atol=1e-5, err_msg=f"{target} {name}")
+        np.testing.assert_allclose(fast.saliency, total, atol=1e-5)
+        found[target] = fast.saliency
+    assert np.abs(found["guidance"] - found["sum"]).max() > 0.1
 
 
 def test_explicit_attention_hooks_do_not_change_the_model(tiny_model, tiny_run):
