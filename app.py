@@ -341,12 +341,12 @@ def compare_schedules(model_id, prompt, negative, seed, steps, guidance, width, 
 # ---------------------------------------------------------------- saliency
 
 def _saliency_options(name, masks, keep, mode, mask_kind, seed, estimator="contrast", rectify=DFCam.rectify,
-                      target=DFCam.target) -> dict:
+                      target=DFCam.target, weighting=DFCam.weighting) -> dict:
     if name == "df-rise":
         return {"n_masks": int(masks), "keep": float(keep), "mode": mode, "mask": mask_kind, "seed": int(seed),
                 "estimator": estimator}
     if name == "df-cam":
-        return {"rectify": rectify, "target": target}
+        return {"rectify": rectify, "target": target, "weighting": weighting}
     if name == "df-lime":
         return {"seed": int(seed)}
     if name == "random":
@@ -370,7 +370,8 @@ def _explain_on_device(model_id, run: RunData, name: str, options: dict, step: i
     return explanation, scores
 
 
-def saliency(method, step, masks, keep, mode, mask_kind, seed, layer, opacity, score, estimator, rectify, target, session):
+def saliency(method, step, masks, keep, mode, mask_kind, seed, layer, opacity, score, estimator, rectify, target, weighting,
+             session):
     """Where does the model recover the image at this step? A DF-RISE, DF-CAM or DF-LIME map (or a
     baseline) of the latest run, its overlay, and its insertion and deletion curves with their AUC."""
     try:
@@ -378,7 +379,7 @@ def saliency(method, step, masks, keep, mode, mask_kind, seed, layer, opacity, s
         if method not in SALIENCY_METHODS:
             raise ValueError(f"method must be one of {list(SALIENCY_METHODS)}, got {method!r}.")
         name = SALIENCY_METHODS[method]
-        options = _saliency_options(name, masks, keep, mode, mask_kind, seed, estimator, rectify, target)
+        options = _saliency_options(name, masks, keep, mode, mask_kind, seed, estimator, rectify, target, weighting)
         METHODS[name](**options)  # option checks (limits from the config) before any GPU work
         if not 1 <= int(step) <= len(run.records):
             raise ValueError(f"step must be between 1 and {len(run.records)}, got {step}.")
@@ -492,7 +493,7 @@ def build_demo() -> gr.Blocks:
             concurrency_limit=LIMITS.max_concurrent_runs, concurrency_id="gpu",
         )
         saliency_inputs = [sal[n] for n in ("method", "step", "masks", "keep", "mode", "mask_kind", "seed", "layer", "opacity",
-                                            "score", "estimator", "rectify", "target")]
+                                            "score", "estimator", "rectify", "target", "weighting")]
         sal["explain"].click(
             saliency, saliency_inputs + [session], [sal["overlay"], sal["chart"], sal["npy"], sal["data"], sal["layer"]],
             api_name="saliency", concurrency_limit=LIMITS.max_concurrent_runs, concurrency_id="gpu",

@@ -8,6 +8,7 @@ from explainer import config, plots
 from explainer.methods import DFCam, TokenRelevance
 from explainer.methods.base import RECTIFIERS
 from explainer.methods.cam import TARGETS as CAM_TARGETS
+from explainer.methods.cam import WEIGHTINGS as CAM_WEIGHTINGS
 from explainer.methods.rise import ESTIMATORS as RISE_ESTIMATORS
 
 LIMITS = config.LIMITS
@@ -18,6 +19,8 @@ RELEVANCE_RECTIFY_INFO = ("abs (default): gradient × attention counts whichever
                           "paper's positive part, which misses what the model draws by pushing the output down")
 CAM_TARGET_INFO = ("guidance (default): how much the prompt changes the prediction, ½‖ε_c − ε_u‖²; sum: the paper's "
                    "sum of the output, which has no preferred sign (ReLU then drops shapes drawn by pushing it down)")
+CAM_WEIGHTING_INFO = ("grad-cam (default, the paper's): each channel by its mean gradient; hirescam: by its gradient at "
+                      "each pixel, sharper; it finds the shape more often but changes less on a model with random weights")
 CAM_RECTIFY_INFO = ("relu (default): the paper's, where the layer pushes the output up; abs: either way; it finds the "
                     "shape more often but looks much the same on a model with random weights (it partly shows the input)")
 SALIENCY_METHODS = {"DF-RISE": "df-rise", "DF-CAM": "df-cam", "DF-LIME": "df-lime", "random baseline": "random", "centred baseline": "centre"}
@@ -159,6 +162,8 @@ def saliency_tab():
             with gr.Accordion("DF-CAM options", open=True):
                 c["layer"] = gr.Dropdown(["sum of all layers"], value="sum of all layers", label="DF-CAM layer", allow_custom_value=True)
                 c["target"] = gr.Radio(list(CAM_TARGETS), value=DFCam.target, label="Explained quantity", info=CAM_TARGET_INFO)
+                c["weighting"] = gr.Radio(list(CAM_WEIGHTINGS), value=DFCam.weighting, label="Activations weighed by",
+                                          info=CAM_WEIGHTING_INFO)
                 c["rectify"] = gr.Radio(list(RECTIFIERS), value=DFCam.rectify, label="Each layer's map kept as", info=CAM_RECTIFY_INFO)
             c["opacity"] = gr.Slider(0, 1, value=0.8, step=0.05, label="Overlay opacity")
             c["score"] = gr.Checkbox(value=True, label="Score with insertion / deletion")

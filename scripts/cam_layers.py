@@ -6,7 +6,7 @@ layer: how often the map's mean inside the drawn shape is over 1.5 times its mea
 issue's criterion), the median of that ratio, and the map's mean on the outermost ring of latent
 pixels over its mean on the other pixels off the shape (> 1: the layer favours the edges).
 
-    python scripts/cam_layers.py --prompts 12
+    python scripts/cam_layers.py --prompts 12 [--target sum]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 
 from explainer.evaluate import shape_grid
 from explainer.methods import DFCam
+from explainer.methods.cam import TARGETS
 from explainer.metrics import inside_outside_ratio
 from explainer.models import load_model
 from explainer.run import InstrumentedRun, RunSettings
@@ -40,6 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=12)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--target", choices=list(TARGETS), default=DFCam.target)
     args = parser.parse_args()
     model = load_model()
     rows: dict[str, list[tuple[float, float]]] = {}
@@ -50,7 +52,7 @@ def main() -> None:
         if not shape.any():
             continue
         for step in LATE:
-            explanation = DFCam().explain(model, run, step)
+            explanation = DFCam(target=args.target).explain(model, run, step)
             for name, saliency in {SUMMED: explanation.saliency, **explanation.per_layer}.items():
                 rows.setdefault(name, []).append((inside_outside_ratio(saliency, shape), edge_ratio(saliency, shape)))
     print(f"{len(rows[SUMMED])} (prompt, step) pairs, steps {LATE.start}-{LATE.stop - 1} of {STEPS}")

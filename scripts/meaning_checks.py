@@ -6,6 +6,10 @@ re-initialised UNet weights (Adebayo et al., 2018). Criteria: ratio > 1.5, Spear
     python scripts/meaning_checks.py --prompts 12   (25 min on the 2-core CPU, every variant)
     python scripts/meaning_checks.py --methods df-cam "df-cam (sum)"   (those rows only; the others'
         rows are kept from --out)
+
+Beside the methods, a reference that is not one: the size of the step's own change x_{t-1} - x_t
+at each latent pixel, with its ratio: a map of step k need not favour the shape where the step
+itself does not.
 """
 
 from __future__ import annotations
@@ -28,11 +32,22 @@ METHODS = {
     "df-rise": lambda noun: DFRise(n_masks=500, batch_size=100),
     "df-cam": lambda noun: DFCam(),
     "relevance": lambda noun: TokenRelevance(word=noun),
-    # the paper's rules where the defaults differ (cam.TARGETS, base.RECTIFIERS), for comparison
+    # the paper's rules where the defaults differ, and other options (cam.TARGETS, cam.WEIGHTINGS,
+    # base.RECTIFIERS), for comparison
     "df-cam (sum)": lambda noun: DFCam(target="sum"),
     "df-cam (abs)": lambda noun: DFCam(rectify="abs"),
+    "df-cam (hirescam)": lambda noun: DFCam(weighting="hirescam"),
     "relevance (relu)": lambda noun: TokenRelevance(word=noun, rectify="relu"),
 }
+
+# Not a method: a reference of what step k itself does, the size of x_{t-1} - x_t at each latent pixel.
+# Where it does not favour the shape, neither should a faithful map of that step (its ratio is a bar).
+STEP_CHANGE = "step change (reference)"
+
+
+def step_change(run, step: int) -> np.ndarray:
+    record = run.records[step - 1]
+    return (record.next_latents.float() - record.latents.float())[0].norm(dim=0).numpy()
 
 
 def single_shape_prompts(count: int) -> list[str]:
@@ -43,7 +58,7 @@ def single_shape_prompts(count: int) -> list[str]:
 def summarise(rows: list[dict]) -> dict:
     """Per method: how many (prompt, step) pairs pass each criterion, in all and step by step."""
     summary = {}
-    for name in METHODS:
+    for name in [*METHODS, STEP_CHANGE]:
         mine = [r for r in rows if r["method"] == name]
         if not mine:
             continue
@@ -52,9 +67,11 @@ def summarise(rows: list[dict]) -> dict:
             "ratio_median": float(np.median([r["ratio"] for r in mine])),
             "ratio_passes_per_step": {step: f"{sum(r['ratio'] > 1.5 for r in mine if r['step'] == step)} of "
                                             f"{sum(r['step'] == step for r in mine)}" for step in LATE},
-            "spearman_passes": f"{sum(r['spearman'] < 0.5 for r in mine)} of {len(mine)}",
-            "spearman_max": float(np.nanmax([r["spearman"] for r in mine])),
+            "ratio_median_per_step": {step: float(np.median([r["ratio"] for r in mine if r["step"] == step])) for step in LATE},
         }
+        if name != STEP_CHANGE:
+            summary[name]["spearman_passes"] = f"{sum(r['spearman'] < 0.5 for r in mine)} of {len(mine)}"
+            summary[name]["spearman_max"] = float(np.nanmax([r["spearman"] for r in mine]))
     return summary
 
 
@@ -63,9 +80,10 @@ def main(argv=None) -> None:
     parser.add_argument("--prompts", type=int, default=12)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default="docs/results/meaning-checks.json")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    names = [*METHODS, STEP_CHANGE]
+    parser.add_argument("--methods", nargs="+", choices=names, default=names)
     args = parser.parse_args(argv)
-    methods = {name: METHODS[name] for name in args.methods}
+    methods = {name: METHODS[name] for name in args.methods if name in METHODS}
     model = load_model()
     random_model = model.randomised()
     rows = []
@@ -87,9 +105,14 @@ def main(argv=None) -> None:
             done = [r for r in rows if r["prompt"] == prompt and r["method"] == name]
             print(f"{prompt!r} {name}: ratios {[round(r['ratio'], 2) for r in done]} "
                   f"spearman {[round(r['spearman'], 2) for r in done]}", flush=True)
-    if set(methods) != set(METHODS) and Path(args.out).is_file():  # keep the other methods' rows
+        if STEP_CHANGE in args.methods:
+            ratios = [inside_outside_ratio(step_change(run, step), mask) for step in LATE]
+            rows += [dict(prompt=prompt, method=STEP_CHANGE, step=step, ratio=ratio, spearman=None, shape_pixels=int(mask.sum()))
+                     for step, ratio in zip(LATE, ratios)]
+            print(f"{prompt!r} {STEP_CHANGE}: ratios {[round(r, 2) for r in ratios]}", flush=True)
+    if set(args.methods) != set(names) and Path(args.out).is_file():  # keep the other methods' rows
         kept = json.loads(Path(args.out).read_text())["rows"]
-        rows = [row for row in kept if row["method"] in METHODS and row["method"] not in methods] + rows
+        rows = [row for row in kept if row["method"] in names and row["method"] not in args.methods] + rows
     summary = summarise(rows)
     print(json.dumps(summary, indent=2))
     with open(args.out, "w") as file:

@@ -178,7 +178,12 @@ def test_saliency_explains_a_step_of_the_session_run(url):
         api_name="/saliency",
     )
     assert paper_cam["options"]["target"] == "sum" and paper_cam["options"]["rectify"] == "relu"
-    assert not np.allclose(np.load(paper_npy), np.load(cam_npy))
+    assert paper_cam["options"]["weighting"] == "grad-cam" and not np.allclose(np.load(paper_npy), np.load(cam_npy))
+    _, _, hires_npy, hires_cam, _ = session_client.predict(
+        "DF-CAM", 3, 16, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, "contrast", "relu", "sum",
+        "hirescam", api_name="/saliency",
+    )
+    assert hires_cam["options"]["weighting"] == "hirescam" and not np.allclose(np.load(hires_npy), np.load(paper_npy))
     assert data["options"]["estimator"] == "contrast"  # left out: the control's default
     _, _, _, paper, _ = session_client.predict(
         "DF-RISE", 2, 16, 0.5, "paper", "pixel", 0, "sum of all layers", 0.8, False, "sum", api_name="/saliency"

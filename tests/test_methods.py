@@ -12,6 +12,7 @@ from scipy.ndimage import correlate
 from explainer import config
 from explainer.capture import capture_attention
 from explainer.methods import METHODS, CentreBaseline, DFCam, DFLime, DFRise, RandomBaseline, TokenRelevance, cam_layers
+from explainer.methods.cam import layer_map
 from explainer.methods.base import ddim_step, guided_prediction, step_inputs
 from explainer.methods.relevance import RelevanceState, cheap_token_scores, explicit_attention, relevance_series
 from explainer.metrics import insertion_deletion, inside_outside_ratio, spearman
@@ -30,6 +31,7 @@ CASES = [
     ("df-cam", {}),
     ("df-cam", {"rectify": "abs"}),
     ("df-cam", {"target": "sum"}),
+    ("df-cam", {"weighting": "hirescam"}),
     ("df-lime", {"n_samples": 24, "batch_size": 10, "kernel_size": 1, "max_dist": 5}),
     ("random", {"seed": 4}),
     ("centre", {"sigma": 0.3}),
@@ -139,6 +141,7 @@ def test_no_hook_or_processor_left_after_a_run_or_an_error(tiny_model, tiny_run,
         (lambda: DFCam(layers="down_blocks.0.resnets.0"), "layers must be a list"),
         (lambda: DFCam(rectify="square"), r"rectify must be one of \('abs', 'relu'\)"),
         (lambda: DFCam(target="energy"), r"target must be one of \('guidance', 'sum'\)"),
+        (lambda: DFCam(weighting="score-cam"), r"weighting must be one of \('grad-cam', 'hirescam'\)"),
         (lambda: TokenRelevance(rectify=None), "rectify must be one of"),
         (lambda: TokenRelevance(word=" "), "word must be a word of the prompt"),
         (lambda: CentreBaseline(sigma=-1.0), "sigma must be a finite number"),
@@ -258,11 +261,12 @@ def test_rise_masks_are_seeded_and_keep_about_p():
 RECTIFY = {"abs": torch.abs, "relu": torch.relu}
 
 
-def slow_cam(model, run, step, rectify="abs", target="sum"):
+def slow_cam(model, run, step, rectify="abs", target="sum", weighting="grad-cam"):
     """One forward and backward per layer, hooking only that layer; Grad-CAM straight from SPEC §5
     (``rectify="relu"``, ``target="sum"``), or with the magnitude of each layer's weighted sum
     (``"abs"``), or for the target ||eps_c - eps_u||^2 (``"guidance"``; its 1/2 in the library
-    scales every gradient alike, which the min-max removes)."""
+    scales every gradient alike, which the min-max removes), or with the gradient at each pixel
+    as the weight (``"hirescam"``)."""
     unet = model.pipe.unet
     inputs = step_inputs(model, run, step)
     weight = run.settings.guidance
@@ -292,7 +296,8 @@ def slow_cam(model, run, step, rectify="abs", target="sum"):
             g = seen["G"][0] + weight * (seen["G"][1] - seen["G"][0])
         else:  # the conditional half: the run's own prediction
             a, g = seen["A"][-1], seen["G"][-1]
-        cam = RECTIFY[rectify]((g.mean(dim=(1, 2))[:, None, None] * a).sum(0))
+        weights = g.mean(dim=(1, 2))[:, None, None] if weighting == "grad-cam" else g
+        cam = RECTIFY[rectify]((weights * a).sum(0))
         cam = F.interpolate(cam[None, None], size=(8, 8), mode="bilinear", align_corners=False)[0, 0].numpy()
         maps[name] = (cam - cam.min()) / (cam.max() - cam.min()) if cam.max() > cam.min() else np.zeros_like(cam)
     total = sum(maps.values())
@@ -304,15 +309,18 @@ def count_calls(unet):
     return calls, unet.register_forward_pre_hook(lambda module, args: calls.append(1))
 
 
-@pytest.mark.parametrize("target", ["guidance", "sum"])
-@pytest.mark.parametrize("rectify", ["abs", "relu"])
-def test_one_pass_cam_equals_one_pass_per_layer(tiny_model, tiny_run, rectify, target):
+@pytest.mark.parametrize(
+    "rectify, target, weighting",
+    [("abs", "sum", "grad-cam"), ("relu", "sum", "grad-cam"), ("abs", "guidance", "grad-cam"), ("relu", "guidance", "grad-cam"),
+     ("relu", "guidance", "hirescam"), ("abs", "sum", "hirescam")],
+)
+def test_one_pass_cam_equals_one_pass_per_layer(tiny_model, tiny_run, rectify, target, weighting):
     unet = tiny_model.pipe.unet
     calls, handle = count_calls(unet)
     try:
-        fast = DFCam(rectify=rectify, target=target).explain(tiny_model, tiny_run, STEP)
+        fast = DFCam(rectify=rectify, target=target, weighting=weighting).explain(tiny_model, tiny_run, STEP)
         fast_calls = len(calls)
-        per_layer, total = slow_cam(tiny_model, tiny_run, STEP, rectify, target)
+        per_layer, total = slow_cam(tiny_model, tiny_run, STEP, rectify, target, weighting)
     finally:
         handle.remove()
     names = cam_layers(unet)
@@ -507,6 +515,21 @@ def test_guidance_target_maps_do_not_depend_on_the_sign_of_the_output(tiny_model
     flipped = maps()
     for name, expected in plain.items():
         np.testing.assert_allclose(flipped[name], expected, atol=1e-5, err_msg=name)
+
+
+def test_hirescam_weighs_each_pixel_and_equals_grad_cam_where_the_gradient_is_flat():
+    generator = torch.Generator().manual_seed(0)
+    activation = torch.randn(6, 4, 4, generator=generator)
+    flat = torch.randn(6, 1, 1, generator=generator).expand(6, 4, 4)
+    np.testing.assert_allclose(layer_map(activation, flat, (8, 8), "relu", "hirescam"),
+                               layer_map(activation, flat, (8, 8), "relu", "grad-cam"), atol=1e-6)
+    # one pixel's gradient alone: HiResCAM puts the map's peak there, Grad-CAM spreads it over the
+    # pixels whose activations agree with the mean
+    spike = torch.zeros(6, 4, 4)
+    spike[:, 1, 2] = activation[:, 1, 2].sign()
+    hires = layer_map(activation, spike, (4, 4), "relu", "hirescam")
+    assert hires[1, 2] == 1.0 and np.count_nonzero(hires) == 1
+    assert np.count_nonzero(layer_map(activation, spike, (4, 4), "relu", "grad-cam")) > 1
 
 
 def test_cam_on_an_unguided_run_explains_the_conditional_half(tiny_model):

@@ -1,10 +1,13 @@
 """DF-CAM: Grad-CAM on the denoiser itself, every layer in one backward pass (SPEC §5).
 
+Each layer's map weighs its activation by its gradient, per channel (Grad-CAM, default) or per
+pixel (HiResCAM, ``weighting="hirescam"``; see ``WEIGHTINGS``).
+
 The target is what the step's prediction is explained for: by default how much the prompt changes
-it, ½‖ε_c − ε_u‖²; the paper's sum of the UNet output is ``target="sum"`` (see ``TARGETS``). Every
-sub-module of the UNet (each resnet, attention block, down- and upsampler of every down/mid/up block, found by
-walking the model) keeps its activation in one forward pass; one ``torch.autograd.grad`` call
-gives every gradient. The public code regenerated the image once per layer (43 runs for SD).
+it, ½‖ε_c − ε_u‖²; the paper's sum of the UNet output is ``target="sum"`` (see ``TARGETS``).
+Every sub-module of the UNet (each resnet, attention block, down- and upsampler of every
+down/mid/up block, found by walking the model) keeps its activation in one forward pass; one
+``torch.autograd.grad`` call gives every gradient. The public code regenerated the image once per layer (43 runs for SD).
 
 Example:
     >>> explanation = DFCam().explain(model, run, step=15)
@@ -46,6 +49,7 @@ def _sum(output: torch.Tensor) -> torch.Tensor:
 
 
 def _guidance_energy(output: torch.Tensor) -> torch.Tensor:
+    # a v-predicting UNet gives v_c - v_u = (eps_c - eps_u) / sqrt(alpha_bar): the same maps after min-max
     unconditional, conditional = output  # (C, h, w) each
     return 0.5 * (conditional - unconditional).pow(2).sum()
 
@@ -55,8 +59,8 @@ def _guidance_energy(output: torch.Tensor) -> torch.Tensor:
 # by pushing it up or down), so Grad-CAM's ReLU keeps whatever pushes it up, whatever is drawn there.
 # "guidance" is 1/2 ||eps_c - eps_u||^2, how much the prompt changes the prediction (the term classifier-
 # free guidance scales): like a classifier's class score, it grows with the evidence for the prompt,
-# so the ReLU keeps what draws the prompt. It is the default: on 12 held-out prompts it finds the drawn
-# shape in 48 of 60 late-step maps against 28 (scripts/meaning_checks.py, docs/results/meaning-checks.json).
+# and negating the output leaves it unchanged. It is the default: on 12 held-out prompts its maps favour
+# the drawn shape in 48 of 60 late-step cases against 28 (scripts/meaning_checks.py).
 TARGETS = {"guidance": _guidance_energy, "sum": _sum}
 
 
@@ -73,11 +77,23 @@ def run_halves(tensor: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
     return combine_guidance(tensor.float(), inputs)[0] if inputs.guided else tensor[-1].float()
 
 
-def layer_map(activation: torch.Tensor, gradient: torch.Tensor, size: tuple[int, int], rectify: str) -> np.ndarray:
-    """Grad-CAM of one layer: combined A and G (C, h, w) -> rectify(sum_c mean(G_c) A_c) (``RECTIFIERS``:
-    |.| or the paper's ReLU), upsampled bilinearly to ``size`` and min-max normalised; float32 (H_lat, W_lat)."""
-    weights = gradient.mean(dim=(1, 2))  # (C,)
-    cam = RECTIFIERS[rectify]((weights[:, None, None] * activation).sum(0))  # (h, w)
+# How a layer's gradient weighs its activation. "grad-cam" (SPEC §5, the paper's): one weight per
+# channel, the gradient's mean over space. "hirescam" (Draelos & Carin, 2020): the gradient at each
+# pixel, so the map is gradient x activation summed over channels and keeps where the target is
+# sensitive, which the spatial mean blurs away. Measured on the shapes model (scripts/meaning_checks.py):
+# hirescam finds the shape more often (55 of 60 against 48) but changes less on a randomised model
+# (Spearman < 0.5 in 55 of 60 against 58), so Grad-CAM stays the default.
+WEIGHTINGS = ("grad-cam", "hirescam")
+
+
+def layer_map(
+    activation: torch.Tensor, gradient: torch.Tensor, size: tuple[int, int], rectify: str, weighting: str = "grad-cam"
+) -> np.ndarray:
+    """One layer's map: combined A and G (C, h, w) -> rectify(sum_c W_c A_c), W_c the channel's mean
+    gradient ("grad-cam") or its gradient at each pixel ("hirescam"); ``RECTIFIERS``: |.| or the
+    paper's ReLU. Upsampled bilinearly to ``size`` and min-max normalised; float32 (H_lat, W_lat)."""
+    weights = gradient.mean(dim=(1, 2), keepdim=True) if weighting == "grad-cam" else gradient  # (C, 1, 1) or (C, h, w)
+    cam = RECTIFIERS[rectify]((weights * activation).sum(0))  # (h, w)
     cam = F.interpolate(cam[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
     return normalise(cam.detach().cpu().numpy())
 
@@ -92,6 +108,8 @@ class DFCam(GradientMethod):
             or "sum", the paper's sum of the UNet output (see ``TARGETS``). An unguided run (guidance
             <= 1) gets its unconditional half computed for "guidance"; A and G are then the conditional
             half's, the run's own prediction.
+        weighting: "grad-cam" (default, the paper's: each channel weighed by its mean gradient) or
+            "hirescam" (by its gradient at each pixel); see ``WEIGHTINGS``.
         rectify: "relu" (default, the paper's) or "abs", applied to each layer's weighted sum. "abs"
             finds the drawn shape more often on the shapes model, but its maps stay much the same
             when the UNet's weights are randomised (Spearman up to 0.80; under 0.5 in 35 of 60
@@ -104,12 +122,14 @@ class DFCam(GradientMethod):
 
     layers: tuple[str, ...] | None = None
     target: str = "guidance"
+    weighting: str = "grad-cam"
     rectify: str = "relu"
     name = "df-cam"
 
     def _check_options(self) -> None:
         super()._check_options()
         check_choice("target", self.target, tuple(TARGETS))
+        check_choice("weighting", self.weighting, WEIGHTINGS)
         if self.layers is not None and (isinstance(self.layers, str) or not all(isinstance(x, str) for x in self.layers)):
             raise ValueError(f"layers must be a list of module paths (see cam_layers(unet)), got {self.layers!r}.")
 
@@ -145,7 +165,8 @@ class DFCam(GradientMethod):
             for handle in handles:
                 handle.remove()
         per_layer = {
-            name: layer_map(run_halves(activations[name].detach(), inputs), run_halves(gradient, inputs), size, self.rectify)
+            name: layer_map(run_halves(activations[name].detach(), inputs), run_halves(gradient, inputs), size,
+                            self.rectify, self.weighting)
             for name, gradient in zip(names, gradients)
         }
         total = np.sum(list(per_layer.values()), axis=0)
