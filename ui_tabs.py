@@ -21,7 +21,7 @@ CAM_TARGET_INFO = ("guidance (default): how much the prompt changes the predicti
                    "sum of the output, which has no preferred sign (ReLU then drops shapes drawn by pushing it down)")
 CAM_WEIGHTING_INFO = ("grad-cam (default, the paper's): each channel by its mean gradient; hirescam: by its gradient at "
                       "each pixel, sharper; it finds the shape more often but changes less on a model with random weights")
-CAM_RECTIFY_INFO = ("relu (default): the paper's, where the layer pushes the output up; abs: either way; it finds the "
+CAM_RECTIFY_INFO = ("relu (default): the paper's, where the layer pushes the explained quantity up; abs: either way; it finds the "
                     "shape more often but looks much the same on a model with random weights (it partly shows the input)")
 SALIENCY_METHODS = {"DF-RISE": "df-rise", "DF-CAM": "df-cam", "DF-LIME": "df-lime", "random baseline": "random", "centred baseline": "centre"}
 

@@ -168,7 +168,7 @@ def test_saliency_explains_a_step_of_the_session_run(url):
         "DF-CAM", 3, 16, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, api_name="/saliency"
     )
     assert cam["denoiser_calls"] == 1 and len(cam["layers"]) > 5 and "insertion_auc" not in cam
-    assert cam["options"]["rectify"] == "relu" and cam["options"]["target"] == "guidance"  # left out: the defaults
+    assert (cam["options"]["rectify"], cam["options"]["target"], cam["options"]["weighting"]) == ("relu", "guidance", "grad-cam")
     _, _, cam_npy, magnitude_cam, _ = session_client.predict(
         "DF-CAM", 3, 16, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, "contrast", "abs", api_name="/saliency"
     )

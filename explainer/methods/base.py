@@ -65,13 +65,14 @@ class Explanation:
         return overlay(image, self.saliency, opacity)
 
 
-# How the gradient methods turn a signed gradient x activation into a map. Their target, the sum of
-# the denoiser's output, has no preferred sign: the model may draw a region by pushing the output up or
-# down, and which one depends on what is drawn. The paper's ReLU keeps one direction and drops the
+# How the gradient methods turn a signed gradient x activation into a map. The paper's target, the sum
+# of the denoiser's output, has no preferred sign: the model may draw a region by pushing the output up
+# or down, and which one depends on what is drawn. The paper's ReLU keeps one direction and drops the
 # other; "abs" keeps both, as vanilla gradient saliency |dy/dx| does (Simonyan et al., 2014). Each
-# method's default is the one that passed both meaning checks of scripts/meaning_checks.py (the map
-# favours the drawn shape; it changes when the model's weights are randomised): "abs" for token
-# relevance, the paper's "relu" for DF-CAM, whose "abs" maps stay much the same on a randomised model.
+# method's default is the one that did best on both meaning checks of scripts/meaning_checks.py (the
+# map favours the drawn shape; it changes when the model's weights are randomised): "abs" for token
+# relevance, the paper's "relu" for DF-CAM, whose "abs" maps stay much the same on a randomised model
+# (DF-CAM instead explains a target with a sign of its own by default: cam.TARGETS).
 RECTIFIERS = {"abs": torch.abs, "relu": torch.relu}
 
 

@@ -112,8 +112,8 @@ class DFCam(GradientMethod):
             "hirescam" (by its gradient at each pixel); see ``WEIGHTINGS``.
         rectify: "relu" (default, the paper's) or "abs", applied to each layer's weighted sum. "abs"
             finds the drawn shape more often on the shapes model, but its maps stay much the same
-            when the UNet's weights are randomised (Spearman up to 0.80; under 0.5 in 35 of 60
-            held-out cases, against 60 of 60 with "relu"), so it partly shows the input rather
+            when the UNet's weights are randomised (Spearman up to 0.76; under 0.5 in 41 of 60
+            held-out cases, against 58 of 60 with "relu"), so it partly shows the input rather
             than the model; see ``base.RECTIFIERS``.
     Returns (from ``explain``):
         ``Explanation`` with ``saliency`` (H_lat, W_lat) = min-max of the sum of the per-layer
