@@ -3,7 +3,7 @@ prompt, each method's inside/outside ratio (the drawn shape's latent pixels agai
 the last quarter of the steps, and its Spearman correlation with the same method on the model with
 re-initialised UNet weights (Adebayo et al., 2018). Criteria: ratio > 1.5, Spearman < 0.5.
 
-    python scripts/meaning_checks.py --prompts 12   (25 min on the 2-core CPU, every variant)
+    python scripts/meaning_checks.py --prompts 12   (about 30 min on the 2-core CPU, every variant)
     python scripts/meaning_checks.py --methods df-cam "df-cam (sum)"   (those rows only; the others'
         rows are kept from --out)
 
@@ -41,7 +41,7 @@ METHODS = {
 }
 
 # Not a method: a reference of what step k itself does, the size of x_{t-1} - x_t at each latent pixel.
-# Where it does not favour the shape, neither should a faithful map of that step (its ratio is a bar).
+# Where the step's own change does not favour the shape, a faithful map of that step need not either.
 STEP_CHANGE = "step change (reference)"
 
 
