@@ -7,7 +7,8 @@ The target is what the step's prediction is explained for: by default how much t
 it, ½‖ε_c − ε_u‖²; the paper's sum of the UNet output is ``target="sum"`` (see ``TARGETS``).
 Every sub-module of the UNet (each resnet, attention block, down- and upsampler of every
 down/mid/up block, found by walking the model) keeps its activation in one forward pass; one
-``torch.autograd.grad`` call gives every gradient. The public code regenerated the image once per layer (43 runs for SD).
+``torch.autograd.grad`` call gives every gradient. The public code regenerated the image once per
+layer (43 runs for SD).
 
 Example:
     >>> explanation = DFCam().explain(model, run, step=15)
@@ -86,9 +87,7 @@ def run_halves(tensor: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
 WEIGHTINGS = ("grad-cam", "hirescam")
 
 
-def layer_map(
-    activation: torch.Tensor, gradient: torch.Tensor, size: tuple[int, int], rectify: str, weighting: str = "grad-cam"
-) -> np.ndarray:
+def layer_map(activation: torch.Tensor, gradient: torch.Tensor, size: tuple[int, int], rectify: str, weighting: str) -> np.ndarray:
     """One layer's map: combined A and G (C, h, w) -> rectify(sum_c W_c A_c), W_c the channel's mean
     gradient ("grad-cam") or its gradient at each pixel ("hirescam"); ``RECTIFIERS``: |.| or the
     paper's ReLU. Upsampled bilinearly to ``size`` and min-max normalised; float32 (H_lat, W_lat)."""
