@@ -341,12 +341,12 @@ def compare_schedules(model_id, prompt, negative, seed, steps, guidance, width, 
 # ---------------------------------------------------------------- saliency
 
 def _saliency_options(name, masks, keep, mode, mask_kind, seed, estimator="contrast", rectify=DFCam.rectify,
-                      target=DFCam.target, weighting=DFCam.weighting) -> dict:
+                      target=DFCam.target, weighting=DFCam.weighting, layer_scale=DFCam.layer_scale) -> dict:
     if name == "df-rise":
         return {"n_masks": int(masks), "keep": float(keep), "mode": mode, "mask": mask_kind, "seed": int(seed),
                 "estimator": estimator}
     if name == "df-cam":
-        return {"rectify": rectify, "target": target, "weighting": weighting}
+        return {"rectify": rectify, "target": target, "weighting": weighting, "layer_scale": layer_scale}
     if name == "df-lime":
         return {"seed": int(seed)}
     if name == "random":
@@ -371,7 +371,7 @@ def _explain_on_device(model_id, run: RunData, name: str, options: dict, step: i
 
 
 def saliency(method, step, masks, keep, mode, mask_kind, seed, layer, opacity, score, estimator, rectify, target, weighting,
-             session):
+             layer_scale, session):
     """Where does the model recover the image at this step? A DF-RISE, DF-CAM or DF-LIME map (or a
     baseline) of the latest run, its overlay, and its insertion and deletion curves with their AUC."""
     try:
@@ -379,7 +379,7 @@ def saliency(method, step, masks, keep, mode, mask_kind, seed, layer, opacity, s
         if method not in SALIENCY_METHODS:
             raise ValueError(f"method must be one of {list(SALIENCY_METHODS)}, got {method!r}.")
         name = SALIENCY_METHODS[method]
-        options = _saliency_options(name, masks, keep, mode, mask_kind, seed, estimator, rectify, target, weighting)
+        options = _saliency_options(name, masks, keep, mode, mask_kind, seed, estimator, rectify, target, weighting, layer_scale)
         METHODS[name](**options)  # option checks (limits from the config) before any GPU work
         if not 1 <= int(step) <= len(run.records):
             raise ValueError(f"step must be between 1 and {len(run.records)}, got {step}.")
@@ -400,10 +400,15 @@ def saliency(method, step, masks, keep, mode, mask_kind, seed, layer, opacity, s
         "method": name, "step": explanation.step, "timestep": explanation.timestep, "options": explanation.options,
         "seconds": round(explanation.seconds, 3), "denoiser_calls": explanation.denoiser_calls, "layers": layers,
     }
+    shares = explanation.layer_shares or {}
+    if shares:
+        data["layer_shares"] = {name: round(share, 4) for name, share in shares.items()}
     if scores:
         data |= {k: scores[k] for k in ("insertion_auc", "deletion_auc", "insertion", "deletion", "distance")}
     chart = plots.insertion_deletion_chart(scores) if scores else None
-    layer_choices = gr.update(choices=["sum of all layers", *layers], value=layer or "sum of all layers")
+    by_share = sorted(layers, key=lambda name: -shares.get(name, 0.0))  # the layers that carry most first
+    labelled = [(f"{name} ({shares[name]:.0%})" if name in shares else name, name) for name in by_share]
+    layer_choices = gr.update(choices=[("sum of all layers", "sum of all layers"), *labelled], value=layer or "sum of all layers")
     return plots.overlay(picture, saliency_map, float(opacity)), chart, str(path), data, layer_choices
 
 
@@ -493,7 +498,7 @@ def build_demo() -> gr.Blocks:
             concurrency_limit=LIMITS.max_concurrent_runs, concurrency_id="gpu",
         )
         saliency_inputs = [sal[n] for n in ("method", "step", "masks", "keep", "mode", "mask_kind", "seed", "layer", "opacity",
-                                            "score", "estimator", "rectify", "target", "weighting")]
+                                            "score", "estimator", "rectify", "target", "weighting", "layer_scale")]
         sal["explain"].click(
             saliency, saliency_inputs + [session], [sal["overlay"], sal["chart"], sal["npy"], sal["data"], sal["layer"]],
             api_name="saliency", concurrency_limit=LIMITS.max_concurrent_runs, concurrency_id="gpu",

@@ -8,6 +8,7 @@ from explainer import config, plots
 from explainer.methods import DFCam, TokenRelevance
 from explainer.methods.base import RECTIFIERS
 from explainer.methods.cam import TARGETS as CAM_TARGETS
+from explainer.methods.cam import LAYER_SCALES as CAM_LAYER_SCALES
 from explainer.methods.cam import WEIGHTINGS as CAM_WEIGHTINGS
 from explainer.methods.rise import ESTIMATORS as RISE_ESTIMATORS
 
@@ -19,8 +20,10 @@ RELEVANCE_RECTIFY_INFO = ("abs (default): gradient × attention counts whichever
                           "paper's positive part, which misses what the model draws by pushing the output down")
 CAM_TARGET_INFO = ("guidance (default): how much the prompt changes the prediction, ½‖ε_c − ε_u‖²; sum: the paper's "
                    "sum of the output, which has no preferred sign (ReLU then drops shapes drawn by pushing it down)")
-CAM_WEIGHTING_INFO = ("grad-cam (default, the paper's): each channel by its mean gradient; hirescam: by its gradient at "
-                      "each pixel, sharper; it finds the shape more often but changes less on a model with random weights")
+CAM_WEIGHTING_INFO = ("layercam (default): each pixel by its gradient's positive part; hirescam: by its gradient; grad-cam "
+                      "(the paper's): each channel by its mean gradient over the image, which a small shape barely moves")
+CAM_LAYER_SCALE_INFO = ("target (default): each layer counts by how much of the explained quantity it carries; min-max "
+                        "(the paper's): every layer's map scaled to [0, 1] first, so a layer that sees nothing weighs as much")
 CAM_RECTIFY_INFO = ("relu (default): the paper's, where the layer pushes the explained quantity up; abs: either way; it finds the "
                     "shape more often but looks much the same on a model with random weights (it partly shows the input)")
 SALIENCY_METHODS = {"DF-RISE": "df-rise", "DF-CAM": "df-cam", "DF-LIME": "df-lime", "random baseline": "random", "centred baseline": "centre"}
@@ -164,6 +167,8 @@ def saliency_tab():
                 c["target"] = gr.Radio(list(CAM_TARGETS), value=DFCam.target, label="Explained quantity", info=CAM_TARGET_INFO)
                 c["weighting"] = gr.Radio(list(CAM_WEIGHTINGS), value=DFCam.weighting, label="Activations weighed by",
                                           info=CAM_WEIGHTING_INFO)
+                c["layer_scale"] = gr.Radio(list(CAM_LAYER_SCALES), value=DFCam.layer_scale, label="Layers added",
+                                            info=CAM_LAYER_SCALE_INFO)
                 c["rectify"] = gr.Radio(list(RECTIFIERS), value=DFCam.rectify, label="Each layer's map kept as", info=CAM_RECTIFY_INFO)
             c["opacity"] = gr.Slider(0, 1, value=0.8, step=0.05, label="Overlay opacity")
             c["score"] = gr.Checkbox(value=True, label="Score with insertion / deletion")

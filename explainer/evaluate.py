@@ -31,20 +31,21 @@ from .methods import METHODS
 from .models import load_model
 from .run import InstrumentedRun, RunData, RunSettings
 
-MAP_METHODS = ("df-rise", "df-rise-paper", "df-cam", "df-cam-paper", "df-cam-abs", "df-cam-hirescam", "df-lime",
+MAP_METHODS = ("df-rise", "df-rise-paper", "df-cam", "df-cam-paper", "df-cam-gradcam", "df-cam-hirescam", "df-cam-abs", "df-lime",
                "cross-attention", "relevance", "relevance-paper", "random", "centre")
 # Other options of a method, scored beside its defaults: the paper's rules where the defaults differ.
 VARIANTS = {
     "df-rise-paper": ("df-rise", dict(mode="paper", estimator="sum")),  # the paper's score and undivided sum
-    "df-cam-paper": ("df-cam", dict(target="sum")),  # Grad-CAM of the output's sum
+    "df-cam-paper": ("df-cam", dict(target="sum", weighting="grad-cam", layer_scale="min-max")),  # SPEC §5
+    "df-cam-gradcam": ("df-cam", dict(weighting="grad-cam", layer_scale="min-max")),  # the paper's, guidance target
+    "df-cam-hirescam": ("df-cam", dict(weighting="hirescam")),  # the whole gradient at each pixel
     "df-cam-abs": ("df-cam", dict(rectify="abs")),  # |each layer's weighted sum|
-    "df-cam-hirescam": ("df-cam", dict(weighting="hirescam")),  # gradient x activation at each pixel
     "relevance-paper": ("relevance", dict(rectify="relu")),  # clamp(G * A, min=0)
 }
 # A map that knows the answer, as an upper reference on the shapes world: the drawn shape's own pixels.
 REFERENCE = "shape-mask"
 # cheap enough at 3 phases
-LOCALISED = ("df-rise", "df-cam", "df-cam-paper", "df-cam-abs", "df-cam-hirescam", "cross-attention", "relevance",
+LOCALISED = ("df-rise", "df-cam", "df-cam-paper", "df-cam-gradcam", "df-cam-hirescam", "df-cam-abs", "cross-attention", "relevance",
              "relevance-paper", "random", "centre")
 
 

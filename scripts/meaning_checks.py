@@ -4,8 +4,8 @@ the last quarter of the steps, and its Spearman correlation with the same method
 re-initialised UNet weights (Adebayo et al., 2018). Criteria: ratio > 1.5, Spearman < 0.5.
 
     python scripts/meaning_checks.py --prompts 12   (about 30 min on the 2-core CPU, every variant)
-    python scripts/meaning_checks.py --methods df-cam "df-cam (sum)"   (those rows only; the others'
-        rows are kept from --out)
+    python scripts/meaning_checks.py --methods df-cam "df-cam (paper)"   (those rows only; the
+        others' rows are kept from --out)
 
 Beside the methods, a reference that is not one: the size of the step's own change x_{t-1} - x_t
 at each latent pixel, with its ratio: a map of step k need not favour the shape where the step
@@ -33,10 +33,11 @@ METHODS = {
     "df-cam": lambda noun: DFCam(),
     "relevance": lambda noun: TokenRelevance(word=noun),
     # the paper's rules where the defaults differ, and other options (cam.TARGETS, cam.WEIGHTINGS,
-    # base.RECTIFIERS), for comparison
-    "df-cam (sum)": lambda noun: DFCam(target="sum"),
-    "df-cam (abs)": lambda noun: DFCam(rectify="abs"),
+    # cam.LAYER_SCALES, base.RECTIFIERS), for comparison
+    "df-cam (paper)": lambda noun: DFCam(target="sum", weighting="grad-cam", layer_scale="min-max"),
+    "df-cam (grad-cam)": lambda noun: DFCam(weighting="grad-cam", layer_scale="min-max"),
     "df-cam (hirescam)": lambda noun: DFCam(weighting="hirescam"),
+    "df-cam (abs)": lambda noun: DFCam(rectify="abs"),
     "relevance (relu)": lambda noun: TokenRelevance(word=noun, rectify="relu"),
 }
 

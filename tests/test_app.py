@@ -168,7 +168,9 @@ def test_saliency_explains_a_step_of_the_session_run(url):
         "DF-CAM", 3, 16, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, api_name="/saliency"
     )
     assert cam["denoiser_calls"] == 1 and len(cam["layers"]) > 5 and "insertion_auc" not in cam
-    assert (cam["options"]["rectify"], cam["options"]["target"], cam["options"]["weighting"]) == ("relu", "guidance", "grad-cam")
+    options = cam["options"]
+    assert (options["rectify"], options["target"], options["weighting"], options["layer_scale"]) == ("relu", "guidance", "layercam", "target")
+    assert set(cam["layer_shares"]) == set(cam["layers"]) and sum(cam["layer_shares"].values()) == pytest.approx(1, abs=1e-3)
     _, _, cam_npy, magnitude_cam, _ = session_client.predict(
         "DF-CAM", 3, 16, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, "contrast", "abs", api_name="/saliency"
     )
@@ -178,12 +180,21 @@ def test_saliency_explains_a_step_of_the_session_run(url):
         api_name="/saliency",
     )
     assert paper_cam["options"]["target"] == "sum" and paper_cam["options"]["rectify"] == "relu"
-    assert paper_cam["options"]["weighting"] == "grad-cam" and not np.allclose(np.load(paper_npy), np.load(cam_npy))
+    assert paper_cam["options"]["weighting"] == "layercam" and not np.allclose(np.load(paper_npy), np.load(cam_npy))
     _, _, hires_npy, hires_cam, _ = session_client.predict(
         "DF-CAM", 3, 16, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, "contrast", "relu", "sum",
         "hirescam", api_name="/saliency",
     )
     assert hires_cam["options"]["weighting"] == "hirescam" and not np.allclose(np.load(hires_npy), np.load(paper_npy))
+    _, _, grad_npy, grad_cam, layers = session_client.predict(  # the paper's rules, all four of them
+        "DF-CAM", 3, 16, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, "contrast", "relu", "sum",
+        "grad-cam", "min-max", api_name="/saliency",
+    )
+    assert (grad_cam["options"]["weighting"], grad_cam["options"]["layer_scale"]) == ("grad-cam", "min-max")
+    assert not np.allclose(np.load(grad_npy), np.load(paper_npy))
+    shares = grad_cam["layer_shares"]
+    choices = [value for _, value in layers["choices"]][1:]  # after "sum of all layers", the layers that carry most first
+    assert choices == sorted(shares, key=lambda name: -shares[name])
     assert data["options"]["estimator"] == "contrast"  # left out: the control's default
     _, _, _, paper, _ = session_client.predict(
         "DF-RISE", 2, 16, 0.5, "paper", "pixel", 0, "sum of all layers", 0.8, False, "sum", api_name="/saliency"

@@ -102,7 +102,7 @@ def test_mask_counts(client, label, masks, message):
 
 
 def test_an_unknown_rectifier_or_cam_option(client):
-    assert "| an unknown rectifier (" in TABLE and "| an unknown DF-CAM target or weighting |" in TABLE
+    assert "| an unknown rectifier (" in TABLE and "| an unknown DF-CAM target, weighting or layer scale |" in TABLE
     client.predict(*denoise_args(steps=2), api_name="/denoise")
     with pytest.raises(Exception, match="'square' .* is not in the list of choices"):
         client.predict("square", api_name="/relevance")
@@ -115,4 +115,7 @@ def test_an_unknown_rectifier_or_cam_option(client):
     with pytest.raises(Exception, match="'score-cam' .* is not in the list of choices"):
         client.predict("DF-CAM", 1, 8, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, "contrast", "relu",
                        "guidance", "score-cam", api_name="/saliency")
+    with pytest.raises(Exception, match="'max' .* is not in the list of choices"):
+        client.predict("DF-CAM", 1, 8, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, "contrast", "relu",
+                       "guidance", "layercam", "max", api_name="/saliency")
     assert client.predict("relu", api_name="/relevance")[2]["rectify"] == "relu"

@@ -13,7 +13,7 @@ from explainer import config
 from explainer.capture import capture_attention
 from explainer.methods import METHODS, CentreBaseline, DFCam, DFLime, DFRise, RandomBaseline, TokenRelevance, cam_layers
 from explainer.methods.base import ddim_step, guided_prediction, step_inputs
-from explainer.methods.cam import layer_map
+from explainer.methods.cam import LAYER_SCALES, layer_map
 from explainer.methods.relevance import RelevanceState, cheap_token_scores, explicit_attention, relevance_series
 from explainer.metrics import insertion_deletion, inside_outside_ratio, spearman
 from explainer.run import InstrumentedRun, RunSettings
@@ -32,6 +32,7 @@ CASES = [
     ("df-cam", {"rectify": "abs"}),
     ("df-cam", {"target": "sum"}),
     ("df-cam", {"weighting": "hirescam"}),
+    ("df-cam", {"weighting": "grad-cam", "layer_scale": "min-max"}),
     ("df-lime", {"n_samples": 24, "batch_size": 10, "kernel_size": 1, "max_dist": 5}),
     ("random", {"seed": 4}),
     ("centre", {"sigma": 0.3}),
@@ -141,7 +142,8 @@ def test_no_hook_or_processor_left_after_a_run_or_an_error(tiny_model, tiny_run,
         (lambda: DFCam(layers="down_blocks.0.resnets.0"), "layers must be a list"),
         (lambda: DFCam(rectify="square"), r"rectify must be one of \('abs', 'relu'\)"),
         (lambda: DFCam(target="energy"), r"target must be one of \('guidance', 'sum'\)"),
-        (lambda: DFCam(weighting="score-cam"), r"weighting must be one of \('grad-cam', 'hirescam'\)"),
+        (lambda: DFCam(weighting="score-cam"), r"weighting must be one of \('layercam', 'hirescam', 'grad-cam'\)"),
+        (lambda: DFCam(layer_scale="max"), r"layer_scale must be one of \('target', 'min-max'\)"),
         (lambda: TokenRelevance(rectify=None), "rectify must be one of"),
         (lambda: TokenRelevance(word=" "), "word must be a word of the prompt"),
         (lambda: CentreBaseline(sigma=-1.0), "sigma must be a finite number"),
@@ -261,19 +263,21 @@ def test_rise_masks_are_seeded_and_keep_about_p():
 RECTIFY = {"abs": torch.abs, "relu": torch.relu}
 
 
-def slow_cam(model, run, step, rectify="abs", target="sum", weighting="grad-cam"):
+def slow_cam(model, run, step, rectify="abs", target="sum", weighting="grad-cam", layer_scale="min-max"):
     """One forward and backward per layer, hooking only that layer; Grad-CAM straight from SPEC §5
-    (``rectify="relu"``, ``target="sum"``), or with the magnitude of each layer's weighted sum
-    (``"abs"``), or for the target ||eps_c - eps_u||^2 (``"guidance"``; its 1/2 in the library
-    scales every gradient alike, which the min-max removes), or with the gradient at each pixel
-    as the weight (``"hirescam"``)."""
+    (``rectify="relu"``, ``target="sum"``, ``layer_scale="min-max"``), or with the magnitude of each
+    layer's weighted sum (``"abs"``), or for the target ||eps_c - eps_u||^2 (``"guidance"``; its 1/2 in
+    the library scales every gradient alike, which the final min-max removes), or with the gradient at
+    each pixel (``"hirescam"``) or its positive part (``"layercam"``) as the weight, or with the layers'
+    maps summed as they are, each latent pixel taking its share of a coarse layer's pixel
+    (``layer_scale="target"``)."""
     unet = model.pipe.unet
     inputs = step_inputs(model, run, step)
     weight = run.settings.guidance
     embeddings = model.encode_prompt(run.settings.prompt, run.settings.negative_prompt, guided=True)
     if weight <= 1 and target == "sum":  # unguided: the conditional half alone, as the run made it
         embeddings = embeddings[1:]
-    maps = {}
+    maps, raw = {}, {}
     for name in cam_layers(unet):
         seen = {}
 
@@ -296,11 +300,13 @@ def slow_cam(model, run, step, rectify="abs", target="sum", weighting="grad-cam"
             g = seen["G"][0] + weight * (seen["G"][1] - seen["G"][0])
         else:  # the conditional half: the run's own prediction
             a, g = seen["A"][-1], seen["G"][-1]
-        weights = g.mean(dim=(1, 2))[:, None, None] if weighting == "grad-cam" else g
+        weights = {"grad-cam": g.mean(dim=(1, 2))[:, None, None], "hirescam": g, "layercam": torch.relu(g)}[weighting]
         cam = RECTIFY[rectify]((weights * a).sum(0))
+        pixels_per_cell = 64 / cam.numel()  # the tiny model's latent grid is 8x8
         cam = F.interpolate(cam[None, None], size=(8, 8), mode="bilinear", align_corners=False)[0, 0].numpy()
+        raw[name] = cam / pixels_per_cell
         maps[name] = (cam - cam.min()) / (cam.max() - cam.min()) if cam.max() > cam.min() else np.zeros_like(cam)
-    total = sum(maps.values())
+    total = sum((raw if layer_scale == "target" else maps).values())
     return maps, (total - total.min()) / (total.max() - total.min())
 
 
@@ -310,17 +316,19 @@ def count_calls(unet):
 
 
 @pytest.mark.parametrize(
-    "rectify, target, weighting",
-    [("abs", "sum", "grad-cam"), ("relu", "sum", "grad-cam"), ("abs", "guidance", "grad-cam"), ("relu", "guidance", "grad-cam"),
-     ("relu", "guidance", "hirescam"), ("abs", "sum", "hirescam")],
+    "rectify, target, weighting, layer_scale",
+    [("abs", "sum", "grad-cam", "min-max"), ("relu", "sum", "grad-cam", "min-max"), ("abs", "guidance", "grad-cam", "min-max"),
+     ("relu", "guidance", "grad-cam", "target"), ("relu", "guidance", "hirescam", "min-max"), ("abs", "sum", "hirescam", "target"),
+     ("relu", "guidance", "layercam", "target"), ("relu", "sum", "layercam", "min-max")],
 )
-def test_one_pass_cam_equals_one_pass_per_layer(tiny_model, tiny_run, rectify, target, weighting):
+def test_one_pass_cam_equals_one_pass_per_layer(tiny_model, tiny_run, rectify, target, weighting, layer_scale):
     unet = tiny_model.pipe.unet
     calls, handle = count_calls(unet)
+    options = dict(rectify=rectify, target=target, weighting=weighting, layer_scale=layer_scale)
     try:
-        fast = DFCam(rectify=rectify, target=target, weighting=weighting).explain(tiny_model, tiny_run, STEP)
+        fast = DFCam(**options).explain(tiny_model, tiny_run, STEP)
         fast_calls = len(calls)
-        per_layer, total = slow_cam(tiny_model, tiny_run, STEP, rectify, target, weighting)
+        per_layer, total = slow_cam(tiny_model, tiny_run, STEP, **options)
     finally:
         handle.remove()
     names = cam_layers(unet)
@@ -486,7 +494,7 @@ def negate_output(unet, monkeypatch):
     monkeypatch.setattr(unet, "forward", negated)
 
 
-@pytest.mark.parametrize("make", [lambda rectify: DFCam(target="sum", rectify=rectify), lambda rectify: TokenRelevance(rectify=rectify)])
+@pytest.mark.parametrize("make", [lambda rectify: DFCam(target="sum", weighting="grad-cam", rectify=rectify), lambda rectify: TokenRelevance(rectify=rectify)])
 def test_abs_maps_do_not_depend_on_the_sign_of_the_target_and_the_papers_relu_maps_do(tiny_model, tiny_run, make, monkeypatch):
     def maps(method):
         explanation = method.explain(tiny_model, tiny_run, STEP)
@@ -517,19 +525,43 @@ def test_guidance_target_maps_do_not_depend_on_the_sign_of_the_output(tiny_model
         np.testing.assert_allclose(flipped[name], expected, atol=1e-5, err_msg=name)
 
 
-def test_hirescam_weighs_each_pixel_and_equals_grad_cam_where_the_gradient_is_flat():
+def test_pixel_weightings_keep_where_the_gradient_is_and_equal_grad_cam_where_it_is_flat():
     generator = torch.Generator().manual_seed(0)
     activation = torch.randn(6, 4, 4, generator=generator)
     flat = torch.randn(6, 1, 1, generator=generator).expand(6, 4, 4)
     np.testing.assert_allclose(layer_map(activation, flat, (8, 8), "relu", "hirescam"),
                                layer_map(activation, flat, (8, 8), "relu", "grad-cam"), atol=1e-6)
-    # one pixel's gradient alone: HiResCAM puts the map's peak there, Grad-CAM spreads it over the
-    # pixels whose activations agree with the mean
+    # one pixel's gradient alone: HiResCAM and LayerCAM put the whole map there, Grad-CAM spreads it
+    # over the pixels whose activations agree with the mean
     spike = torch.zeros(6, 4, 4)
-    spike[:, 1, 2] = activation[:, 1, 2].sign()
-    hires = layer_map(activation, spike, (4, 4), "relu", "hirescam")
-    assert hires[1, 2] == 1.0 and np.count_nonzero(hires) == 1
-    assert np.count_nonzero(layer_map(activation, spike, (4, 4), "relu", "grad-cam")) > 1
+    spike[:, 1, 2] = activation[:, 1, 2].abs()
+    for weighting in ("hirescam", "layercam"):
+        cam = layer_map(activation.abs(), spike, (4, 4), "relu", weighting)
+        assert cam[1, 2] > 0 and torch.count_nonzero(cam) == 1, weighting
+    assert torch.count_nonzero(layer_map(activation.abs(), spike, (4, 4), "relu", "grad-cam")) > 1
+    # LayerCAM drops what a negative gradient says; HiResCAM keeps it, with its sign
+    assert torch.count_nonzero(layer_map(activation.abs(), -spike, (4, 4), "relu", "layercam")) == 0
+    assert layer_map(activation.abs(), -spike, (4, 4), "abs", "hirescam")[1, 2] > 0
+
+
+def test_a_coarse_layer_pixel_is_shared_among_the_latent_pixels_it_covers():
+    """In the target's units a layer's map keeps its mass through the upsampling: a 2x2 layer with the
+    same gradient x activation in every pixel gives each of the 8x8 latent pixels a sixteenth."""
+    activation, gradient = torch.ones(3, 2, 2), torch.full((3, 2, 2), 2.0)
+    cam = layer_map(activation, gradient, (8, 8), "relu", "hirescam")
+    np.testing.assert_allclose(cam, np.full((8, 8), 6.0 / 16), rtol=1e-6)
+    assert cam.sum() == pytest.approx(layer_map(activation, gradient, (2, 2), "relu", "hirescam").sum())
+
+
+def test_layer_shares_say_how_much_of_the_summed_map_each_layer_carries(tiny_model, tiny_run):
+    for layer_scale in LAYER_SCALES:
+        explanation = DFCam(layer_scale=layer_scale).explain(tiny_model, tiny_run, STEP)
+        shares = explanation.layer_shares
+        assert set(shares) == set(explanation.per_layer) and sum(shares.values()) == pytest.approx(1.0, abs=1e-5)
+        assert min(shares.values()) >= 0
+    # in the target's units the layers differ in how much they carry; min-max gives each a similar share
+    target = DFCam().explain(tiny_model, tiny_run, STEP).layer_shares
+    assert max(target.values()) / max(min(target.values()), 1e-9) > 10
 
 
 def test_cam_on_an_unguided_run_explains_the_conditional_half(tiny_model):
@@ -540,7 +572,7 @@ def test_cam_on_an_unguided_run_explains_the_conditional_half(tiny_model):
     found = {}
     for target in ("guidance", "sum"):
         fast = DFCam(target=target, rectify="abs").explain(tiny_model, run, STEP)
-        per_layer, total = slow_cam(tiny_model, run, STEP, "abs", target)
+        per_layer, total = slow_cam(tiny_model, run, STEP, "abs", target, "layercam", "target")
         for name, expected in per_layer.items():
             np.testing.assert_allclose(fast.per_layer[name], expected, atol=1e-5, err_msg=f"{target} {name}")
         np.testing.assert_allclose(fast.saliency, total, atol=1e-5)
@@ -648,10 +680,6 @@ KNOWN_FAILURES = {
     ("ratio", "df-rise"): "'a red circle on the left': inside/outside 5.38, 3.58, 2.37, 1.66 at steps 16-19 but 0.79 "
     "at step 20, the last one; the square prompt passes (1.58-9.59) (next-latent mode, contrast estimator). The last "
     "step itself changes the latent less on the shape than off it (median 0.93 on 12 held-out prompts; scripts/meaning_checks.py)",
-    ("ratio", "df-cam"): "'a red circle on the left': inside/outside 0.44-0.96 at steps 16-20 (the paper's sum target: "
-    "0.36-0.75); the square prompt passes (2.01-2.43). On 12 held-out prompts the default passes 48 of 60, the sum "
-    "target 28, weighting='hirescam' 55 (2.64-2.94 here) but its randomisation fails for the square (Spearman 0.60-0.65 "
-    "at steps 16-18); scripts/meaning_checks.py",
 }
 
 

@@ -38,6 +38,7 @@ class Explanation:
         seconds: wall time of ``explain``; ``denoiser_calls``: UNet forward passes it made
             (a pass may carry many inputs and both guidance halves).
         per_layer: DF-CAM's per-layer maps (H_lat, W_lat), keyed by module path.
+        layer_shares: DF-CAM's share of each layer in the summed map (summing to 1), same keys.
         token_scores: per-word scores in [0, 1], keyed ``"i:word"`` as ``views.token_scores``.
         token_maps: per-word maps (H_lat, W_lat) in [0, 1], same keys.
     """
@@ -50,6 +51,7 @@ class Explanation:
     seconds: float = 0.0
     denoiser_calls: int = 0
     per_layer: dict[str, np.ndarray] | None = None
+    layer_shares: dict[str, float] | None = None
     token_scores: dict[str, float] | None = None
     token_maps: dict[str, np.ndarray] | None = None
 

@@ -1,7 +1,8 @@
 """DF-CAM: Grad-CAM on the denoiser itself, every layer in one backward pass (SPEC §5).
 
-Each layer's map weighs its activation by its gradient, per channel (Grad-CAM, default) or per
-pixel (HiResCAM, ``weighting="hirescam"``; see ``WEIGHTINGS``).
+Each layer's map weighs its activation by its gradient at each pixel (LayerCAM, the default;
+HiResCAM) or per channel (Grad-CAM, the paper's; see ``WEIGHTINGS``), and the layers add up in the
+target's own units (default) or min-max normalised each (the paper's; see ``LAYER_SCALES``).
 
 The target is what the step's prediction is explained for: by default how much the prompt changes
 it, ½‖ε_c − ε_u‖²; the paper's sum of the UNet output is ``target="sum"`` (see ``TARGETS``).
@@ -60,8 +61,9 @@ def _guidance_energy(output: torch.Tensor) -> torch.Tensor:
 # by pushing it up or down), so Grad-CAM's ReLU keeps whatever pushes it up, whatever is drawn there.
 # "guidance" is 1/2 ||eps_c - eps_u||^2, how much the prompt changes the prediction (the term classifier-
 # free guidance scales): like a classifier's class score, it grows with the evidence for the prompt,
-# and negating the output leaves it unchanged. It is the default: on 12 held-out prompts its maps favour
-# the drawn shape in 48 of 60 late-step cases against 28 (scripts/meaning_checks.py).
+# and negating the output leaves it unchanged. It is the default: on 12 held-out prompts, with the paper's
+# Grad-CAM weights and min-max, its maps favour the drawn shape in 48 of 60 late-step cases against the
+# sum's 28 (scripts/meaning_checks.py).
 TARGETS = {"guidance": _guidance_energy, "sum": _sum}
 
 
@@ -78,23 +80,32 @@ def run_halves(tensor: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
     return combine_guidance(tensor.float(), inputs)[0] if inputs.guided else tensor[-1].float()
 
 
-# How a layer's gradient weighs its activation. "grad-cam" (SPEC §5, the paper's): one weight per
-# channel, the gradient's mean over space. "hirescam" (Draelos & Carin, 2020): the gradient at each
-# pixel, so the map is gradient x activation summed over channels and keeps where the target is
-# sensitive, which the spatial mean blurs away. Measured on the shapes model (scripts/meaning_checks.py):
-# hirescam finds the shape more often (55 of 60 against 48) but changes less on a randomised model
-# (Spearman < 0.5 in 55 of 60 against 58), so Grad-CAM stays the default.
-WEIGHTINGS = ("grad-cam", "hirescam")
+# How a layer's gradient weighs its activation, from the layer's gradient G (C, h, w). "layercam" (Jiang
+# et al., 2021), the default: the positive part of the gradient at each pixel, so a pixel counts where
+# raising its activation raises the target. "hirescam" (Draelos & Carin, 2020): the gradient at each
+# pixel, gradient x activation. "grad-cam" (SPEC §5, the paper's): one weight per channel, the gradient's
+# mean over space, which a small or off-centre shape barely moves (scripts/meaning_checks.py).
+WEIGHTINGS = {
+    "layercam": lambda gradient: gradient.clamp(min=0),
+    "hirescam": lambda gradient: gradient,
+    "grad-cam": lambda gradient: gradient.mean(dim=(1, 2), keepdim=True),
+}
+
+# How the per-layer maps add up. "target" (default): each layer's map stays in the target's units
+# (gradient x activation), a coarse layer's pixel shared among the latent pixels it covers, so a layer
+# counts by how much of the target it carries. "min-max" (SPEC §5, the paper's): each layer's map
+# min-max normalised first, so a layer whose map is noise weighs as much as the one that draws the shape.
+LAYER_SCALES = ("target", "min-max")
 
 
-def layer_map(activation: torch.Tensor, gradient: torch.Tensor, size: tuple[int, int], rectify: str, weighting: str) -> np.ndarray:
-    """One layer's map: combined A and G (C, h, w) -> rectify(sum_c W_c A_c), W_c the channel's mean
-    gradient ("grad-cam") or its gradient at each pixel ("hirescam"); ``RECTIFIERS``: |.| or the
-    paper's ReLU. Upsampled bilinearly to ``size`` and min-max normalised; float32 (H_lat, W_lat)."""
-    weights = gradient.mean(dim=(1, 2), keepdim=True) if weighting == "grad-cam" else gradient  # (C, 1, 1) or (C, h, w)
-    cam = RECTIFIERS[rectify]((weights * activation).sum(0))  # (h, w)
-    cam = F.interpolate(cam[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-    return normalise(cam.detach().cpu().numpy())
+def layer_map(activation: torch.Tensor, gradient: torch.Tensor, size: tuple[int, int], rectify: str, weighting: str) -> torch.Tensor:
+    """One layer's map in the target's units: combined A and G (C, h, w) -> rectify(sum_c W_c A_c), W
+    from ``WEIGHTINGS``, ``rectify`` from ``RECTIFIERS`` (|.| or the paper's ReLU). Upsampled bilinearly
+    to ``size`` (H_lat, W_lat) and divided by the upsampling's area factor, so a coarse layer's pixel is
+    shared among the latent pixels it covers; float32 tensor (H_lat, W_lat)."""
+    cam = RECTIFIERS[rectify]((WEIGHTINGS[weighting](gradient) * activation).sum(0))  # (h, w)
+    area_factor = size[0] * size[1] / cam.numel()
+    return F.interpolate(cam[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].detach() / area_factor
 
 
 @dataclass(kw_only=True)
@@ -107,28 +118,35 @@ class DFCam(GradientMethod):
             or "sum", the paper's sum of the UNet output (see ``TARGETS``). An unguided run (guidance
             <= 1) gets its unconditional half computed for "guidance"; A and G are then the conditional
             half's, the run's own prediction.
-        weighting: "grad-cam" (default, the paper's: each channel weighed by its mean gradient) or
-            "hirescam" (by its gradient at each pixel); see ``WEIGHTINGS``.
-        rectify: "relu" (default, the paper's) or "abs", applied to each layer's weighted sum. "abs"
-            finds the drawn shape more often on the shapes model, but its maps stay much the same
-            when the UNet's weights are randomised (Spearman up to 0.76; under 0.5 in 41 of 60
-            held-out cases, against 58 of 60 with "relu"), so it partly shows the input rather
-            than the model; see ``base.RECTIFIERS``.
+        weighting: "layercam" (default: each pixel weighed by its gradient's positive part), "hirescam"
+            (by its gradient) or "grad-cam" (the paper's: each channel by its mean gradient); see
+            ``WEIGHTINGS``.
+        layer_scale: "target" (default: the layers add up in the target's units, each by how much of it
+            it carries) or "min-max" (the paper's: each layer's map min-max normalised before the sum);
+            see ``LAYER_SCALES``. Measured on the shapes model (scripts/meaning_checks.py, 60 held-out
+            late-step cases): the defaults favour the drawn shape in 60 of 60 (inside/outside median
+            8.66) and change on a randomised UNet in 60 of 60 (Spearman at most 0.36); the paper's
+            rules (target="sum", weighting="grad-cam", layer_scale="min-max") 28 and 60.
+        rectify: "relu" (default, the paper's) or "abs", applied to each layer's weighted sum; "abs"
+            keeps what lowers the target too (see ``base.RECTIFIERS``).
     Returns (from ``explain``):
-        ``Explanation`` with ``saliency`` (H_lat, W_lat) = min-max of the sum of the per-layer
-        maps, ``per_layer`` {path: (H_lat, W_lat)}, ``denoiser_calls`` = 1.
+        ``Explanation`` with ``saliency`` (H_lat, W_lat) = min-max of the sum of the per-layer maps,
+        ``per_layer`` {path: (H_lat, W_lat)} each min-max normalised, ``layer_shares`` {path: each
+        layer's share of the sum, summing to 1}, ``denoiser_calls`` = 1.
     """
 
     layers: tuple[str, ...] | None = None
     target: str = "guidance"
-    weighting: str = "grad-cam"
+    weighting: str = "layercam"
+    layer_scale: str = "target"
     rectify: str = "relu"
     name = "df-cam"
 
     def _check_options(self) -> None:
         super()._check_options()
         check_choice("target", self.target, tuple(TARGETS))
-        check_choice("weighting", self.weighting, WEIGHTINGS)
+        check_choice("weighting", self.weighting, tuple(WEIGHTINGS))
+        check_choice("layer_scale", self.layer_scale, LAYER_SCALES)
         if self.layers is not None and (isinstance(self.layers, str) or not all(isinstance(x, str) for x in self.layers)):
             raise ValueError(f"layers must be a list of module paths (see cam_layers(unet)), got {self.layers!r}.")
 
@@ -163,10 +181,14 @@ class DFCam(GradientMethod):
         finally:
             for handle in handles:
                 handle.remove()
-        per_layer = {
+        raw = {
             name: layer_map(run_halves(activations[name].detach(), inputs), run_halves(gradient, inputs), size,
-                            self.rectify, self.weighting)
+                            self.rectify, self.weighting).cpu().numpy()
             for name, gradient in zip(names, gradients)
         }
-        total = np.sum(list(per_layer.values()), axis=0)
-        return self._result(run, step, total, per_layer=per_layer, denoiser_calls=1)
+        per_layer = {name: normalise(layer) for name, layer in raw.items()}
+        summed = raw if self.layer_scale == "target" else per_layer
+        total = np.sum(list(summed.values()), axis=0)
+        mass = max(float(total.sum()), np.finfo(np.float32).tiny)
+        shares = {name: float(layer.sum()) / mass for name, layer in summed.items()}
+        return self._result(run, step, total, per_layer=per_layer, layer_shares=shares, denoiser_calls=1)
