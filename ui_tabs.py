@@ -24,8 +24,8 @@ CAM_WEIGHTING_INFO = ("layercam (default): each pixel by its gradient's positive
                       "(the paper's): each channel by its mean gradient over the image, which a small shape barely moves")
 CAM_LAYER_SCALE_INFO = ("target (default): each layer counts by how much of the explained quantity it carries; min-max "
                         "(the paper's): every layer's map scaled to [0, 1] first, so a layer that sees nothing weighs as much")
-CAM_RECTIFY_INFO = ("relu (default): the paper's, where the layer pushes the explained quantity up; abs: either way; it finds the "
-                    "shape more often but looks much the same on a model with random weights (it partly shows the input)")
+CAM_RECTIFY_INFO = ("relu (default, the paper's): where the layer pushes the explained quantity up; abs: either way "
+                    "(with grad-cam weights its maps stay much the same on a model with random weights: they partly show the input)")
 SALIENCY_METHODS = {"DF-RISE": "df-rise", "DF-CAM": "df-cam", "DF-LIME": "df-lime", "random baseline": "random", "centred baseline": "centre"}
 
 

@@ -43,6 +43,12 @@ def main(url: str, folder: str) -> None:
         page.get_by_text('"deletion_auc"').wait_for(timeout=180_000)
         page.wait_for_timeout(1000)
         page.screenshot(path=out / "saliency.png", full_page=True)
+        page.get_by_label("Method").click()
+        page.get_by_role("option", name="DF-CAM", exact=True).click()
+        page.get_by_role("button", name="Explain").click()  # DF-CAM at the same step, its layers listed by share
+        page.get_by_text('"layer_shares"').wait_for(timeout=180_000)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=out / "saliency-df-cam.png", full_page=True)
         for tab in ("Export", "About"):
             if page.get_by_role("tab", name=tab).count():
                 page.get_by_role("tab", name=tab).click()
