@@ -7,8 +7,8 @@ import gradio as gr
 from explainer import config, plots
 from explainer.methods import DFCam, TokenRelevance
 from explainer.methods.base import RECTIFIERS
-from explainer.methods.cam import TARGETS as CAM_TARGETS
 from explainer.methods.cam import LAYER_SCALES as CAM_LAYER_SCALES
+from explainer.methods.cam import TARGETS as CAM_TARGETS
 from explainer.methods.cam import WEIGHTINGS as CAM_WEIGHTINGS
 from explainer.methods.rise import ESTIMATORS as RISE_ESTIMATORS
 

@@ -31,8 +31,8 @@ from .methods import METHODS
 from .models import load_model
 from .run import InstrumentedRun, RunData, RunSettings
 
-MAP_METHODS = ("df-rise", "df-rise-paper", "df-cam", "df-cam-paper", "df-cam-gradcam", "df-cam-hirescam", "df-cam-abs", "df-lime",
-               "cross-attention", "relevance", "relevance-paper", "random", "centre")
+MAP_METHODS = ("df-rise", "df-rise-paper", "df-cam", "df-cam-paper", "df-cam-gradcam", "df-cam-hirescam", "df-cam-abs",
+               "df-lime", "cross-attention", "relevance", "relevance-paper", "random", "centre")
 # Other options of a method, scored beside its defaults: the paper's rules where the defaults differ.
 VARIANTS = {
     "df-rise-paper": ("df-rise", dict(mode="paper", estimator="sum")),  # the paper's score and undivided sum
@@ -45,8 +45,8 @@ VARIANTS = {
 # A map that knows the answer, as an upper reference on the shapes world: the drawn shape's own pixels.
 REFERENCE = "shape-mask"
 # cheap enough at 3 phases
-LOCALISED = ("df-rise", "df-cam", "df-cam-paper", "df-cam-gradcam", "df-cam-hirescam", "df-cam-abs", "cross-attention", "relevance",
-             "relevance-paper", "random", "centre")
+LOCALISED = ("df-rise", "df-cam", "df-cam-paper", "df-cam-gradcam", "df-cam-hirescam", "df-cam-abs", "cross-attention",
+             "relevance", "relevance-paper", "random", "centre")
 
 
 @dataclass
