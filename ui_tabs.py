@@ -156,7 +156,7 @@ def saliency_tab():
                 c["masks"] = gr.Slider(1, LIMITS.max_masks, value=config.DEFAULTS.rise_masks, step=1, label=f"Masks N (paper: 500; limit {LIMITS.max_masks})")
                 c["keep"] = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Keep probability p")
                 c["mode"] = gr.Radio(["next-latent", "paper"], value="next-latent", label="Score",
-                                     info="next-latent compares like with like (default); paper: as the public code")
+                                     info="next-latent compares like with like, by squared error (default); paper: as the public code")
                 c["mask_kind"] = gr.Radio(["pixel", "grid"], value="pixel", label="Masks")
                 c["estimator"] = gr.Radio(list(RISE_ESTIMATORS), value="contrast", label="Combine the masks",
                                           info="contrast: kept minus dropped (default, best measured); "

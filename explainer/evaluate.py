@@ -31,10 +31,11 @@ from .methods import METHODS
 from .models import load_model
 from .run import InstrumentedRun, RunData, RunSettings
 
-MAP_METHODS = ("df-rise", "df-rise-paper", "df-cam", "df-cam-paper", "df-cam-gradcam", "df-cam-hirescam", "df-cam-abs",
-               "df-lime", "cross-attention", "relevance", "relevance-paper", "random", "centre")
+MAP_METHODS = ("df-rise", "df-rise-structure", "df-rise-paper", "df-cam", "df-cam-paper", "df-cam-gradcam", "df-cam-hirescam",
+               "df-cam-abs", "df-lime", "cross-attention", "relevance", "relevance-paper", "random", "centre")
 # Other options of a method, scored beside its defaults: the paper's rules where the defaults differ.
 VARIANTS = {
+    "df-rise-structure": ("df-rise", dict(similarity="structure")),  # the SSIM structure term in next-latent mode
     "df-rise-paper": ("df-rise", dict(mode="paper", estimator="sum")),  # the paper's score and undivided sum
     "df-cam-paper": ("df-cam", dict(target="sum", weighting="grad-cam", layer_scale="min-max")),  # SPEC §5
     "df-cam-gradcam": ("df-cam", dict(weighting="grad-cam", layer_scale="min-max")),  # the paper's, guidance target

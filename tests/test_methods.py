@@ -185,11 +185,21 @@ def test_step_inputs_rebuild_the_recorded_prediction_and_the_ddim_step(tiny_mode
 # --- DF-RISE: batched equals one mask at a time, structure term straight from the formula ---------
 
 
-def numpy_structure(real: np.ndarray, other: np.ndarray) -> np.ndarray:
-    """SSIM structure term (C, h, w) x 2 -> (h, w): Gaussian 15x15 window, sigma 1.5, zero padding, C3 = 0.03^2 / 2."""
+def gaussian_15x15() -> np.ndarray:
     offsets = np.arange(15) - 7.0
     line = np.exp(-(offsets**2) / (2 * 1.5**2))
-    window = np.outer(line, line) / np.outer(line, line).sum()
+    return np.outer(line, line) / np.outer(line, line).sum()
+
+
+def numpy_squared_error(real: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Minus the local mean squared difference (C, h, w) x 2 -> (h, w), same window, channel mean."""
+    diff = (real.astype(np.float64) - other.astype(np.float64)) ** 2
+    return -np.mean([correlate(d, gaussian_15x15(), mode="constant", cval=0.0) for d in diff], axis=0)
+
+
+def numpy_structure(real: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """SSIM structure term (C, h, w) x 2 -> (h, w): Gaussian 15x15 window, sigma 1.5, zero padding, C3 = 0.03^2 / 2."""
+    window = gaussian_15x15()
     c3 = 0.03**2 / 2
     maps = []
     for x, y in zip(real.astype(np.float64), other.astype(np.float64)):
@@ -224,7 +234,8 @@ def slow_rise(model, run, step, method: DFRise) -> np.ndarray:
         else:  # DDIM from t_k to t_{k+1}, from the real x_t
             x0 = (x_t - (1 - a_t) ** 0.5 * eps) / a_t**0.5
             compared = a_next**0.5 * x0 + (1 - a_next) ** 0.5 * eps
-        score, weight = numpy_structure(real_next, compared.numpy()[0]), mask[0].numpy()
+        similarity = numpy_structure if method.similarity == "structure" else numpy_squared_error
+        score, weight = similarity(real_next, compared.numpy()[0]), mask[0].numpy()
         kept.append(weight * score), dropped.append((1 - weight) * score)
     weights = method.masks((8, 8))[:, 0].numpy()
     total = np.sum(kept, axis=0)
@@ -237,14 +248,26 @@ def slow_rise(model, run, step, method: DFRise) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "mode, mask, estimator",
-    [("next-latent", "pixel", "sum"), ("paper", "pixel", "sum"), ("paper", "grid", "mean"), ("next-latent", "pixel", "contrast")],
+    "mode, mask, estimator, similarity",
+    [("next-latent", "pixel", "sum", "structure"), ("paper", "pixel", "sum", None), ("paper", "grid", "mean", None),
+     ("next-latent", "pixel", "contrast", "structure"), ("next-latent", "pixel", "contrast", None), ("next-latent", "grid", "contrast", None)],
 )
-def test_batched_rise_equals_one_mask_at_a_time(tiny_model, tiny_run, mode, mask, estimator):
-    method = DFRise(n_masks=8, batch_size=3, mode=mode, mask=mask, grid=3, seed=5, estimator=estimator)
+def test_batched_rise_equals_one_mask_at_a_time(tiny_model, tiny_run, mode, mask, estimator, similarity):
+    method = DFRise(n_masks=8, batch_size=3, mode=mode, mask=mask, grid=3, seed=5, estimator=estimator, similarity=similarity)
     fast = method.explain(tiny_model, tiny_run, STEP)
     assert fast.denoiser_calls == 3
     np.testing.assert_allclose(fast.saliency, slow_rise(tiny_model, tiny_run, STEP, method), atol=1e-4)
+
+
+def test_rise_similarity_defaults_to_squared_error_where_it_applies_and_refuses_it_elsewhere():
+    assert (DFRise().similarity, DFRise(mode="paper").similarity, DFRise(estimator="sum").similarity) == (
+        "squared-error", "structure", "structure")
+    assert DFRise(similarity="structure").options["similarity"] == "structure"
+    for options in ({"mode": "paper"}, {"estimator": "mean"}):
+        with pytest.raises(ValueError, match="similarity='squared-error' needs mode='next-latent' and estimator='contrast'"):
+            DFRise(similarity="squared-error", **options)
+    with pytest.raises(ValueError, match=r"similarity must be one of \('squared-error', 'structure'\), got 'ssim'"):
+        DFRise(similarity="ssim")
 
 
 def test_rise_masks_are_seeded_and_keep_about_p():
