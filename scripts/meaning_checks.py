@@ -34,6 +34,7 @@ METHODS = {
     "relevance": lambda noun: TokenRelevance(word=noun),
     # the paper's rules where the defaults differ, and other options (cam.TARGETS, cam.WEIGHTINGS,
     # cam.LAYER_SCALES, base.RECTIFIERS), for comparison
+    "df-rise (structure)": lambda noun: DFRise(n_masks=500, batch_size=100, similarity="structure"),
     "df-cam (paper)": lambda noun: DFCam(target="sum", weighting="grad-cam", layer_scale="min-max"),
     "df-cam (grad-cam)": lambda noun: DFCam(weighting="grad-cam", layer_scale="min-max"),
     "df-cam (hirescam)": lambda noun: DFCam(weighting="hirescam"),

@@ -3,7 +3,9 @@
 For each estimator (sum, mean, contrast; see ``explainer.methods.rise.DFRise``) and mode: the map's
 mean inside the drawn shape over its mean outside at the late steps (want > 1.5), its Spearman
 correlation with the same method on a model whose UNet is re-initialised (want < 0.5), and the
-insertion / deletion AUC (MSE) at the evaluation's step. Same masks for every estimator.
+insertion / deletion AUC (MSE) at the evaluation's step. Same masks for every estimator, each scored
+by the SSIM structure term (the only similarity "sum" and "mean" can use; scripts/rise_similarity.py
+compares the similarities).
 
     python scripts/rise_estimators.py --prompts 0 --late 16 20   # about 3 min on the 2-core CPU
 """
@@ -45,7 +47,7 @@ def main(argv=None) -> None:
             print(f"{prompt!r}: no shape drawn, skipped")
             continue
         for mode, estimator in variants:
-            method = DFRise(n_masks=args.masks, batch_size=100, mode=mode, estimator=estimator)
+            method = DFRise(n_masks=args.masks, batch_size=100, mode=mode, estimator=estimator, similarity="structure")
             row = rows[mode, estimator]
             for step in args.late:
                 trained = method.explain(model, run, step).saliency

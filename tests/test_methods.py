@@ -701,14 +701,11 @@ def meaning(embedded_model):
 
 
 # Measured on the embedded model in assets/ (after its ground phase, 2026-11-29), seed 1, 20 steps.
-# Left as expected failures, thresholds unchanged, so the suite stays green while they are open; a
-# model or a method that meets the criterion shows up as XPASS. The same checks on 12 held-out
-# prompts: scripts/meaning_checks.py (docs/results/meaning-checks.json).
-KNOWN_FAILURES = {
-    ("ratio", "df-rise"): "'a red circle on the left': inside/outside 5.38, 3.58, 2.37, 1.66 at steps 16-19 but 0.79 "
-    "at step 20, the last one; the square prompt passes (1.58-9.59) (next-latent mode, contrast estimator). The last "
-    "step itself changes the latent less on the shape than off it (median 0.93 on 12 held-out prompts; scripts/meaning_checks.py)",
-}
+# A criterion a method misses would be listed here as an expected failure, thresholds unchanged, so the
+# suite stays green while it is open; a fix shows up as XPASS. None is open: DF-CAM's defaults and
+# DF-RISE's squared-error score closed the last two (2026-11-30). The same checks on 12 held-out
+# prompts: scripts/meaning_checks.py (docs/results/meaning-checks.json), scripts/rise_similarity.py.
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 def meaning_cases(criterion: str) -> list:

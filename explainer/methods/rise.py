@@ -76,9 +76,11 @@ def negative_squared_error(real: torch.Tensor, other: torch.Tensor) -> torch.Ten
     return -local_mean((real - other) ** 2).mean(1)
 
 
-# How a masked input's result is scored against the real x_{t-1} at each latent pixel, and each mode's
-# default. Measured on the embedded model (12 held-out prompts, steps 16-20, 500
-# masks, contrast estimator), inside/outside > 1.5 in RATIO_PLACEHOLDER
+# How a masked input's result is scored against the real x_{t-1} at each latent pixel. Measured on the
+# embedded model (scripts/rise_similarity.py: 12 held-out prompts, steps 16-20, 500 masks, next-latent
+# mode, contrast estimator; docs/results/rise-similarity.txt): inside/outside the drawn shape > 1.5 in
+# 60 of 60 cases with "squared-error" (median 10.2; 12 of 12 at the last step) against 45 of 60 with
+# "structure" (1 of 12 at the last step), Spearman with a randomised model at most 0.09 (0.14).
 SIMILARITIES = {"squared-error": negative_squared_error, "structure": structure_term}
 
 
