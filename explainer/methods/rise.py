@@ -1,8 +1,8 @@
 """DF-RISE: where the model recovers the image at step k (SPEC §4; Park, Ju & Lee, 2024).
 
-Random masks hide parts of x_t; each masked latent goes through the guided denoiser, and the
-SSIM *structure* term between the real x_{t-1} and what the masked input gives scores every latent
-pixel. The map is, per latent pixel, the mean score over the masks that kept it minus the mean over
+Random masks hide parts of x_t; each masked latent goes through the guided denoiser, and how close
+what the masked input gives comes to the real x_{t-1} scores every latent pixel: minus the local
+squared difference by default, or the paper's SSIM *structure* term (``similarity``). The map is, per latent pixel, the mean score over the masks that kept it minus the mean over
 the masks that dropped it (``estimator="contrast"``, our default; the SPEC's ``sum_n M_n * S_n`` is
 ``estimator="sum"``), then ReLU, min-max. Masks are batched through the denoiser (the public code
 runs one mask per forward pass).
