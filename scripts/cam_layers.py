@@ -16,14 +16,12 @@ import argparse
 
 import numpy as np
 
-from explainer.evaluate import shape_grid
 from explainer.methods import DFCam
 from explainer.methods.cam import LAYER_SCALES, TARGETS, WEIGHTINGS
 from explainer.metrics import inside_outside_ratio
 from explainer.models import load_model
-from explainer.run import InstrumentedRun, RunSettings
 
-from meaning_checks import LATE, STEPS, single_shape_prompts
+from meaning_checks import LATE, STEPS, shape_runs
 
 SUMMED = "sum (DF-CAM)"
 
@@ -48,12 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     model = load_model()
     rows: dict[str, list[tuple[float, float, float]]] = {}
-    for prompt in single_shape_prompts(args.prompts):
-        settings = RunSettings(prompt=prompt, steps=STEPS, guidance=5.0, width=64, height=64, seed=args.seed)
-        run = InstrumentedRun(model, settings).run_all().data
-        shape = shape_grid(run)
-        if not shape.any():
-            continue
+    for _, run, shape in shape_runs(model, args.prompts, args.seed):
         for step in LATE:
             method = DFCam(target=args.target, weighting=args.weighting, layer_scale=args.layer_scale)
             explanation = method.explain(model, run, step)

@@ -57,6 +57,19 @@ def single_shape_prompts(count: int) -> list[str]:
     return prompts[:count]
 
 
+def shape_runs(model, count: int, seed: int):
+    """(prompt, run, shape) for the first ``count`` held-out single-shape prompts, ``shape`` the drawn
+    shape on the latent grid; prompts whose run draws no shape are skipped with a line saying so."""
+    for prompt in single_shape_prompts(count):
+        settings = RunSettings(prompt=prompt, steps=STEPS, guidance=5.0, width=64, height=64, seed=seed)
+        run = InstrumentedRun(model, settings).run_all().data
+        shape = shape_grid(run)
+        if not shape.any():
+            print(f"{prompt!r}: no shape drawn, skipped", flush=True)
+            continue
+        yield prompt, run, shape
+
+
 def summarise(rows: list[dict]) -> dict:
     """Per method: how many (prompt, step) pairs pass each criterion, in all and step by step."""
     summary = {}
@@ -89,14 +102,8 @@ def main(argv=None) -> None:
     model = load_model()
     random_model = model.randomised()
     rows = []
-    for prompt in single_shape_prompts(args.prompts):
+    for prompt, run, mask in shape_runs(model, args.prompts, args.seed):
         noun = next(word for word in prompt.replace(",", " ").split() if word in SHAPES)
-        settings = RunSettings(prompt=prompt, steps=STEPS, guidance=5.0, width=64, height=64, seed=args.seed)
-        run = InstrumentedRun(model, settings).run_all().data
-        mask = shape_grid(run)
-        if not mask.any():
-            print(f"{prompt!r}: no shape drawn, skipped", flush=True)
-            continue
         for name, make in methods.items():
             for step in LATE:
                 trained = make(noun).explain(model, run, step).saliency

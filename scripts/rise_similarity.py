@@ -19,15 +19,13 @@ import argparse
 import numpy as np
 import torch
 
-from explainer.evaluate import shape_grid
 from explainer.methods import DFRise
 from explainer.methods.base import ddim_step, guided_prediction, step_inputs
 from explainer.methods.rise import negative_squared_error, structure_term
 from explainer.metrics import inside_outside_ratio, spearman
 from explainer.models import load_model
-from explainer.run import InstrumentedRun, RunSettings
 
-from meaning_checks import LATE, STEPS, single_shape_prompts
+from meaning_checks import LATE, shape_runs
 
 SCORES = {
     "structure, run": (structure_term, "run"),
@@ -68,12 +66,7 @@ def main() -> None:
     random_model = model.randomised()
     rise = DFRise(n_masks=500, batch_size=100, similarity="structure")  # masks and estimator; the scores are above
     rows = {name: [] for name in SCORES}
-    for prompt in single_shape_prompts(args.prompts):
-        settings = RunSettings(prompt=prompt, steps=STEPS, guidance=5.0, width=64, height=64, seed=args.seed)
-        run = InstrumentedRun(model, settings).run_all().data
-        shape = shape_grid(run)
-        if not shape.any():
-            continue
+    for prompt, run, shape in shape_runs(model, args.prompts, args.seed):
         for step in LATE:
             trained, shuffled = maps(model, run, step, rise), maps(random_model, run, step, rise)
             for name in SCORES:
