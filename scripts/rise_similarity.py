@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from explainer.methods import DFRise
-from explainer.methods.base import ddim_step, guided_prediction, step_inputs
+from explainer.methods.base import batches, ddim_step, guided_prediction, step_inputs
 from explainer.methods.rise import negative_squared_error, structure_term
 from explainer.metrics import inside_outside_ratio, spearman
 from explainer.models import load_model
@@ -44,8 +44,8 @@ def maps(model, run, step: int, rise: DFRise) -> dict[str, np.ndarray]:
         unmasked_step = ddim_step(inputs, inputs.latents, guided_prediction(model, inputs, inputs.latents))
     references = {"run": inputs.next_latents, "self": unmasked_step}
     sums = {name: [torch.zeros(size), torch.zeros(size)] for name in SCORES}  # sum_n M_n S_n, sum_n S_n
-    for start in range(0, rise.n_masks, rise.batch_size):
-        batch = masks[start : start + rise.batch_size]
+    for start, stop in batches(rise.n_masks, rise.batch_size):
+        batch = masks[start:stop]
         with torch.no_grad():
             masked = batch * inputs.latents
             compared = ddim_step(inputs, inputs.latents.expand_as(masked), guided_prediction(model, inputs, masked))
