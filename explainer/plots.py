@@ -70,6 +70,19 @@ def new_figure(figsize: tuple[float, float], dpi: int = 100, rows: int = 1, colu
     return figure, figure.subplots(rows, columns)
 
 
+# The streamed charts are palette pictures: a chart has a few hundred colours (most of them in its
+# antialiased text), and PNG encodes a palette picture 3-5x faster and 3x smaller than an RGB one
+# (about 1.5 ms against 6-10 ms a chart on a CPU, paid at every streamed picture update).
+STREAMED_CHART_COLOURS = 224  # the palette's other 32 entries take the colours painted on it
+
+
+def as_palette(picture: Image.Image) -> Image.Image:
+    """``picture`` in a palette of ``STREAMED_CHART_COLOURS`` colours. Median cut keeps a chart's
+    colours exact but in a few antialiased pixels (the fast octree moves even white to 254); it
+    costs ~20 ms, once per drawn chart. No dithering: flat areas stay flat."""
+    return picture.quantize(STREAMED_CHART_COLOURS, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+
+
 def figure_to_image(figure) -> Image.Image:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
@@ -106,7 +119,7 @@ class NoiseLevelChart:
         height = figure.canvas.get_width_height()[1]
         points = axis.transData.transform(np.column_stack([steps, sigmas]))
         self.pixels = [(x, height - y) for x, y in points]  # display origin is bottom-left
-        self.base = Image.fromarray(np.asarray(figure.canvas.buffer_rgba())[..., :3].copy())
+        self.base = as_palette(Image.fromarray(np.asarray(figure.canvas.buffer_rgba())[..., :3]))
 
     def at(self, step: int) -> Image.Image:
         """The chart with step ``step`` (1-based) marked and labelled."""
@@ -169,7 +182,7 @@ class StreamingConceptChart:
         self.height = figure.canvas.get_width_height()[1]
         self.to_pixels = axis.transData.transform
         self.colours = [tuple(int(255 * c) for c in matplotlib.colors.to_rgb(colour)) for colour in colours]
-        self.base = Image.fromarray(np.asarray(figure.canvas.buffer_rgba())[..., :3].copy())
+        self.base = as_palette(Image.fromarray(np.asarray(figure.canvas.buffer_rgba())[..., :3]))
 
     def draw(self, series: dict[str, Sequence[float]]) -> Image.Image:
         """The chart with each word's scores (steps 1, 2, ...) painted as a line with dots."""
