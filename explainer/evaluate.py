@@ -270,7 +270,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m explainer.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=config.default_model_id(), choices=list(config.MODELS))
     parser.add_argument("--prompts", type=Path, help="a text file, one prompt per line (default: held-out shapes prompts or the paper's)")
-    parser.add_argument("--num-prompts", type=int, default=20, help="how many prompts (20: about 30 min on a 2-core CPU)")
+    parser.add_argument("--num-prompts", type=int, default=20, help="how many prompts (20: about 35 min on a 2-core CPU)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--step", type=int, default=15, help="the explained step (1-based)")
     parser.add_argument("--guidance", type=float, help="default: the model's own")
