@@ -505,7 +505,17 @@ def build_demo() -> gr.Blocks:
         )
         export_button.click(export_run, session, [zip_file, gif_file], api_name="export")
     demo.queue(max_size=LIMITS.max_queue, default_concurrency_limit=LIMITS.max_concurrent_runs)
+    _poll_queue_less(demo)
     return demo
+
+
+def _poll_queue_less(demo: gr.Blocks) -> None:
+    """Let Gradio's queue look for new events every ``LIMITS.queue_poll_s`` instead of every 1 ms,
+    and for progress every ``LIMITS.progress_poll_s`` (Gradio 6 has no public setting for either;
+    a test checks that they reach the queue's loops)."""
+    queue = demo._queue
+    queue.sleep_when_free = max(queue.sleep_when_free, LIMITS.queue_poll_s)
+    queue.progress_update_sleep_when_free = max(queue.progress_update_sleep_when_free, LIMITS.progress_poll_s)
 
 
 demo = build_demo()

@@ -226,6 +226,29 @@ def test_zerogpu_durations_come_from_the_work():
     assert app._saliency_duration(sd, recorded(30, 1024), "df-cam", {}, 20, False) > app._saliency_duration(sd, recorded(30), "df-cam", {}, 20, False)
 
 
+def test_the_queue_polls_at_the_configured_intervals_not_every_millisecond(monkeypatch):
+    """Gradio's queue loops sleep this long between looks while free; at their defaults (1 ms and
+    10 ms) an idle server spends 8 % of a core on them, taking the GIL from a run each time."""
+    import asyncio
+
+    import app
+    from gradio import queueing
+
+    queue = app.build_demo()._queue  # a demo of its own: the loops below stop its queue
+    slept = []
+
+    async def sleep(seconds):
+        slept.append(seconds)
+        queue.stopped = True
+
+    monkeypatch.setattr(queueing.asyncio, "sleep", sleep)
+    for loop in (queue.start_processing, queue.start_progress_updates):
+        queue.stopped = False
+        asyncio.run(loop())
+    assert slept == [app.LIMITS.queue_poll_s, app.LIMITS.progress_poll_s]
+    assert app.LIMITS.queue_poll_s >= 0.01 and app.LIMITS.progress_poll_s >= 0.05
+
+
 def test_on_zerogpu_the_hub_models_load_at_startup_and_nothing_elsewhere():
     import app
     from explainer import config
