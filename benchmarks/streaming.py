@@ -16,6 +16,8 @@ A one-step run, alone and streamed, measures what the app costs per request what
 (queueing, the final update with every picture, the transfer), so that what streaming adds on top
 is printed apart; a one-line Gradio app gives Gradio's own floor. On 2 shared cores the figures
 vary by about 10 % from run to run: compare several runs.
+Streaming's own cost is measured the most directly against the same app sending only the first
+and the last step (a second server, side by side): same request, same final update, no stream.
 Targets: first step <= 0.5 s; streaming adds <= 10 % to the run as served.
 Run: python benchmarks/streaming.py
 """
@@ -49,6 +51,17 @@ with gr.Blocks() as demo:
     box = gr.Textbox()
     gr.Button().click(echo, box, box, api_name="echo")
 demo.launch()
+"""
+
+
+# The same app sending only its first and last step (its picture budget spent by the first update,
+# no light updates): what the run costs through the app when it is not streamed.
+UNSTREAMED_APP = """
+import dataclasses
+import app
+app.LIMITS = dataclasses.replace(app.LIMITS, cpu_stream_share=0.0, max_update_gap_s=None)
+app.share_cpu_cores(app.LIMITS.max_concurrent_runs)
+app.demo.launch()
 """
 
 
@@ -94,19 +107,22 @@ def main() -> None:
 
     floor = gradio_floor(args.repeats)  # first, on its own: an idle second server would load the cores
     server, url = start_server()
+    unstreamed_server, unstreamed_url = start_server([sys.executable, "-c", UNSTREAMED_APP])
     try:
-        clients = {"pictures": Client(url, verbose=False), "data only": Client(url, verbose=False, download_files=False)}
+        clients = {"pictures": Client(url, verbose=False), "data only": Client(url, verbose=False, download_files=False),
+                   "unstreamed": Client(unstreamed_url, verbose=False, download_files=False)}
         first_steps, drawn = [], []
 
-        def streamed(client, steps=shape["steps"]):
+        def streamed(client, steps=shape["steps"], record=True):
             call = [model.id, PROMPT, "", "", 1, steps, shape["guidance"], shape["width"], shape["height"], "uniform", 60, ""]
             start = time.perf_counter()
-            updates = 0
-            for updates, _ in enumerate(client.submit(*call, api_name="/denoise"), start=1):
-                if updates == 1 and steps == shape["steps"]:
+            pictures = set()  # the prediction view's files: a light update leaves it as it was
+            for updates, outputs in enumerate(client.submit(*call, api_name="/denoise"), start=1):
+                if updates == 1 and record and steps == shape["steps"]:
                     first_steps.append(time.perf_counter() - start)
-            if steps == shape["steps"]:
-                drawn.append(updates)
+                pictures.add(str(outputs[0]))
+            if record and steps == shape["steps"]:
+                drawn.append(len(pictures))
 
         def library_only(steps=shape["steps"]):
             settings = RunSettings(prompt=PROMPT, seed=1, per_group=True, vae_decode_every=model.spec.vae_decode_every,
@@ -132,6 +148,7 @@ def main() -> None:
                 "run alone, all cores": library_only,
                 "streamed, client fetches pictures": lambda: streamed(clients["pictures"]),
                 "streamed, client takes data only": lambda: streamed(clients["data only"]),
+                "first and last step only, data only": lambda: streamed(clients["unstreamed"], record=False),
                 "one-step run alone, as served": lambda: library_as_the_server_runs_it(1),
                 "one-step run streamed, data only": lambda: streamed(clients["data only"], 1),
             },
@@ -139,9 +156,11 @@ def main() -> None:
         )
     finally:
         server.kill()
+        unstreamed_server.kill()
     as_served, fastest = times["run alone, as the server runs it"], times["run alone, all cores"]
     per_request = times["one-step run streamed, data only"] - times["one-step run alone, as served"]
     beyond = times["streamed, client takes data only"] - as_served - per_request
+    streaming_ratio = times["streamed, client takes data only"] / times["first and last step only, data only"]
     lines = [
         header("Streaming", model),
         f"settings: {shape}; server in its own process; {args.repeats} alternating repeats; median seconds",
@@ -150,6 +169,7 @@ def main() -> None:
         f"the app's cost per request (a one-step run streamed minus the same run alone; the final update included): {per_request:.3f} s",
         f"Gradio's own floor, for comparison (an endpoint that streams its input back once): {floor:.3f} s",
         f"streaming beyond that cost (data-only client): {beyond:+.3f} s = {beyond / as_served:+.1%} of the run as served",
+        f"streamed / the same app sending its first and last step only (side by side, data-only clients): {streaming_ratio:.3f}x",
         f"updates with pictures per run: median {statistics.median(drawn):.0f} of {shape['steps']} steps "
         f"(every step's numbers are sent; on the CPU pictures go out while that takes <= {config.LIMITS.cpu_stream_share:.0%} of the time)",
     ]
