@@ -165,8 +165,8 @@ class Limits:
     # pixels, and a 77-token prompt's 30 steps would otherwise need about 87 MB of records.
     max_group_map_side: int = 32
     # Gradio's queue looks for new events every 1 ms while it has room, and for progress to send
-    # every 10 ms: an idle server used 8 % of a core for it, and each look takes the GIL from a
-    # run in the same process. Every 20 ms (a request waits at most that much longer to start) and
+    # every 10 ms: an idle app server used 9-11 % of a core for it, and each look takes the GIL from
+    # a run in the same process. Every 20 ms (a request waits at most that much longer to start) and
     # every 100 ms (the app sends no gr.Progress; its steps go out as streamed updates): 1.6 %.
     queue_poll_s: float = 0.02
     progress_poll_s: float = 0.1
