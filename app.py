@@ -150,7 +150,7 @@ def _step_view(
         # one picture per word: while streaming they follow every fifth of the run (and the last step)
         overlays = gr.skip()
     else:
-        overlays = views.word_overlays(first, record)
+        overlays = views.word_overlays(first, record, max_side=LIMITS.overlay_gallery_side)
     return (*pictures, status, chart, overlays, concepts, data)
 
 

@@ -169,6 +169,10 @@ class Limits:
     # a run in the same process. Every 20 ms (a request waits at most that much longer to start) and
     # every 100 ms (the app sends no gr.Progress; its steps go out as streamed updates): 1.6 %.
     queue_poll_s: float = 0.02
+    # The Denoise tab's gallery of word overlays shows thumbnails (220 px high): drawn at most this
+    # side, a Stable Diffusion picture's overlays take a fifth of the time they take at 512 px (the
+    # Attention tab and the export keep the full size).
+    overlay_gallery_side: int = 256
     progress_poll_s: float = 0.1
 
 

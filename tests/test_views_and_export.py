@@ -147,6 +147,17 @@ def test_streaming_concept_chart_paints_each_word_where_its_scores_are():
     assert tuple(picture[int(round(chart.height - y)), int(round(x))]) != chart.colours[0]
 
 
+def test_word_overlays_at_most_max_side_show_the_same_overlay_smaller(run):
+    record = run.records[-1]
+    full = views.word_overlays(run, record)
+    small = views.word_overlays(run, record, max_side=64)
+    assert [label for _, label in small] == [label for _, label in full]
+    assert full[0][0].size == (128, 128) and all(picture.size == (64, 64) for picture, _ in small)
+    for (big, _), (little, _) in zip(full, small):
+        shrunk = np.asarray(big.resize(little.size, Image.Resampling.BILINEAR), dtype=float)
+        assert np.abs(shrunk - np.asarray(little, dtype=float)).mean() < 4  # of 255
+
+
 def test_streamed_charts_are_palette_pictures_of_the_matplotlib_drawing():
     """Palette pictures encode 3-5x faster as PNG; the palette keeps a chart's drawing (antialiased
     text is the only place with more colours than it holds)."""
