@@ -84,9 +84,14 @@ def negative_squared_error(real: torch.Tensor, other: torch.Tensor) -> torch.Ten
 SIMILARITIES = {"squared-error": negative_squared_error, "structure": structure_term}
 
 
+def squared_error_applies(mode: str, estimator: str) -> bool:
+    """Only next-latent mode compares like with like, and only the contrast estimator needs no zero."""
+    return (mode, estimator) == ("next-latent", "contrast")
+
+
 def default_similarity(mode: str, estimator: str) -> str:
     """"squared-error" where it applies (next-latent mode, contrast estimator), else the paper's "structure"."""
-    return "squared-error" if (mode, estimator) == ("next-latent", "contrast") else "structure"
+    return "squared-error" if squared_error_applies(mode, estimator) else "structure"
 
 
 def pixel_masks(count: int, size: tuple[int, int], keep: float, generator: torch.Generator) -> torch.Tensor:
@@ -171,7 +176,7 @@ class DFRise(PerturbationMethod):
         check_choice("mode", self.mode, MODES)
         check_choice("estimator", self.estimator, ESTIMATORS)
         check_choice("similarity", self.similarity, tuple(SIMILARITIES))
-        if self.similarity == "squared-error" and (self.mode, self.estimator) != ("next-latent", "contrast"):
+        if self.similarity == "squared-error" and not squared_error_applies(self.mode, self.estimator):
             raise ValueError("similarity='squared-error' needs mode='next-latent' and estimator='contrast': paper mode compares "
                              "x_{t-1} with a noise prediction, which only the scale-free 'structure' can, and a squared error "
                              "has no zero that 'sum' or 'mean' could count from (after the ReLU their maps are empty).")
