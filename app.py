@@ -520,6 +520,12 @@ def _poll_queue_less(demo: gr.Blocks) -> None:
 
 demo = build_demo()
 
-if __name__ == "__main__":
+
+def serve() -> None:
+    """Start the server as ``python app.py`` does."""
     share_cpu_cores(LIMITS.max_concurrent_runs)  # a CPU server: each concurrent run gets its cores
     demo.launch(allowed_paths=[str(OUTPUT_ROOT)])
+
+
+if __name__ == "__main__":
+    serve()

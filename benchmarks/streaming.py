@@ -60,8 +60,7 @@ UNSTREAMED_APP = """
 import dataclasses
 import app
 app.LIMITS = dataclasses.replace(app.LIMITS, cpu_stream_share=0.0, max_update_gap_s=None)
-app.share_cpu_cores(app.LIMITS.max_concurrent_runs)
-app.demo.launch()
+app.serve()
 """
 
 
