@@ -3,22 +3,97 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import logging
 
 import gradio as gr
 import numpy as np
 import spaces
 
-from explainer import config, export, metrics, plots, views
+from explainer import config, export, images, metrics, plots, views
 from explainer.methods import METHODS, DFCam, TokenRelevance, relevance_series
-from explainer.models import load_model, preferred_device, preload, share_cpu_cores
-from explainer.run import RunData, RunSettings, StepRecord, stream_runs
+from explainer.models import check_loadable, load_model, preferred_device, preload, share_cpu_cores
+from explainer.run import RunData, RunSettings, StepRecord, attach_views, stream_runs, undecoded, view_latents
 from explainer.schedules import parse_timestep_list
 from explainer.session import OUTPUT_ROOT, Session
 from explainer.streaming import UpdateBudget, run_ahead
-from ui_tabs import AGGREGATIONS, DEFAULT_MODEL, SALIENCY_METHODS, attention_tab, concepts_tab, denoise_tab, saliency_tab
+from ui_tabs import AGGREGATIONS, DEFAULT_MODEL, SALIENCY_METHODS, attention_tab, concepts_tab, denoise_tab, notice_line, saliency_tab
 
 LIMITS = config.LIMITS
 ABOUT = (config.REPO_ROOT / "docs" / "about.md").read_text(encoding="utf-8")
+log = logging.getLogger("diffusion_xray")
+
+
+def on_gpu() -> bool:
+    return preferred_device()[0].type == "cuda"
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def refusal(endpoint: str, error: Exception) -> gr.Error:
+    """A refused request: one log line (the caller's input, not a fault of the app: no traceback)
+    and the error that carries the message to the page or the API caller."""
+    log.warning("refused %s: %s", endpoint, error)
+    return gr.Error(str(error), print_exception=False)
+
+
+class XRayBlocks(gr.Blocks):
+    """gr.Blocks whose refusals by Gradio itself (a slider's bound, a choice not in a list) are one
+    log line each, as the app's own are, instead of a traceback."""
+
+    async def process_api(self, block_fn, *args, **kwargs):
+        try:
+            return await super().process_api(block_fn, *args, **kwargs)
+        except gr.Error as error:
+            if error.print_exception:
+                function = self.fns[block_fn] if isinstance(block_fn, int) else block_fn
+                raise refusal(f"/{function.api_name or function.name}", error.message) from error
+            raise
+
+
+def on_page(handler, outputs: int, notice: int | None = None):
+    """The page's twin of an API handler. A refused request (or a fault) leaves every output as it
+    was, so the last good results stay on the page, and says what happened in output ``notice``
+    and in a toast; the API twin raises instead, so that a client gets the message as an error.
+    ``notice=None``: the page's version has one more output, the tab's notice line, cleared on success."""
+    count = outputs + (notice is None)
+    where = count - 1 if notice is None else notice
+
+    def refused(message: str) -> tuple:
+        gr.Warning(message)
+        update = [gr.skip()] * count
+        update[where] = f"⚠️ **Refused:** {message}  \nThe results shown are from before."
+        return tuple(update)
+
+    def with_notice(result) -> tuple:
+        result = result if isinstance(result, tuple) else (result,)
+        return (*result, "") if notice is None else result
+
+    def failed(error: Exception) -> tuple:
+        if isinstance(error, gr.Error):
+            return refused(error.message)  # logged where it was raised
+        log.exception("%s failed", handler.__name__)  # a fault of the app: the trace goes to the log
+        return refused(f"something went wrong ({type(error).__name__}: {error}).")
+
+    if inspect.isgeneratorfunction(handler):
+        @functools.wraps(handler)
+        def stream(*args):
+            try:
+                for result in handler(*args):
+                    yield with_notice(result)
+            except Exception as error:
+                yield failed(error)
+        return stream
+
+    @functools.wraps(handler)
+    def call(*args):
+        try:
+            return with_notice(handler(*args))
+        except Exception as error:
+            return failed(error)
+    return call
 
 
 def models_to_preload(zero_gpu: bool) -> list[str]:
@@ -38,7 +113,7 @@ _preload_models()
 # ---------------------------------------------------------------- running the model
 
 
-def _settings(prompt, negative, seed, steps, guidance, width, height, schedule, lam, custom) -> RunSettings:
+def _settings(model_id, prompt, negative, seed, steps, guidance, width, height, schedule, lam, custom) -> RunSettings:
     chosen = parse_timestep_list(custom) if schedule == "custom" else schedule
     return RunSettings(
         prompt=prompt or "",
@@ -51,6 +126,7 @@ def _settings(prompt, negative, seed, steps, guidance, width, height, schedule, 
         schedule=chosen,
         lam=float(lam),
         per_group=True,
+        vae_decode_every=config.run_decode_every(config.model_spec(model_id), on_gpu()),
     ).validated()
 
 
@@ -65,7 +141,7 @@ def _run_on_device(model_id: str, settings_dicts: list[dict]):
     yield from stream_runs(load_model(model_id), [RunSettings.from_dict(s) for s in settings_dicts])
 
 
-def _stream(model_id: str, settings: list[RunSettings]):
+def _stream(model_id: str, settings: list[RunSettings], endpoint: str):
     """Yield (runs, step, waiting) after every step done by all runs: the list of RunData, filled as
     records arrive, the step, and how many newer steps are already done (the page is behind)."""
     try:
@@ -74,7 +150,7 @@ def _stream(model_id: str, settings: list[RunSettings]):
         for one in settings:  # e.g. words outside the embedded model's vocabulary
             model.check_prompt(one.prompt)
     except ValueError as error:
-        raise gr.Error(str(error)) from error
+        raise refusal(endpoint, error) from error
     # The run goes ahead in a thread: rendering and sending an update never holds it back.
     for (runs, step), waiting in run_ahead(_collect(spec.id, settings)):
         yield runs, step, waiting
@@ -161,17 +237,17 @@ def denoise(model_id, prompt, prompt_b, negative, seed, steps, guidance, width, 
     since the last update, so none is lost when the page falls behind). A second prompt runs from
     the same noise."""
     try:
-        first = _settings(prompt, negative, seed, steps, guidance, width, height, schedule, lam, custom)
+        first = _settings(model_id, prompt, negative, seed, steps, guidance, width, height, schedule, lam, custom)
         runs = [first] + ([RunSettings.from_dict(first.to_dict() | {"prompt": prompt_b})] if (prompt_b or "").strip() else [])
         runs = [one.validated() for one in runs]
     except ValueError as error:
-        raise gr.Error(str(error)) from error
+        raise refusal("/denoise", error) from error
     session = session or Session()
     added = False
     last_sent = 0
     budget = UpdateBudget(LIMITS.cpu_stream_share if preferred_device()[0].type == "cpu" else None, LIMITS.max_update_gap_s)
     last_pictured = 0
-    for current, step, waiting in _stream(model_id, runs):
+    for current, step, waiting in _stream(model_id, runs, "/denoise"):
         if not added:
             session.add(current)
             added = True
@@ -181,6 +257,8 @@ def denoise(model_id, prompt, prompt_b, negative, seed, steps, guidance, width, 
         if not (pictures or budget.due()):
             continue  # drawing would slow a CPU run, and the page had news a moment ago
         with budget.spending():
+            if pictures and not on_gpu():  # a CPU run decodes its last step only: the shown steps here
+                _decode(model_id, [run.records[step - 1] for run in current])
             view = _step_view(
                 _up_to(current, step), step, streaming=True, since=last_sent + 1,
                 numbers_only=not pictures, pictures_since=last_pictured + 1,
@@ -196,7 +274,8 @@ def after_run(session: Session | None):
     words = views.token_labels(run)
     steps = len(run.records)
     groups = list(views.layer_groups(run))
-    gif = export.animation(run, session.file(f"denoise-{id(run)}.gif"))
+    _decode(run.model_id, run.records)  # every frame of the animation
+    gif = export.animation(run, session.file(f"{export.file_stem(run)}.gif"))
     return (
         gr.update(maximum=steps, value=steps, interactive=True),
         gr.update(choices=words, value=words[min(len(words) - 1, 1)] if words else None),
@@ -212,9 +291,31 @@ def after_run(session: Session | None):
 def show_step(session: Session | None, step: int):
     """Scrub back to a recorded step without recomputing."""
     try:
-        return _step_view(_current(session), int(step))
+        runs = _current(session)
+        if not 1 <= int(step) <= len(runs[0].records):
+            raise ValueError(f"step must be between 1 and {len(runs[0].records)}, got {step}.")
     except ValueError as error:
-        raise gr.Error(str(error)) from error
+        raise refusal("scrub", error) from error
+    _decode(runs[0].model_id, [run.records[int(step) - 1] for run in runs])  # a step the run did not decode
+    return _step_view(runs, int(step))
+
+
+def _decode_duration(model_id, latents) -> int:
+    spec = config.model_spec(model_id)  # a decode costs about a step at the model's own size
+    return config.gpu_seconds(spec, len(latents), spec.width, spec.height)
+
+
+@spaces.GPU(duration=_decode_duration)
+def _decode_on_device(model_id: str, latents: list) -> list:
+    """VAE-decode latents into pictures (the views of steps the run did not decode)."""
+    return images.decode_in_batches(load_model(model_id).pipe, latents)
+
+
+def _decode(model_id: str, records: list[StepRecord]) -> None:
+    """Give the records the VAE views the run left out, in place; a no-op for decoded ones."""
+    missing = undecoded(records)
+    if missing:
+        attach_views(missing, _decode_on_device(model_id, view_latents(missing)))
 
 
 def _current(session: Session | None) -> list[RunData]:
@@ -240,7 +341,8 @@ def attention(word, step, aggregation, start, end, groups, view, opacity, includ
         chosen = _steps_for(run, aggregation, int(step), int(start), int(end))
         saliency = views.word_map(run, labels.index(word), chosen, include_special, groups)
     except ValueError as error:
-        raise gr.Error(str(error)) from error
+        raise refusal("/attention", error) from error
+    _decode(run.model_id, [chosen[-1]])
     picture = views.for_display(views.step_picture(chosen[-1], view), 320)
     path = session.file(f"attention-{word}-{chosen[0].index}-{chosen[-1].index}.npy")
     np.save(path, saliency)
@@ -280,7 +382,7 @@ def concepts(session):
     try:
         runs = _current(session)
     except ValueError as error:
-        raise gr.Error(str(error)) from error
+        raise refusal("/concepts", error) from error
     return _concept_outputs(runs[0], "this run")
 
 
@@ -303,7 +405,7 @@ def _relevance_on_device(model_id: str, run: RunData, rectify: str = TokenReleva
 
 
 def relevance(rectify, session):
-    """The paper's concept measure: gradient-weighted attention relevance (SPEC §3) of every word at
+    """The paper's concept measure: gradient-weighted attention relevance (docs/methods.md, Token relevance) of every word at
     every step of the latest run (one forward and backward pass per step), as a chart, totals and JSON.
     ``rectify``: "abs" (default) keeps |gradient x attention|, "relu" the paper's positive part."""
     try:
@@ -311,7 +413,7 @@ def relevance(rectify, session):
         run = _current(session)[0]
         series = _relevance_on_device(run.model_id, run.for_computing(), rectify)
     except ValueError as error:
-        raise gr.Error(str(error)) from error
+        raise refusal("/relevance", error) from error
     totals = {label: float(sum(values)) for label, values in series["scores"].items()}
     data = {"steps": series["steps"], "timesteps": run.timesteps, "score": "token relevance", "rectify": rectify,
             "series": series["scores"], "totals": totals}
@@ -323,10 +425,11 @@ def compare_schedules(model_id, prompt, negative, seed, steps, guidance, width, 
     """The same prompt and seed under the uniform, early and latter schedules, side by side
     (the paper's Fig. 6 and 11): three final images, three concept charts, three bar charts, JSON."""
     try:
-        settings = [_settings(prompt, negative, seed, steps, guidance, width, height, kind, lam, "") for kind in config.SCHEDULE_KINDS]
+        settings = [_settings(model_id, prompt, negative, seed, steps, guidance, width, height, kind, lam, "")
+                    for kind in config.SCHEDULE_KINDS]
     except ValueError as error:
-        raise gr.Error(str(error)) from error
-    for runs, step, waiting in _stream(model_id, settings):
+        raise refusal("/compare_schedules", error) from error
+    for runs, step, waiting in _stream(model_id, settings, "/compare_schedules"):
         if waiting:  # overtaken: every update carries the whole series so far
             continue
         outputs, data = [], {}
@@ -385,14 +488,15 @@ def saliency(method, step, masks, keep, mode, mask_kind, seed, layer, opacity, s
             raise ValueError(f"step must be between 1 and {len(run.records)}, got {step}.")
         explanation, scores = _explain_on_device(run.model_id, run.for_computing(), name, options, int(step), bool(score))
     except ValueError as error:
-        raise gr.Error(str(error)) from error
+        raise refusal("/saliency", error) from error
     saliency_map = explanation.saliency
     layers = sorted(explanation.per_layer or {})
     if layer and layer != "sum of all layers":
         if layer not in (explanation.per_layer or {}):
-            raise gr.Error(f"Unknown layer {layer!r}; DF-CAM recorded {len(layers)} layers.")
+            raise refusal("/saliency", ValueError(f"Unknown layer {layer!r}; DF-CAM recorded {len(layers)} layers."))
         saliency_map = explanation.per_layer[layer]
     record = run.records[int(step) - 1]
+    _decode(run.model_id, [record])
     picture = views.for_display(views.step_picture(record, "prediction"), 320)
     path = session.file(f"saliency-{name}-{step}.npy")
     np.save(path, saliency_map)
@@ -422,16 +526,23 @@ def export_run(session):
         run = _current(session)[0]
         if not run.done:
             raise ValueError("The run is still going; export when it has finished.")
-        archive = export.export_zip(run, session.file(f"run-{id(run)}.zip"))
-        gif = export.animation(run, session.file(f"run-{id(run)}.gif"))
     except ValueError as error:
-        raise gr.Error(str(error)) from error
+        raise refusal("/export", error) from error
+    _decode(run.model_id, run.records)  # every step's pictures go into the archive
+    archive = export.export_zip(run, session.file(f"{export.file_stem(run)}.zip"))
+    gif = export.animation(run, session.file(f"{export.file_stem(run)}.gif"))
     return str(archive), str(gif)
 
 
 def _on_model_change(model_id):
+    """The chosen model's defaults and examples; the status line says at once if it cannot run here."""
     spec = config.model_spec(model_id)
-    return spec.width, spec.height, spec.steps, spec.guidance, gr.update(samples=[[p] for p in spec.examples])
+    try:
+        check_loadable(spec)
+        status = gr.skip()
+    except ValueError as error:
+        status = f"⚠️ {error}"
+    return spec.width, spec.height, spec.steps, spec.guidance, gr.update(samples=[[p] for p in spec.examples]), status
 
 
 def _close_session(session: Session | None) -> None:
@@ -442,8 +553,36 @@ def _close_session(session: Session | None) -> None:
 # ---------------------------------------------------------------- layout
 
 
+def denoise_on_page(*inputs):
+    """The Run button: ``denoise``'s updates, then the finished run opens the scrubber and fills
+    the other tabs' choices (``after_run``'s outputs, which ``denoise``'s updates leave as they are)."""
+    update = ()
+    for update in denoise(*inputs):  # the step view, then the session
+        yield *update, *[gr.skip()] * AFTER_RUN_OUTPUTS
+    yield *[gr.skip()] * len(update), *after_run(update[-1])
+
+
+STEP_OUTPUTS = ("pred_a", "noisy_a", "pred_b", "noisy_b", "status", "chart", "overlays")  # then the concept chart, the data
+AFTER_RUN_OUTPUTS = 8
+
+
+def serve_both(trigger, handler, inputs, outputs, api_name, notice, page_handler=None, page_outputs=None, **options):
+    """Wire one action twice: ``trigger`` runs it for the page (private; refusals are shown on
+    ``notice``, see ``on_page``), and a hidden twin serves ``handler`` as the named endpoint
+    ``api_name`` with its own outputs, where refusals raise with their message."""
+    page_outputs = page_outputs or outputs
+    page_handler = page_handler or handler
+    at = [i for i, output in enumerate(page_outputs) if output is notice]
+    if at:
+        page = on_page(page_handler, len(page_outputs), notice=at[0])
+    else:
+        page, page_outputs = on_page(page_handler, len(page_outputs)), page_outputs + [notice]
+    trigger.click(page, inputs, page_outputs, api_name=f"page_{api_name}", api_visibility="private", **options)
+    gr.Button(visible=False).click(handler, inputs, outputs, api_name=api_name, **options)
+
+
 def build_demo() -> gr.Blocks:
-    with gr.Blocks(title="Diffusion X-Ray", delete_cache=(3600, 3600)) as demo:
+    with XRayBlocks(title="Diffusion X-Ray", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             "# Diffusion X-Ray\nWatch a text-to-image diffusion model turn noise into an image, step by step: "
             "what it currently believes the image is, where each word of the prompt is attended, and which "
@@ -466,44 +605,38 @@ def build_demo() -> gr.Blocks:
         with gr.Tab("Export"):
             gr.Markdown("Download the latest run: every step's pictures, attention maps (.npy and .png) and `run.json`, which records every setting and library version needed to make it again.")
             export_button = gr.Button("Export the latest run")
+            export_notice = notice_line()
             with gr.Row():
                 zip_file, gif_file = gr.File(label="Run (ZIP)"), gr.File(label="Animation (GIF)")
         with gr.Tab("About"):
             gr.Markdown(ABOUT)
 
+        gpu = {"concurrency_limit": LIMITS.max_concurrent_runs, "concurrency_id": "gpu"}
         settings = [d[n] for n in ("model_id", "prompt", "prompt_b", "negative", "seed", "steps", "guidance", "width", "height", "schedule", "lam", "custom")]
-        step_outputs = [d[n] for n in ("pred_a", "noisy_a", "pred_b", "noisy_b", "status", "chart", "overlays")] + [k["chart"], d["data"]]
-        run_event = d["run"].click(
-            denoise, settings + [session], step_outputs + [session], api_name="denoise",
-            concurrency_limit=LIMITS.max_concurrent_runs, concurrency_id="gpu",
-        )
-        run_event.success(
-            after_run, session, [d["slider"], a["word"], a["step"], a["start"], a["end"], a["groups"], d["animation"], sal["step"]],
-            api_visibility="private",
-        )
-        d["slider"].release(show_step, [session, d["slider"]], step_outputs, api_visibility="private")
-        d["model_id"].change(_on_model_change, d["model_id"], [d["width"], d["height"], d["steps"], d["guidance"], d["examples"]], api_visibility="private")
+        step_outputs = [d[n] for n in STEP_OUTPUTS] + [k["chart"], d["data"]]
+        after_run_outputs = [d["slider"], a["word"], a["step"], a["start"], a["end"], a["groups"], d["animation"], sal["step"]]
+        assert len(after_run_outputs) == AFTER_RUN_OUTPUTS
+        serve_both(d["run"], denoise, settings + [session], step_outputs + [session], "denoise", page_handler=denoise_on_page,
+                   page_outputs=step_outputs + [session] + after_run_outputs, notice=d["status"], **gpu)
+        d["slider"].release(on_page(show_step, len(step_outputs), notice=STEP_OUTPUTS.index("status")), [session, d["slider"]],
+                            step_outputs, api_visibility="private")
+        d["model_id"].change(_on_model_change, d["model_id"], [d["width"], d["height"], d["steps"], d["guidance"], d["examples"], d["status"]],
+                             api_visibility="private")
         d["examples"].click(lambda sample: sample[0], d["examples"], d["prompt"], api_visibility="private")
 
         attention_inputs = [a[n] for n in ("word", "step", "aggregation", "start", "end", "groups", "view", "opacity", "include_special", "which")]
-        a["show"].click(attention, attention_inputs + [session], [a["overlay"], a["npy"], a["summary"]], api_name="attention")
-        k["refresh"].click(concepts, session, [k["chart"], k["bars"], k["data"]], api_name="concepts")
-        k["relevance"].click(
-            relevance, [k["rectify"], session], [k["chart"], k["bars"], k["data"]], api_name="relevance",
-            concurrency_limit=LIMITS.max_concurrent_runs, concurrency_id="gpu",
-        )
+        serve_both(a["show"], attention, attention_inputs + [session], [a["overlay"], a["npy"], a["summary"]], "attention", notice=a["notice"])
+        concept_outputs = [k["chart"], k["bars"], k["data"]]
+        serve_both(k["refresh"], concepts, [session], concept_outputs, "concepts", notice=k["notice"])
+        serve_both(k["relevance"], relevance, [k["rectify"], session], concept_outputs, "relevance", notice=k["notice"], **gpu)
         compare_inputs = [d[n] for n in ("model_id", "prompt", "negative", "seed", "steps", "guidance", "width", "height", "lam")]
-        k["compare"].click(
-            compare_schedules, compare_inputs, k["grid"] + [k["compare_data"]], api_name="compare_schedules",
-            concurrency_limit=LIMITS.max_concurrent_runs, concurrency_id="gpu",
-        )
+        serve_both(k["compare"], compare_schedules, compare_inputs, k["grid"] + [k["compare_data"]], "compare_schedules",
+                   notice=k["compare_notice"], **gpu)
         saliency_inputs = [sal[n] for n in ("method", "step", "masks", "keep", "mode", "mask_kind", "seed", "layer", "opacity",
                                             "score", "estimator", "rectify", "target", "weighting", "layer_scale")]
-        sal["explain"].click(
-            saliency, saliency_inputs + [session], [sal["overlay"], sal["chart"], sal["npy"], sal["data"], sal["layer"]],
-            api_name="saliency", concurrency_limit=LIMITS.max_concurrent_runs, concurrency_id="gpu",
-        )
-        export_button.click(export_run, session, [zip_file, gif_file], api_name="export")
+        serve_both(sal["explain"], saliency, saliency_inputs + [session], [sal["overlay"], sal["chart"], sal["npy"], sal["data"], sal["layer"]],
+                   "saliency", notice=sal["notice"], **gpu)
+        serve_both(export_button, export_run, [session], [zip_file, gif_file], "export", notice=export_notice)
     demo.queue(max_size=LIMITS.max_queue, default_concurrency_limit=LIMITS.max_concurrent_runs)
     _poll_queue_less(demo)
     return demo
@@ -523,6 +656,7 @@ demo = build_demo()
 
 def serve() -> None:
     """Start the server as ``python app.py`` does."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     share_cpu_cores(LIMITS.max_concurrent_runs)  # a CPU server: each concurrent run gets its cores
     demo.launch(allowed_paths=[str(OUTPUT_ROOT)])
 

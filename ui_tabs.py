@@ -6,6 +6,7 @@ import gradio as gr
 
 from explainer import config, plots
 from explainer.methods import DFCam, TokenRelevance
+from explainer.models import preferred_device
 from explainer.methods.base import RECTIFIERS
 from explainer.methods.cam import LAYER_SCALES as CAM_LAYER_SCALES
 from explainer.methods.cam import TARGETS as CAM_TARGETS
@@ -26,6 +27,29 @@ CAM_LAYER_SCALE_INFO = ("target (default): each layer counts by how much of the 
                         "(the paper's): every layer's map scaled to [0, 1] first, so a layer that sees nothing weighs as much")
 CAM_RECTIFY_INFO = ("relu (default, the paper's): where the layer pushes the explained quantity up; abs: either way "
                     "(with grad-cam weights its maps stay much the same on a model with random weights: they partly show the input)")
+class StepSlider(gr.Slider):
+    """A slider for a step of the latest run. On the page its maximum follows the run; a request is
+    checked against the run's own step count by the handler, not against the maximum the slider had
+    when the page was built (an API client never sees the page's updates)."""
+
+    is_template = True  # drawn as a gr.Slider
+
+    def preprocess(self, payload: float) -> float:
+        gr.Number.raise_if_out_of_bounds(payload, self.minimum, None)
+        return gr.Number.round_to_precision(payload, self.precision)
+
+
+def model_choices(on_gpu: bool) -> list[tuple[str, str]]:
+    """The model dropdown's (label, id) pairs; on a machine without a GPU the models that need one say so."""
+    return [(spec.label + (" — needs a GPU, none here" if spec.needs_gpu and not on_gpu else ""), spec.id)
+            for spec in config.MODELS.values()]
+
+
+def notice_line():
+    """The line under a tab's button that says what was refused (empty while all is well)."""
+    return gr.Markdown("", elem_classes="notice")
+
+
 SALIENCY_METHODS = {"DF-RISE": "df-rise", "DF-CAM": "df-cam", "DF-LIME": "df-lime", "random baseline": "random", "centred baseline": "centre"}
 
 
@@ -37,7 +61,7 @@ def denoise_tab():
             c = {}
             c["prompt"] = gr.Textbox(label="Prompt", value=DEFAULT_SPEC.examples[0], max_lines=3)
             c["prompt_b"] = gr.Textbox(label="Second prompt (optional): compared from the same starting noise", max_lines=2)
-            c["model_id"] = gr.Dropdown(choices=[(s.label, s.id) for s in config.MODELS.values()], value=DEFAULT_MODEL, label="Model")
+            c["model_id"] = gr.Dropdown(choices=model_choices(preferred_device()[0].type == "cuda"), value=DEFAULT_MODEL, label="Model")
             with gr.Row():
                 c["seed"] = gr.Number(label="Seed (-1: random)", value=config.DEFAULTS.seed, precision=0)
                 c["steps"] = gr.Slider(1, LIMITS.max_steps, value=DEFAULT_SPEC.steps, step=1, label="Steps")
@@ -64,7 +88,7 @@ def denoise_tab():
             with gr.Row():
                 c["pred_b"] = gr.Image(label="Second prompt: prediction view", type="pil", format="png", height=200)
                 c["noisy_b"] = gr.Image(label="Second prompt: noisy view", type="pil", format="png", height=200)
-            c["slider"] = gr.Slider(1, DEFAULT_SPEC.steps, value=1, step=1, label="Step (scrub after the run)", interactive=False)
+            c["slider"] = StepSlider(1, DEFAULT_SPEC.steps, value=1, step=1, label="Step (scrub after the run)", interactive=False)
             with gr.Row():
                 c["chart"] = gr.Image(label="Noise level", show_label=False, type="pil", format="png", height=220)
                 c["data"] = gr.JSON(label="This step's data")
@@ -86,10 +110,10 @@ def attention_tab():
                 "carry a summary of the whole prompt. They are hidden by default.*"
             )
             c["aggregation"] = gr.Radio(AGGREGATIONS, value="this step", label="Aggregate")
-            c["step"] = gr.Slider(1, DEFAULT_SPEC.steps, value=DEFAULT_SPEC.steps, step=1, label="Step")
+            c["step"] = StepSlider(1, DEFAULT_SPEC.steps, value=DEFAULT_SPEC.steps, step=1, label="Step")
             with gr.Row():
-                c["start"] = gr.Slider(1, DEFAULT_SPEC.steps, value=1, step=1, label="Range start")
-                c["end"] = gr.Slider(1, DEFAULT_SPEC.steps, value=DEFAULT_SPEC.steps, step=1, label="Range end")
+                c["start"] = StepSlider(1, DEFAULT_SPEC.steps, value=1, step=1, label="Range start")
+                c["end"] = StepSlider(1, DEFAULT_SPEC.steps, value=DEFAULT_SPEC.steps, step=1, label="Range end")
             # a dropdown, not checkboxes: its choices come from the run, and an API client (which
             # never sees them filled) may still name a group; the handler checks the name
             c["groups"] = gr.Dropdown(label="Layers (block and resolution; empty = all)", choices=[], value=[],
@@ -98,6 +122,7 @@ def attention_tab():
             c["opacity"] = gr.Slider(0, 1, value=0.8, step=0.05, label="Overlay opacity")
             c["which"] = gr.Radio(["first prompt", "second prompt"], value="first prompt", label="Prompt")
             c["show"] = gr.Button("Show", variant="primary")
+            c["notice"] = notice_line()
         with gr.Column(scale=2):
             c["overlay"] = gr.Image(label="Attention overlay", type="pil", height=360)
             gr.Image(value=plots.colour_scale(), label="Colour scale: blue = least, red = most of this map (min-max)", height=60, interactive=False)
@@ -113,7 +138,7 @@ def concepts_tab():
         "**Which concept is drawn at each step?** The *cheap score* is each word's share of the cross-attention "
         "at that step; *token relevance* is the paper's measure, attention weighted by its gradient and carried "
         "through every layer (Chefer et al.), by default in either direction (|gradient × attention|; *relu* is the "
-        "paper's positive part). Both are min-max normalised across the words at each step (SPEC §3); "
+        "paper's positive part). Both are min-max normalised across the words at each step; "
         "the chart's title says which one is shown."
     )
     with gr.Row():
@@ -121,12 +146,14 @@ def concepts_tab():
         c["relevance"] = gr.Button("Token relevance (gradient, one pass per step)")
         c["rectify"] = gr.Radio(list(RECTIFIERS), value=TokenRelevance.rectify, label="Relevance: gradient × attention kept as",
                                 info=RELEVANCE_RECTIFY_INFO)
+    c["notice"] = notice_line()
     with gr.Row():
         c["chart"] = gr.Image(label="Concept chart", type="pil", format="png", height=300)
         c["bars"] = gr.Image(label="Summed over steps", type="pil", height=300)
     c["data"] = gr.JSON(label="Scores per step", max_height=240)  # the chart shows it; the JSON is for copying
     gr.Markdown("### Compare schedules\nThe Denoise tab's prompt and seed under the three schedules (λ from its settings).")
     c["compare"] = gr.Button("Compare uniform / early / latter", variant="primary")
+    c["compare_notice"] = notice_line()
     c["grid"] = []
     with gr.Row():
         for kind in config.SCHEDULE_KINDS:
@@ -153,7 +180,7 @@ def saliency_tab():
     with gr.Row():
         with gr.Column(scale=1):
             c["method"] = gr.Dropdown(list(SALIENCY_METHODS), value="DF-RISE", label="Method")
-            c["step"] = gr.Slider(1, DEFAULT_SPEC.steps, value=config.explained_step(DEFAULT_SPEC.steps), step=1, label="Step")
+            c["step"] = StepSlider(1, DEFAULT_SPEC.steps, value=config.explained_step(DEFAULT_SPEC.steps), step=1, label="Step")
             with gr.Accordion("DF-RISE options", open=True):
                 c["masks"] = gr.Slider(1, LIMITS.max_masks, value=config.DEFAULTS.rise_masks, step=1, label=f"Masks N (paper: 500; limit {LIMITS.max_masks})")
                 c["keep"] = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Keep probability p")
@@ -175,6 +202,7 @@ def saliency_tab():
             c["opacity"] = gr.Slider(0, 1, value=0.8, step=0.05, label="Overlay opacity")
             c["score"] = gr.Checkbox(value=True, label="Score with insertion / deletion")
             c["explain"] = gr.Button("Explain", variant="primary")
+            c["notice"] = notice_line()
         with gr.Column(scale=2):
             with gr.Row():
                 c["overlay"] = gr.Image(label="Saliency overlay", type="pil", height=340)

@@ -23,9 +23,12 @@ class ModelSpec:
         source: a local folder (embedded model) or a Hugging Face Hub repo id.
         label: what the UI shows.
         hub: True when ``source`` is a Hub repo id (only loadable on the Space).
+        needs_gpu: refused on a machine without a GPU (a CPU run would take many minutes);
+            set it False to allow one anyway.
         width, height, steps, guidance: defaults the UI starts from for this model.
-        vae_decode_every: decode both views with the VAE every this many steps while
-            streaming (0: only the final image); the fast linear preview is always made.
+        vae_decode_every: on a GPU, the run decodes both views with the VAE every this many
+            steps (the last step always); on a CPU it decodes the last step only, and the app
+            decodes a step's views when it shows them. The fast linear preview is made every step.
         latent_rgb: optional fixed 4x3 latent-channel -> RGB map for the fast preview;
             fitted from the VAE at load time when absent.
         examples: prompts shown as examples for this model.
@@ -40,6 +43,7 @@ class ModelSpec:
     steps: int
     guidance: float
     vae_decode_every: int = 1
+    needs_gpu: bool = False
     closed_vocabulary: bool = False  # every word must be one token of the tokenizer (the shapes model)
     gpu_seconds_per_step: float = 0.05  # per 512x512 guided step on the Space GPU: an estimate, not yet measured
     latent_rgb: tuple[tuple[float, float, float], ...] | None = None
@@ -109,6 +113,7 @@ MODELS: dict[str, ModelSpec] = {
             source="CompVis/stable-diffusion-v1-4",
             label="Stable Diffusion v1.4 (the paper's model, GPU)",
             hub=True,
+            needs_gpu=True,
             width=512,
             height=512,
             steps=30,
@@ -123,6 +128,7 @@ MODELS: dict[str, ModelSpec] = {
             source="stable-diffusion-v1-5/stable-diffusion-v1-5",
             label="Stable Diffusion v1.5 (GPU)",
             hub=True,
+            needs_gpu=True,
             width=512,
             height=512,
             steps=30,
@@ -160,7 +166,7 @@ class Limits:
     # Between two picture updates the page still gets the step's numbers at least this often: the
     # status line keeps moving, and a cancel (which waits for the stream's next update) stays prompt.
     max_update_gap_s: float = 1.0
-    # Per-group attention maps (SPEC §2's subsets: block and resolution) are stored at their own
+    # Per-group attention maps (layer groups of docs/methods.md, Cross-attention maps: block and resolution) are stored at their own
     # resolution, pooled to at most this side: SD's 64x64 groups hold 3/4 of the stored map
     # pixels, and a 77-token prompt's 30 steps would otherwise need about 87 MB of records.
     max_group_map_side: int = 32
@@ -211,6 +217,21 @@ def default_model_id() -> str:
     if Path(MODELS[EMBEDDED_MODEL_ID].source, "model_index.json").is_file():
         return EMBEDDED_MODEL_ID
     return TINY_RANDOM_MODEL_ID
+
+
+def portable_path(path: str | Path) -> str:
+    """How a file of this server is named in what leaves it (exports, API data): relative to the
+    repository when inside it ("assets/shapes-ldm"), else by its name alone."""
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return path.name
+
+
+def run_decode_every(spec: ModelSpec, on_gpu: bool) -> int:
+    """How often the run itself VAE-decodes a step's views (0: the last step only); see ``ModelSpec``."""
+    return spec.vae_decode_every if on_gpu else 0
 
 
 def gpu_seconds(spec: ModelSpec, steps: int, width: int, height: int) -> int:

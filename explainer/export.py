@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import re
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from . import views
+from . import config, views
 from .run import RunData
 
 
@@ -49,8 +51,35 @@ def export_zip(run: RunData, path: Path) -> Path:
             "attention_rows": views.token_labels(run, include_special=True),
             "steps": [views.step_summary(run, r) for r in run.records],
         }
-        archive.writestr("run.json", json.dumps(record, indent=2, default=str))
+        archive.writestr("run.json", strict_json(record))
     return path
+
+
+def file_stem(run: RunData) -> str:
+    """A file name that says what the run is: its prompt as a slug and its seed ("a-red-circle-seed1")."""
+    slug = re.sub(r"[^a-z0-9]+", "-", run.settings.prompt.lower()).strip("-")[:40].rstrip("-") or "run"
+    return f"{slug}-seed{run.settings.seed}"
+
+
+def strict_json(record) -> str:
+    """JSON that every parser reads: a non-finite number (a scheduler's ``-inf`` clip) is written as
+    the string Python's ``float()`` reads back ("-inf"), and a path inside the repository as a path
+    relative to it; anything else that JSON lacks raises TypeError instead of being written as ``str``."""
+    return json.dumps(_portable(record), indent=2, allow_nan=False)
+
+
+def _portable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "inf", "-inf", "nan"
+    if isinstance(value, dict):
+        return {str(key): _portable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_portable(item) for item in value]
+    if isinstance(value, Path):
+        return config.portable_path(value)
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return _portable(value.item())
+    return value
 
 
 def _png(image) -> bytes:

@@ -1,4 +1,4 @@
-"""Latents to pictures: the fast linear preview and the real VAE decode (SPEC §0)."""
+"""Latents to pictures: the fast linear preview and the real VAE decode (docs/methods.md, Terms)."""
 
 from __future__ import annotations
 
@@ -51,3 +51,12 @@ def decode(pipe, latents: torch.Tensor, output_type: str = "pil") -> list[Image.
     with torch.inference_mode():
         images = vae.decode(latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor).sample
     return pipe.image_processor.postprocess(images.float(), output_type=output_type, do_denormalize=[True] * len(images))
+
+
+def decode_in_batches(pipe, latents: list[torch.Tensor], batch_size: int = 8) -> list[Image.Image]:
+    """VAE-decode many latents (each (1, C, h, w), the UNet's scale) into pictures, ``batch_size`` at
+    a time so that memory stays bounded at Stable Diffusion's size."""
+    pictures: list[Image.Image] = []
+    for start in range(0, len(latents), batch_size):
+        pictures += decode(pipe, torch.cat(latents[start : start + batch_size]))
+    return pictures

@@ -6,6 +6,7 @@ CUDA with float16 where a GPU is present, else CPU with float32. Only ids in
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -123,6 +124,7 @@ def share_cpu_cores(concurrent_runs: int) -> int:
     return threads
 
 
+_log = logging.getLogger(__name__)
 _CACHE: dict[str, LoadedModel] = {}
 _CACHE_LOCK = threading.Lock()
 
@@ -138,8 +140,33 @@ def load_model(model_id: str | None = None) -> LoadedModel:
     spec = config.model_spec(model_id)
     with _CACHE_LOCK:  # one load at a time: two users asking at once share one pipeline
         if model_id not in _CACHE:
-            _CACHE[model_id] = LoadedModel.from_pipeline(_build_pipeline(spec), model_id, spec)
+            check_loadable(spec)
+            try:
+                pipe = _build_pipeline(spec)
+            except Exception as error:  # weights missing or unreachable, out of memory: say so, keep the trace in the log
+                _log.exception("loading %s failed", model_id)
+                raise ValueError(f"{spec.label} could not be loaded here ({type(error).__name__}: {error}). "
+                                 f"{_what_to_do_instead(spec)}") from error
+            _CACHE[model_id] = LoadedModel.from_pipeline(pipe, model_id, spec)
         return _CACHE[model_id]
+
+
+def check_loadable(spec: config.ModelSpec) -> None:
+    """A ValueError saying why ``spec`` cannot load on this machine, and what to do instead."""
+    if spec.needs_gpu and preferred_device()[0].type != "cuda":
+        raise ValueError(f"{spec.label} needs a GPU, and this machine has none. {_what_to_do_instead(spec)}")
+    if spec.hub and config.HUB_OFFLINE:
+        raise ValueError(f"{spec.label} is downloaded from the Hugging Face Hub, which is switched off here "
+                         f"(HF_HUB_OFFLINE=1). {_what_to_do_instead(spec)}")
+    if not spec.hub and spec.source and not (Path(spec.source) / "model_index.json").is_file():
+        raise ValueError(f"{spec.label} has no weights in {config.portable_path(spec.source)}: train it first "
+                         "(see assets/README.md).")
+
+
+def _what_to_do_instead(spec: config.ModelSpec) -> str:
+    others = [s.label for s in config.MODELS.values() if not (s.hub or s.needs_gpu) and s.id != spec.id]
+    where = f"choose {others[0]!r}, which runs on this machine, " if others else ""
+    return f"To explain a model here, {where}or use {spec.label} where a GPU and the Hub are available (the Space)."
 
 
 def preload(model_ids) -> dict[str, str]:
@@ -166,10 +193,6 @@ def _build_pipeline(spec: config.ModelSpec) -> StableDiffusionPipeline:
         from .tiny import tiny_pipeline
 
         return tiny_pipeline().to(device=device, dtype=dtype)
-    if spec.hub and config.HUB_OFFLINE:
-        raise ValueError(f"Model {spec.id!r} comes from the Hugging Face Hub, which is offline here (HF_HUB_OFFLINE=1).")
-    if not spec.hub and not (Path(spec.source) / "model_index.json").is_file():
-        raise ValueError(f"Model {spec.id!r} has no weights at {spec.source}; train it first (see assets/README.md).")
     pipe = StableDiffusionPipeline.from_pretrained(
         spec.source,
         torch_dtype=dtype,

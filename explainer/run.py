@@ -39,7 +39,7 @@ class RunSettings:
     """Everything that defines a run; round-trips to JSON with ``to_dict``/``from_dict``.
 
     ``seed=-1`` means a random seed; the run reports the seed it used. ``schedule`` is
-    "uniform", "early", "latter" or an explicit list of timesteps (SPEC §1).
+    "uniform", "early", "latter" or an explicit list of timesteps (docs/methods.md, Schedules).
     """
 
     prompt: str
@@ -52,7 +52,7 @@ class RunSettings:
     schedule: str | list[int] = config.DEFAULTS.schedule
     lam: float = config.DEFAULTS.lam
     scheduler: str = config.DEFAULTS.scheduler
-    per_group: bool = False  # also keep each layer group's maps (block and resolution, SPEC §2)
+    per_group: bool = False  # also keep each layer group's maps (block and resolution; docs/methods.md, Cross-attention maps)
     vae_decode_every: int = 1
 
     def to_dict(self) -> dict:
@@ -296,8 +296,7 @@ class InstrumentedRun:
         )
         every = self.settings.vae_decode_every
         if (every and (index + 1) % every == 0) or index + 1 == total:
-            stacked = torch.cat([latents, x0_hat.to(latents.device, latents.dtype)])
-            record.noisy_view, record.prediction_view = images.decode(self.model.pipe, stacked)
+            decode_views(self.model, [record])
         return record
 
     def reproduction(self) -> dict:
@@ -310,7 +309,7 @@ class InstrumentedRun:
         return {
             "settings": settings,
             "model_id": self.model.id,
-            "model_source": self.model.spec.source if self.model.spec else "",
+            "model_source": self._model_source(),
             "scheduler": {"class": type(self.scheduler).__name__, "config": dict(self.scheduler.config)},
             "tokens": self.tokens.to_dict(),
             "device": str(self.model.device),
@@ -324,6 +323,37 @@ class InstrumentedRun:
             },
             "messages": self.messages,
         }
+
+    def _model_source(self) -> str:
+        """The Hub repo id, or the embedded model's folder relative to the repository (no server path)."""
+        spec = self.model.spec
+        if spec is None:
+            return ""
+        return spec.source if spec.hub else config.portable_path(spec.source)
+
+
+def undecoded(records: list[StepRecord]) -> list[StepRecord]:
+    """The records whose VAE views the run did not decode (it decodes every ``vae_decode_every`` steps)."""
+    return [record for record in records if record.noisy_view is None or record.prediction_view is None]
+
+
+def view_latents(records: list[StepRecord]) -> list[torch.Tensor]:
+    """What decodes into the records' views: x_t and x0_hat of each record, in that order."""
+    return [latent for record in records for latent in (record.latents, record.x0_hat)]
+
+
+def attach_views(records: list[StepRecord], pictures: list[Image.Image]) -> None:
+    """Give each record its decoded views, ``pictures`` being the decode of ``view_latents(records)``."""
+    for record, noisy, prediction in zip(records, pictures[0::2], pictures[1::2], strict=True):
+        record.noisy_view, record.prediction_view = noisy, prediction
+
+
+def decode_views(model: LoadedModel, records: list[StepRecord]) -> None:
+    """VAE-decode the views of the records that lack them, in place (scrubbing or exporting a step
+    the run did not decode)."""
+    missing = undecoded(records)
+    if missing:
+        attach_views(missing, images.decode_in_batches(model.pipe, view_latents(missing)))
 
 
 SMALLEST_ALPHA_BAR = 2.0**-24  # as diffusers' DPM-Solver++ clamps a zero-terminal-SNR schedule

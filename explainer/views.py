@@ -86,7 +86,7 @@ def _resize(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def token_scores(run: RunData, record: StepRecord) -> dict[str, float]:
-    """The cheap concept score (SPEC §3): each word's attention mass, min-max normalised across words."""
+    """The cheap concept score (docs/methods.md, Token relevance): each word's attention mass, min-max normalised across words."""
     words = run.tokens.words
     if not words:
         return {}

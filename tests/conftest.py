@@ -28,8 +28,27 @@ def embedded_model() -> LoadedModel:
     return load_model(config.EMBEDDED_MODEL_ID)
 
 
+FULL_ONLY = "slow: the full suite runs it (python -m pytest --full, as bash .ci/run does)"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="the full suite, as CI runs it: also the tests marked slow (meaning checks on the embedded "
+                          "model, the evaluation, the browser, README's examples)")
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: needs more than a few seconds (real weights, browser)")
+    config.addinivalue_line("markers", "slow: more than a few seconds (real weights, browser); runs with --full")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The fast tier by default (every change); the slow tests only with --full."""
+    if config.getoption("--full"):
+        return
+    skip = pytest.mark.skip(reason=FULL_ONLY)
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,11 @@
 """Every row of docs/bad-input.md, sent through gradio_client: a clear message, then the app still serves."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
+import torch
 from gradio_client import Client
 
 from explainer import config
@@ -119,3 +121,54 @@ def test_an_unknown_rectifier_or_cam_option(client):
         client.predict("DF-CAM", 1, 8, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, "contrast", "relu",
                        "guidance", "layercam", "max", api_name="/saliency")
     assert client.predict("relu", api_name="/relevance")[2]["rectify"] == "relu"
+
+
+def test_steps_are_checked_against_the_runs_own_count(client):
+    """After a run longer than the page's first slider maximum (20), every step of it can be asked for."""
+    assert "| a step beyond the run |" in TABLE
+    client.predict(*denoise_args(steps=40), api_name="/denoise")
+    _, _, summary = client.predict("cat", 35, "this step", 1, 40, [], "prediction", 0.8, False, "first prompt", api_name="/attention")
+    assert summary["steps"] == [35]
+    _, _, summary = client.predict("cat", 40, "range of steps", 30, 40, [], "prediction", 0.8, False, "first prompt", api_name="/attention")
+    assert summary["steps"] == list(range(30, 41))
+    data = client.predict("DF-CAM", 35, 8, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, api_name="/saliency")[3]
+    assert data["step"] == 35
+    with pytest.raises(Exception, match=r"step must be between 1 and 40, got 41"):
+        client.predict("cat", 41, "this step", 1, 40, [], "prediction", 0.8, False, "first prompt", api_name="/attention")
+    with pytest.raises(Exception, match=r"range end must be between 1 and 40, got 50"):
+        client.predict("cat", 1, "range of steps", 1, 50, [], "prediction", 0.8, False, "first prompt", api_name="/attention")
+    with pytest.raises(Exception, match=r"step must be between 1 and 40, got 41"):
+        client.predict("DF-CAM", 41, 8, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, api_name="/saliency")
+    with pytest.raises(Exception, match=r"less than minimum value 1"):
+        client.predict("DF-CAM", 0, 8, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, api_name="/saliency")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the Hub check answers instead")
+def test_a_gpu_model_on_a_machine_without_one_says_what_to_do(client):
+    assert "| a GPU model on a machine without one |" in TABLE
+    with pytest.raises(Exception, match=r"needs a GPU, and this machine has none\. To explain a model here, choose "
+                                        r"'Shapes world \(embedded, runs on CPU\)'"):
+        client.predict(*denoise_args(steps=2, model_id="CompVis/stable-diffusion-v1-4"), api_name="/denoise")
+    assert client.predict(*denoise_args(steps=2), api_name="/denoise")[DATA]["step"] == 2
+
+
+def test_refusals_are_one_log_line_each_not_a_traceback(client, capfd, caplog):
+    """The app's own refusals and Gradio's (a slider's bound, a choice not in the list) alike."""
+    caplog.set_level(logging.WARNING, logger="diffusion_xray")
+    client.predict(*denoise_args(steps=2), api_name="/denoise")
+    capfd.readouterr()
+    refused = [
+        lambda: client.predict(*denoise_args(prompt=" "), api_name="/denoise"),  # the app's check
+        lambda: client.predict(*denoise_args(steps=10_000), api_name="/denoise"),  # the slider's bound
+        lambda: client.predict("square", api_name="/relevance"),  # a choice not in the list
+        lambda: client.predict("zebra", 1, "this step", 1, 2, [], "prediction", 0.8, False, "first prompt", api_name="/attention"),
+    ]
+    for request in refused:
+        with pytest.raises(Exception):
+            request()
+    assert client.predict(*denoise_args(steps=2), api_name="/denoise")[DATA]["step"] == 2
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    lines = [record.getMessage() for record in caplog.records if record.name == "diffusion_xray"]
+    assert len(lines) == len(refused) and all(line.startswith("refused /") for line in lines)
+    assert "prompt is empty" in lines[0] and "greater than maximum value 100" in lines[1] and "/attention" in lines[3]

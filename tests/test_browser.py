@@ -8,7 +8,10 @@ from explainer import config
 
 pytest.importorskip("playwright")
 CHROMIUM = shutil.which("chromium")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium: apt-get install chromium (bash .ci/run installs it)"),
+]
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 
@@ -39,3 +42,16 @@ def test_running_an_example_shows_pictures_and_the_chart(page):
     expect(page.get_by_label("Word", exact=True)).not_to_have_value("", timeout=60_000)
     page.get_by_role("button", name="Show").click()
     page.get_by_text('"word"').wait_for(timeout=30_000)
+
+
+def test_a_refused_run_keeps_the_pictures_and_the_status_says_why(page):
+    """After the run above: an empty prompt is refused; the pictures stay, no panel turns into an error badge."""
+    page.get_by_role("tab", name="Denoise").click()
+    pictures = page.locator("img[src*='gradio_api/file']")
+    before = pictures.count()
+    page.get_by_label("Prompt", exact=True).fill("")
+    page.get_by_role("button", name="Run").click()
+    page.get_by_text("Refused:").first.wait_for(timeout=30_000)
+    page.get_by_text("prompt is empty").first.wait_for()
+    assert pictures.count() == before
+    assert page.locator(".error", has_text="Error").count() == 0

@@ -15,9 +15,33 @@ def test_unknown_model_is_refused_with_the_allowed_list():
         load_model("evil/model")
 
 
-def test_hub_models_are_refused_offline():
-    with pytest.raises(ValueError, match="offline"):
+def test_gpu_models_are_refused_on_a_cpu_with_what_to_do_instead():
+    with pytest.raises(ValueError, match=r"needs a GPU, and this machine has none\. To explain a model here, choose "
+                                         r"'Shapes world \(embedded, runs on CPU\)'"):
         load_model("CompVis/stable-diffusion-v1-4")
+
+
+def test_hub_models_are_refused_offline(monkeypatch):
+    from explainer import models
+
+    monkeypatch.setattr(models, "preferred_device", lambda: (torch.device("cuda"), torch.float16))  # a GPU machine
+    with pytest.raises(ValueError, match=r"Hugging Face Hub, which is switched off here \(HF_HUB_OFFLINE=1\)"):
+        load_model("CompVis/stable-diffusion-v1-4")
+
+
+def test_weights_that_fail_to_load_are_refused_with_the_reason(monkeypatch):
+    """Offline without HF_HUB_OFFLINE, or weights missing from the cache: the loader's own error, said plainly."""
+    from explainer import models
+
+    monkeypatch.setattr(models, "preferred_device", lambda: (torch.device("cuda"), torch.float16))
+    monkeypatch.setattr(config, "HUB_OFFLINE", False)
+
+    def unreachable(spec):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(models, "_build_pipeline", unreachable)
+    with pytest.raises(ValueError, match=r"could not be loaded here \(OSError: We couldn't connect.*use Stable Diffusion v1\.5"):
+        load_model("stable-diffusion-v1-5/stable-diffusion-v1-5")
 
 
 def test_config_allows_the_paper_models_and_the_embedded_one():
@@ -101,5 +125,5 @@ def test_preload_loads_what_it_can_and_says_why_not_for_the_rest():
 
     failures = preload([config.TINY_RANDOM_MODEL_ID, "no/such-model", "CompVis/stable-diffusion-v1-4"])
     assert set(failures) == {"no/such-model", "CompVis/stable-diffusion-v1-4"}
-    assert "offline" in failures["CompVis/stable-diffusion-v1-4"]  # HF_HUB_OFFLINE=1 here: never reaches the Hub
+    assert "needs a GPU" in failures["CompVis/stable-diffusion-v1-4"]  # a CPU here: never reaches the Hub
     assert load_model(config.TINY_RANDOM_MODEL_ID) is load_model(config.TINY_RANDOM_MODEL_ID)  # loaded once, kept

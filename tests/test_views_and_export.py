@@ -1,4 +1,5 @@
 import json
+import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -86,6 +87,30 @@ def test_export_zip_reproduces_the_run(run, tmp_path, tiny_model):
     np.testing.assert_array_equal(maps, run.records[1].attention)
     again = InstrumentedRun(tiny_model, RunSettings.from_dict(saved["reproduction"]["settings"])).run_all()
     np.testing.assert_array_equal(again.final_array, run.final_array)
+
+
+def _refuse_constant(name):
+    raise ValueError(f"not strict JSON: {name}")
+
+
+def test_export_is_strict_json_without_server_paths(embedded_model, tmp_path):
+    """run.json parses with a parser that refuses NaN and ±Infinity, names no folder of this server,
+    and the non-finite scheduler settings read back with float()."""
+    run = InstrumentedRun(embedded_model, RunSettings(prompt="a red circle on the left", width=64, height=64, steps=3,
+                                                      guidance=5.0)).run_all().data
+    with zipfile.ZipFile(export.export_zip(run, tmp_path / "run.zip")) as opened:
+        text = opened.read("run.json").decode()
+    saved = json.loads(text, parse_constant=_refuse_constant)
+    for folder in {str(config.REPO_ROOT), str(Path.home()), tempfile.gettempdir()}:
+        assert folder not in text
+    assert saved["reproduction"]["model_source"] == "assets/shapes-ldm"
+    clipped = saved["reproduction"]["scheduler"]["config"]["lambda_min_clipped"]
+    assert float(clipped) == run.reproduction["scheduler"]["config"]["lambda_min_clipped"]
+
+
+def test_export_names_say_what_the_run_is(run):
+    assert export.file_stem(run) == f"a-cat-and-a-dog-seed{run.settings.seed}"
+    assert export.strict_json({"x": np.float32(0.5), "n": np.int64(3)}) == '{\n  "x": 0.5,\n  "n": 3\n}'
 
 
 def test_animation_has_a_frame_per_step_and_the_final_image(run, tmp_path):
@@ -210,7 +235,8 @@ def test_charts_drawn_in_many_threads_at_once_equal_the_same_charts_drawn_alone(
 
 
 @pytest.mark.skipif(not any(Path(p).name in plots.FALLBACK_FONT_FILES for p in font_manager.findSystemFonts()),
-                    reason="the fallback fonts of packages.txt are not installed (.ci/run installs them)")
+                    reason="needs the fonts of packages.txt: apt-get install fonts-droid-fallback fonts-nanum "
+                           "(bash .ci/run installs them)")
 def test_charts_draw_words_in_other_scripts():
     """Prompts in Chinese, Japanese or Korean: the legend shows the words, not boxes."""
     words = {"0:猫": [0.0, 1.0], "1:고양이": [1.0, 0.0], "2:ねこ": [0.2, 0.3], "3:dog": [0.5, 0.5]}
