@@ -1,4 +1,4 @@
-"""Cross-attention capture through diffusers attention processors (SPEC §2).
+"""Cross-attention capture through diffusers attention processors (docs/methods.md, Cross-attention maps).
 
 ``with capture_attention(pipe) as layers:`` swaps in processors that can record, and restores the
 originals on exit, also after an exception. The processors themselves hold no run state: a run
@@ -35,8 +35,8 @@ class AttentionRecorder:
         conditional_index: which item of the UNet batch is the conditional prompt
             (1 under classifier-free guidance, where diffusers puts the negative prompt first).
         batch_size: the UNet batch size (2 under guidance).
-        per_group: also keep each layer group's mean map (SPEC §2's subsets: layers of one block
-            kind and resolution, e.g. "up 16×16") at its own resolution, pooled to at most
+        per_group: also keep each layer group's mean map (layers of one block kind and resolution,
+            e.g. "up 16×16"; docs/methods.md, Cross-attention maps) at its own resolution, pooled to at most
             ``max_group_side``. Averaging layers before or after upsampling gives the same map
             (bilinear resizing is linear), so subset views need no per-layer maps.
     """

@@ -1,4 +1,4 @@
-"""Evaluate the explanation methods: insertion/deletion AUC, correlation and localisation (SPEC §7-§8).
+"""Evaluate the explanation methods: insertion/deletion AUC, correlation and localisation (docs/methods.md).
 
 One command, from the embedded model on a CPU to the paper's protocol on a GPU:
 
@@ -37,7 +37,7 @@ MAP_METHODS = ("df-rise", "df-rise-structure", "df-rise-paper", "df-cam", "df-ca
 VARIANTS = {
     "df-rise-structure": ("df-rise", dict(similarity="structure")),  # the SSIM structure term in next-latent mode
     "df-rise-paper": ("df-rise", dict(mode="paper", estimator="sum")),  # the paper's score and undivided sum
-    "df-cam-paper": ("df-cam", dict(target="sum", weighting="grad-cam", layer_scale="min-max")),  # SPEC §5
+    "df-cam-paper": ("df-cam", dict(target="sum", weighting="grad-cam", layer_scale="min-max")),  # the paper's rules
     "df-cam-gradcam": ("df-cam", dict(weighting="grad-cam", layer_scale="min-max")),  # the paper's, guidance target
     "df-cam-hirescam": ("df-cam", dict(weighting="hirescam")),  # the whole gradient at each pixel
     "df-cam-abs": ("df-cam", dict(rectify="abs")),  # |each layer's weighted sum|
@@ -52,7 +52,7 @@ LOCALISED = ("df-rise", "df-cam", "df-cam-paper", "df-cam-gradcam", "df-cam-hire
 
 @dataclass
 class Protocol:
-    """Settings of one evaluation (SPEC §7: 20 steps, explain step 15, seed 1, guidance 7.5 for SD)."""
+    """Settings of one evaluation (the paper's setting: 20 steps, explain step 15, seed 1, guidance 7.5 for SD; docs/methods.md)."""
 
     model: str
     steps: int = 20

@@ -1,4 +1,4 @@
-"""How good is a map: insertion/deletion curves and their area (SPEC §7), correlation (§8), localisation.
+"""How good is a map: insertion/deletion curves and their area, correlation, localisation (docs/methods.md).
 
 Example:
     >>> result = insertion_deletion(model, run, step=15, saliency=explanation.saliency)
@@ -85,7 +85,7 @@ def _distance(images: np.ndarray, target: np.ndarray, kind: str) -> list[float]:
 def insertion_deletion(
     model: LoadedModel, run: RunData, step: int, saliency: np.ndarray, distance: str = "1-ssim", batch_size: int = 8
 ) -> dict:
-    """Insertion and deletion curves of a map at one step (SPEC §7), in latent space.
+    """Insertion and deletion curves of a map at one step (docs/methods.md, Insertion and deletion), in latent space.
 
     Insertion starts from x_t blurred per channel (Gaussian, kernel 11, sigma 5) and reveals the
     real x_t; deletion starts from x_t and sets latent pixels to 0. Each move changes W_lat latent

@@ -1,4 +1,4 @@
-"""Pictures of what was computed: map overlays (SPEC §4) and the noise-level chart."""
+"""Pictures of what was computed: map overlays (docs/methods.md, Terms) and the noise-level chart."""
 
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ class NoiseLevelChart:
 def concept_chart(
     steps: Sequence[int], series: dict[str, Sequence[float]], title: str, score_name: str = "attention mass"
 ) -> Image.Image:
-    """Score vs step, one line per word (SPEC §3's concept chart)."""
+    """Score vs step, one line per word (the concept chart of docs/methods.md, Token relevance)."""
     figure, axis = new_figure((5.2, 2.8))
     for label, values in series.items():
         axis.plot(steps[: len(values)], values, marker="o", markersize=2.5, linewidth=1.3, label=label)
@@ -223,7 +223,7 @@ def colour_scale(width: int = 320, height: int = 18) -> Image.Image:
 
 
 def insertion_deletion_chart(scores: dict) -> Image.Image:
-    """Insertion and deletion curves of one map, with their AUCs (SPEC §7)."""
+    """Insertion and deletion curves of one map, with their AUCs (docs/methods.md, Insertion and deletion)."""
     figure, axis = new_figure((4.6, 2.8))
     for curve, colour in (("insertion", "#2a9d8f"), ("deletion", "#d1495b")):
         values = np.asarray(scores[curve])

@@ -1,4 +1,4 @@
-"""Time-step schedules: uniform, early and latter (the paper's "exponential scheduler"), SPEC §1.
+"""Time-step schedules: uniform, early and latter (the paper's "exponential scheduler"; docs/methods.md, Schedules).
 
 ``timesteps("early", 30, lam=60)`` gives the list of timesteps a run visits, from noisy to clean.
 ``uniform`` is left to the scheduler (``None``), since its own ``set_timesteps(n)`` defines it.

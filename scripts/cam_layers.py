@@ -1,6 +1,6 @@
 """Which DF-CAM layers look at the shape, and which at the image's edges? (issue 6)
 
-DF-CAM sums its per-layer maps, in the target's units by default or each min-maxed as SPEC §5 has
+DF-CAM sums its per-layer maps, in the target's units by default or each min-maxed as the paper has
 it (``--layer-scale min-max``, every layer weighing the same). On held-out single-shape prompts at
 the last steps, this prints for the summed map and for each layer: how often the map's mean inside
 the drawn shape is over 1.5 times its mean outside (the issue's criterion), the median of that

@@ -3,7 +3,7 @@
 Next-latent mode, contrast estimator, 500 masks, on held-out single-shape prompts at the last
 quarter of the steps, with the meaning checks' criteria (inside/outside the drawn shape > 1.5;
 Spearman with the same map on a randomised UNet < 0.5). Four scores share the masked predictions:
-  structure, run:  the SSIM structure term against the run's x_{t-1} (the SPEC's score)
+  structure, run:  the SSIM structure term against the run's x_{t-1} (the paper's similarity)
   structure, self: the same against the DDIM step of the unmasked prediction (the same first-order
                    step as the masked results, so a multistep solver's own step does not enter)
   squared, run:    minus the local mean squared difference (same window) against the run's x_{t-1}

@@ -118,7 +118,7 @@ class LayerKeepingRecorder(AttentionRecorder):
 
 
 def layer_maps_from_probs(probs, heads, kept, latent_size):
-    """One layer's (kept + 1, h, w) map written straight from SPEC §2: conditional half, head mean."""
+    """One layer's (kept + 1, h, w) map written straight from docs/methods.md (Cross-attention maps): conditional half, head mean."""
     conditional = probs.view(2, heads, *probs.shape[1:])[1].mean(0)  # (N, L)
     rows = torch.cat([conditional[:, :kept], conditional[:, kept:].sum(1, keepdim=True)], 1).T
     return rows.reshape(kept + 1, *layer_grid(probs.shape[1], latent_size))

@@ -1,4 +1,4 @@
-"""Metrics on cases with a known answer (SPEC §7, §8), and the insertion/deletion curves on the tiny model."""
+"""Metrics on cases with a known answer (docs/methods.md), and the insertion/deletion curves on the tiny model."""
 
 import numpy as np
 import pytest

@@ -7,7 +7,7 @@ from explainer.schedules import check_explicit, parse_timestep_list, timesteps
 
 
 def spec_early(n, lam):
-    """SPEC §1, written out independently of the library."""
+    """docs/methods.md, Schedules, written out independently of the library."""
     a = 1000 ** (1 / (n + lam))
     t = [1000 - math.floor(a ** (i + 1 + lam)) for i in range(n)]
     return [999] + t[:-1]

@@ -1,4 +1,4 @@
-"""The paper's explanation methods, one interface (SPEC §3-§6): ``method.explain(model, run, step)``.
+"""The paper's explanation methods, one interface (docs/methods.md): ``method.explain(model, run, step)``.
 
     >>> from explainer.methods import METHODS
     >>> explanation = METHODS["df-rise"](n_masks=200).explain(model, run, step=15)

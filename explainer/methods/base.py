@@ -63,7 +63,7 @@ class Explanation:
         return resized[0, 0].clamp(0, 1).numpy()
 
     def overlay(self, image: Image.Image, opacity: float = 1.0) -> Image.Image:
-        """The map over ``image`` in JET, mixed as ``(1 - m^0.8) I + m^0.8 H`` (SPEC §4)."""
+        """The map over ``image`` in JET, mixed as ``(1 - m^0.8) I + m^0.8 H`` (docs/methods.md, Terms)."""
         return overlay(image, self.saliency, opacity)
 
 
@@ -254,7 +254,7 @@ def batches(total: int, size: int):
 
 @dataclass(kw_only=True)
 class RandomBaseline(Method):
-    """A uniform random map (seeded): the baseline every method must beat (SPEC §7)."""
+    """A uniform random map (seeded): the baseline every method must beat (docs/methods.md, Baselines)."""
 
     seed: int = 0
     name = "random"
@@ -270,7 +270,7 @@ class RandomBaseline(Method):
 
 @dataclass(kw_only=True)
 class CentreBaseline(Method):
-    """A centred Gaussian blob, ``sigma`` a fraction of the map's side: the centre-bias baseline (SPEC §7)."""
+    """A centred Gaussian, ``sigma`` a fraction of the map's side: the centre-bias baseline (docs/methods.md, Baselines)."""
 
     sigma: float = 0.25
     name = "centre"

@@ -1,4 +1,4 @@
-"""DF-CAM: Grad-CAM on the denoiser itself, every layer in one backward pass (SPEC §5).
+"""DF-CAM: Grad-CAM on the denoiser itself, every layer in one backward pass (docs/methods.md, DF-CAM).
 
 Each layer's map weighs its activation by its gradient at each pixel (LayerCAM, the default;
 HiResCAM) or per channel (Grad-CAM, the paper's; see ``WEIGHTINGS``), and the layers add up in the
@@ -56,7 +56,7 @@ def _guidance_energy(output: torch.Tensor) -> torch.Tensor:
     return 0.5 * (conditional - unconditional).pow(2).sum()
 
 
-# What DF-CAM explains, from the raw UNet output of one step. "sum" is SPEC §5's (the paper's): the sum
+# What DF-CAM explains, from the raw UNet output of one step. "sum" is the paper's: the sum
 # of the output over both guidance halves, a target with no preferred sign (the model may draw a region
 # by pushing it up or down), so Grad-CAM's ReLU keeps whatever pushes it up, whatever is drawn there.
 # "guidance" is 1/2 ||eps_c - eps_u||^2, how much the prompt changes the prediction (the term classifier-
@@ -83,7 +83,7 @@ def run_halves(tensor: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
 # How a layer's gradient weighs its activation, from the layer's gradient G (C, h, w). "layercam" (Jiang
 # et al., 2021), the default: the positive part of the gradient at each pixel, so a pixel counts where
 # raising its activation raises the target. "hirescam" (Draelos & Carin, 2020): the gradient at each
-# pixel, gradient x activation. "grad-cam" (SPEC §5, the paper's): one weight per channel, the gradient's
+# pixel, gradient x activation. "grad-cam" (the paper's): one weight per channel, the gradient's
 # mean over space, which a small or off-centre shape barely moves (scripts/meaning_checks.py).
 WEIGHTINGS = {
     "layercam": lambda gradient: gradient.clamp(min=0),
@@ -93,7 +93,7 @@ WEIGHTINGS = {
 
 # How the per-layer maps add up. "target" (default): each layer's map stays in the target's units
 # (gradient x activation), a coarse layer's pixel shared among the latent pixels it covers, so a layer
-# counts by how much of the target it carries. "min-max" (SPEC §5, the paper's): each layer's map
+# counts by how much of the target it carries. "min-max" (the paper's): each layer's map
 # min-max normalised first, so a layer whose map is noise weighs as much as the one that draws the shape.
 LAYER_SCALES = ("target", "min-max")
 
@@ -110,7 +110,7 @@ def layer_map(activation: torch.Tensor, gradient: torch.Tensor, size: tuple[int,
 
 @dataclass(kw_only=True)
 class DFCam(GradientMethod):
-    """DF-CAM saliency of one step (SPEC §5), with every layer's own map.
+    """DF-CAM saliency of one step (docs/methods.md, DF-CAM), with every layer's own map.
 
     Args:
         layers: module paths to use (default: all of ``cam_layers(unet)``); the summed map uses these.

@@ -1,4 +1,4 @@
-"""Token relevance: which prompt word the denoiser draws at step k (SPEC §3; Chefer et al., ICCV 2021).
+"""Token relevance: which prompt word the denoiser draws at step k (docs/methods.md, Token relevance; Chefer et al., ICCV 2021).
 
 One forward and one backward pass per step. The attention probabilities of every self- and
 cross-attention layer of the UNet, and of every text-encoder layer, are computed explicitly
@@ -184,7 +184,7 @@ def resize_cross(abar: torch.Tensor, grid: tuple[int, int], size: tuple[int, int
 
 
 def without_identity_normalised(relevance: torch.Tensor) -> torch.Tensor:
-    """SPEC §3's norm(R): remove the identity, divide each row by its sum (rows summing to 0 stay 0), add it back."""
+    """norm(R) (docs/methods.md, Token relevance): remove the identity, divide each row by its sum (zero rows stay 0), add it back."""
     eye = torch.eye(relevance.shape[0], dtype=relevance.dtype, device=relevance.device)
     rest = relevance - eye
     sums = rest.sum(dim=-1, keepdim=True)
@@ -217,7 +217,7 @@ def relevance_matrices(state: RelevanceState, size: tuple[int, int]) -> tuple[to
 
 @dataclass(kw_only=True)
 class TokenRelevance(GradientMethod):
-    """Gradient-weighted attention relevance of every prompt word at one step (SPEC §3).
+    """Gradient-weighted attention relevance of every prompt word at one step (docs/methods.md, Token relevance).
 
     Args:
         word: the word whose relevance map becomes ``saliency`` (default: all words summed).
@@ -282,7 +282,7 @@ class TokenRelevance(GradientMethod):
 
 
 def cheap_token_scores(run: RunData, step: int) -> dict[str, float]:
-    """SPEC §3's cheap score from the recorded attention (``views.token_scores``): streams during a run."""
+    """The cheap score from the recorded attention (``views.token_scores``; docs/methods.md, Token relevance): streams during a run."""
     return _cheap_scores(run, run.records[step - 1])
 
 

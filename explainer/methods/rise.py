@@ -1,9 +1,9 @@
-"""DF-RISE: where the model recovers the image at step k (SPEC §4; Park, Ju & Lee, 2024).
+"""DF-RISE: where the model recovers the image at step k (docs/methods.md, DF-RISE; Park, Ju & Lee, 2024).
 
 Random masks hide parts of x_t; each masked latent goes through the guided denoiser, and how close
 what the masked input gives comes to the real x_{t-1} scores every latent pixel: minus the local
 squared difference by default, or the paper's SSIM *structure* term (``similarity``). The map is, per latent pixel, the mean score over the masks that kept it minus the mean over
-the masks that dropped it (``estimator="contrast"``, our default; the SPEC's ``sum_n M_n * S_n`` is
+the masks that dropped it (``estimator="contrast"``, our default; the paper's ``sum_n M_n * S_n`` is
 ``estimator="sum"``), then ReLU, min-max. Masks are batched through the denoiser (the public code
 runs one mask per forward pass).
 
@@ -113,7 +113,7 @@ def grid_masks(count: int, size: tuple[int, int], keep: float, grid: int, genera
 
 @dataclass(kw_only=True)
 class DFRise(PerturbationMethod):
-    """DF-RISE saliency of one step (SPEC §4).
+    """DF-RISE saliency of one step (docs/methods.md, DF-RISE).
 
     Args:
         n_masks: number of random masks N (paper: 500).
@@ -126,7 +126,7 @@ class DFRise(PerturbationMethod):
             only the prediction differs; "paper": compare it with the masked noise prediction,
             as the public code does.
         estimator: how the per-mask maps become one map, per latent pixel x:
-            "sum": ``sum_n M_n(x) S_n(x)``, the SPEC's and the paper's. S is nearly constant (about
+            "sum": ``sum_n M_n(x) S_n(x)``, the paper's. S is nearly constant (about
             0.99 in next-latent mode), so this map is mostly how often x happened to be kept, which
             does not depend on the model.
             "mean": the sum divided by the masks' weight at x, RISE's E[S(x) | x kept]. Still
@@ -140,7 +140,7 @@ class DFRise(PerturbationMethod):
             (``SIMILARITIES``): "squared-error", minus the local mean squared difference (the
             default in next-latent mode with the contrast estimator, where like is compared with
             like and only differences of scores count), or "structure", the SSIM structure term
-            (the SPEC's and the paper's; the default otherwise: paper mode's noise prediction can
+            (the paper's; the default otherwise: paper mode's noise prediction can
             only be compared with a latent by a scale-free score, and "sum" and "mean" need a score
             with a zero). The structure term divides by the local contrast, so in a flat region a
             small difference counts as a large one: at the last step, which changes the latent
