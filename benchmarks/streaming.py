@@ -124,7 +124,7 @@ def main() -> None:
                 drawn.append(len(pictures))
 
         def library_only(steps=shape["steps"]):
-            settings = RunSettings(prompt=PROMPT, seed=1, per_group=True, vae_decode_every=model.spec.vae_decode_every,
+            settings = RunSettings(prompt=PROMPT, seed=1, per_group=True, vae_decode_every=config.run_decode_every(model.spec, torch.cuda.is_available()),
                                    **(shape | {"steps": steps}))
             InstrumentedRun(model, settings).run_all()
 
