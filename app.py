@@ -12,15 +12,15 @@ import numpy as np
 import spaces
 
 from explainer import config, export, images, metrics, plots, views
-from explainer.methods import METHODS, DFCam, TokenRelevance, relevance_series
+from explainer.methods import METHODS, DFCam, DFLime, DFRise, TokenRelevance, relevance_series
 from explainer.models import check_loadable, load_model, preferred_device, preload, share_cpu_cores
 from explainer.run import RunData, RunSettings, StepRecord, attach_views, stream_runs, undecoded, view_latents
 from explainer.schedules import parse_timestep_list
-from explainer.session import OUTPUT_ROOT, Session
-from explainer.streaming import UpdateBudget, run_ahead
+from ui.session import OUTPUT_ROOT, Session
+from ui.settings import APP, explained_step, gpu_seconds
+from ui.streaming import UpdateBudget, run_ahead
 from ui_tabs import AGGREGATIONS, DEFAULT_MODEL, SALIENCY_METHODS, attention_tab, concepts_tab, denoise_tab, notice_line, saliency_tab
 
-LIMITS = config.LIMITS
 ABOUT = (config.REPO_ROOT / "docs" / "about.md").read_text(encoding="utf-8")
 log = logging.getLogger("diffusion_xray")
 
@@ -132,7 +132,7 @@ def _settings(model_id, prompt, negative, seed, steps, guidance, width, height, 
 
 def _gpu_duration(model_id, settings_dicts) -> int:
     spec = config.model_spec(model_id)
-    return sum(config.gpu_seconds(spec, s["steps"], s["width"], s["height"]) for s in settings_dicts)
+    return sum(gpu_seconds(spec, s["steps"], s["width"], s["height"]) for s in settings_dicts)
 
 
 @spaces.GPU(duration=_gpu_duration)
@@ -226,7 +226,7 @@ def _step_view(
         # one picture per word: while streaming they follow every fifth of the run (and the last step)
         overlays = gr.skip()
     else:
-        overlays = views.word_overlays(first, record, max_side=LIMITS.overlay_gallery_side)
+        overlays = views.word_overlays(first, record, max_side=APP.overlay_gallery_side)
     return (*pictures, status, chart, overlays, concepts, data)
 
 
@@ -245,7 +245,7 @@ def denoise(model_id, prompt, prompt_b, negative, seed, steps, guidance, width, 
     session = session or Session()
     added = False
     last_sent = 0
-    budget = UpdateBudget(LIMITS.cpu_stream_share if preferred_device()[0].type == "cpu" else None, LIMITS.max_update_gap_s)
+    budget = UpdateBudget(APP.cpu_stream_share if preferred_device()[0].type == "cpu" else None, APP.max_update_gap_s)
     last_pictured = 0
     for current, step, waiting in _stream(model_id, runs, "/denoise"):
         if not added:
@@ -284,7 +284,7 @@ def after_run(session: Session | None):
         gr.update(maximum=steps, value=steps),
         gr.update(choices=groups, value=groups),
         str(gif),
-        gr.update(maximum=steps, value=config.explained_step(steps)),
+        gr.update(maximum=steps, value=explained_step(steps)),
     )
 
 
@@ -302,7 +302,7 @@ def show_step(session: Session | None, step: int):
 
 def _decode_duration(model_id, latents) -> int:
     spec = config.model_spec(model_id)  # a decode costs about a step at the model's own size
-    return config.gpu_seconds(spec, len(latents), spec.width, spec.height)
+    return gpu_seconds(spec, len(latents), spec.width, spec.height)
 
 
 @spaces.GPU(duration=_decode_duration)
@@ -396,7 +396,7 @@ def _concept_outputs(run: RunData, title: str):
 
 def _relevance_duration(model_id, run, *_rectify) -> int:  # the rectifier does not change the work
     spec = config.model_spec(model_id)
-    return config.gpu_seconds(spec, 3 * len(run.records), run.settings.width, run.settings.height)  # fwd + bwd per step
+    return gpu_seconds(spec, 3 * len(run.records), run.settings.width, run.settings.height)  # fwd + bwd per step
 
 
 @spaces.GPU(duration=_relevance_duration)
@@ -459,9 +459,11 @@ def _saliency_options(name, masks, keep, mode, mask_kind, seed, estimator="contr
 
 def _saliency_duration(model_id, run, name, options, step, score) -> int:
     spec = config.model_spec(model_id)
-    calls = {"df-rise": options.get("n_masks", 500) / 16, "df-lime": 1000 / 16, "df-cam": 3}.get(name, 0)
+    perturbed = {"df-rise": options.get("n_masks", DFRise.n_masks), "df-lime": options.get("n_samples", DFLime.n_samples)}
+    batch = options.get("batch_size", DFRise.batch_size)
+    calls = -(-perturbed[name] // batch) if name in perturbed else 3 if name == "df-cam" else 0  # DF-CAM: forward and backward
     calls += 2 * (run.latent_size[0] + 1) / 8 if score else 0
-    return config.gpu_seconds(spec, int(calls) + 1, run.settings.width, run.settings.height)
+    return gpu_seconds(spec, int(calls) + 1, run.settings.width, run.settings.height)
 
 
 @spaces.GPU(duration=_saliency_duration)
@@ -611,7 +613,7 @@ def build_demo() -> gr.Blocks:
         with gr.Tab("About"):
             gr.Markdown(ABOUT)
 
-        gpu = {"concurrency_limit": LIMITS.max_concurrent_runs, "concurrency_id": "gpu"}
+        gpu = {"concurrency_limit": APP.max_concurrent_runs, "concurrency_id": "gpu"}
         settings = [d[n] for n in ("model_id", "prompt", "prompt_b", "negative", "seed", "steps", "guidance", "width", "height", "schedule", "lam", "custom")]
         step_outputs = [d[n] for n in STEP_OUTPUTS] + [k["chart"], d["data"]]
         after_run_outputs = [d["slider"], a["word"], a["step"], a["start"], a["end"], a["groups"], d["animation"], sal["step"]]
@@ -637,18 +639,18 @@ def build_demo() -> gr.Blocks:
         serve_both(sal["explain"], saliency, saliency_inputs + [session], [sal["overlay"], sal["chart"], sal["npy"], sal["data"], sal["layer"]],
                    "saliency", notice=sal["notice"], **gpu)
         serve_both(export_button, export_run, [session], [zip_file, gif_file], "export", notice=export_notice)
-    demo.queue(max_size=LIMITS.max_queue, default_concurrency_limit=LIMITS.max_concurrent_runs)
+    demo.queue(max_size=APP.max_queue, default_concurrency_limit=APP.max_concurrent_runs)
     _poll_queue_less(demo)
     return demo
 
 
 def _poll_queue_less(demo: gr.Blocks) -> None:
-    """Let Gradio's queue look for new events every ``LIMITS.queue_poll_s`` instead of every 1 ms,
-    and for progress every ``LIMITS.progress_poll_s`` (Gradio 6 has no public setting for either;
+    """Let Gradio's queue look for new events every ``APP.queue_poll_s`` instead of every 1 ms,
+    and for progress every ``APP.progress_poll_s`` (Gradio 6 has no public setting for either;
     a test checks that they reach the queue's loops)."""
     queue = demo._queue
-    queue.sleep_when_free = max(queue.sleep_when_free, LIMITS.queue_poll_s)
-    queue.progress_update_sleep_when_free = max(queue.progress_update_sleep_when_free, LIMITS.progress_poll_s)
+    queue.sleep_when_free = max(queue.sleep_when_free, APP.queue_poll_s)
+    queue.progress_update_sleep_when_free = max(queue.progress_update_sleep_when_free, APP.progress_poll_s)
 
 
 demo = build_demo()
@@ -657,7 +659,7 @@ demo = build_demo()
 def serve() -> None:
     """Start the server as ``python app.py`` does."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    share_cpu_cores(LIMITS.max_concurrent_runs)  # a CPU server: each concurrent run gets its cores
+    share_cpu_cores(APP.max_concurrent_runs)  # a CPU server: each concurrent run gets its cores
     demo.launch(allowed_paths=[str(OUTPUT_ROOT)])
 
 

@@ -7,6 +7,7 @@ import gradio as gr
 from explainer import config, plots
 from explainer.methods import DFCam, TokenRelevance
 from explainer.models import preferred_device
+from ui.settings import APP, explained_step
 from explainer.methods.base import RECTIFIERS
 from explainer.methods.cam import LAYER_SCALES as CAM_LAYER_SCALES
 from explainer.methods.cam import TARGETS as CAM_TARGETS
@@ -75,7 +76,7 @@ def denoise_tab():
                 with gr.Row():
                     c["width"] = gr.Slider(LIMITS.min_side, LIMITS.max_side, value=DEFAULT_SPEC.width, step=LIMITS.side_multiple, label="Width")
                     c["height"] = gr.Slider(LIMITS.min_side, LIMITS.max_side, value=DEFAULT_SPEC.height, step=LIMITS.side_multiple, label="Height")
-                c["lam"] = gr.Slider(0, 200, value=config.DEFAULTS.lam, step=1, label="λ (schedule concentration)")
+                c["lam"] = gr.Slider(0, APP.lam_slider_max, value=config.DEFAULTS.lam, step=1, label="λ (schedule concentration)")
                 c["custom"] = gr.Textbox(label="Custom timesteps (schedule = custom)", placeholder="999, 800, 600, 400, 200, 50")
                 gr.Markdown(f"Limits: up to {LIMITS.max_steps} steps, sides {LIMITS.min_side}–{LIMITS.max_side} px in multiples of {LIMITS.side_multiple}.")
             c["run"] = gr.Button("Run", variant="primary")
@@ -180,9 +181,9 @@ def saliency_tab():
     with gr.Row():
         with gr.Column(scale=1):
             c["method"] = gr.Dropdown(list(SALIENCY_METHODS), value="DF-RISE", label="Method")
-            c["step"] = StepSlider(1, DEFAULT_SPEC.steps, value=config.explained_step(DEFAULT_SPEC.steps), step=1, label="Step")
+            c["step"] = StepSlider(1, DEFAULT_SPEC.steps, value=explained_step(DEFAULT_SPEC.steps), step=1, label="Step")
             with gr.Accordion("DF-RISE options", open=True):
-                c["masks"] = gr.Slider(1, LIMITS.max_masks, value=config.DEFAULTS.rise_masks, step=1, label=f"Masks N (paper: 500; limit {LIMITS.max_masks})")
+                c["masks"] = gr.Slider(1, LIMITS.max_masks, value=APP.rise_masks, step=1, label=f"Masks N (paper: 500; limit {LIMITS.max_masks})")
                 c["keep"] = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Keep probability p")
                 c["mode"] = gr.Radio(["next-latent", "paper"], value="next-latent", label="Score",
                                      info="next-latent compares like with like, by squared error (default); paper: as the public code")

@@ -8,7 +8,7 @@ import time
 
 from common import benchmark_model, header, parser, save
 from explainer.run import RunSettings, stream_runs
-from explainer.session import Session
+from ui.session import Session
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle"]

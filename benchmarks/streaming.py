@@ -37,6 +37,7 @@ from common import benchmark_model, header, parser, save, side_by_side
 from explainer import config
 from explainer.models import share_cpu_cores
 from explainer.run import InstrumentedRun, RunSettings
+from ui.settings import APP
 
 PROMPT = "a red circle on the left"
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +60,7 @@ demo.launch()
 UNSTREAMED_APP = """
 import dataclasses
 import app
-app.LIMITS = dataclasses.replace(app.LIMITS, cpu_stream_share=0.0, max_update_gap_s=None)
+app.APP = dataclasses.replace(app.APP, cpu_stream_share=0.0, max_update_gap_s=None)
 app.serve()
 """
 
@@ -131,7 +132,7 @@ def main() -> None:
         def library_as_the_server_runs_it(steps=shape["steps"]):  # a new thread, the server's share of the cores
             def run():
                 all_cores = torch.get_num_threads()
-                share_cpu_cores(config.LIMITS.max_concurrent_runs)
+                share_cpu_cores(APP.max_concurrent_runs)
                 try:
                     library_only(steps)
                 finally:
@@ -170,7 +171,7 @@ def main() -> None:
         f"streaming beyond that cost (data-only client): {beyond:+.3f} s = {beyond / as_served:+.1%} of the run as served",
         f"streamed / the same app sending its first and last step only (side by side, data-only clients): {streaming_ratio:.3f}x",
         f"updates with pictures per run: median {statistics.median(drawn):.0f} of {shape['steps']} steps "
-        f"(every step's numbers are sent; on the CPU pictures go out while that takes <= {config.LIMITS.cpu_stream_share:.0%} of the time)",
+        f"(every step's numbers are sent; on the CPU pictures go out while that takes <= {APP.cpu_stream_share:.0%} of the time)",
     ]
     save("streaming", "\n".join(lines) + "\n")
 

@@ -16,6 +16,7 @@ import torch
 from common import benchmark_model, header, parser, save, timed
 from explainer import config, models
 from explainer.run import InstrumentedRun, RunSettings
+from ui.settings import APP, explained_step
 
 PROMPT = "a red circle on the left"
 SD_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -32,18 +33,18 @@ def main() -> None:
     spec = config.model_spec(model_id)
     settings = RunSettings(prompt=PROMPT, seed=1, per_group=True, vae_decode_every=spec.vae_decode_every, **shape).validated()
     run = InstrumentedRun(model, settings).run_all().data
-    step = config.explained_step(shape["steps"])
+    step = explained_step(shape["steps"])
     cases = {"denoise (one prompt)": (lambda: list(app._run_on_device(model_id, [settings.to_dict()])),
                                       app._gpu_duration(model_id, [settings.to_dict()])),
              "denoise (two prompts)": (lambda: list(app._run_on_device(model_id, [settings.to_dict()] * 2)),
                                        app._gpu_duration(model_id, [settings.to_dict()] * 2)),
              "token relevance, every step": (lambda: app._relevance_on_device(model_id, run),
                                              app._relevance_duration(model_id, run))}
-    saliency = {"df-rise": {"masks": config.DEFAULTS.rise_masks}, "df-rise, paper's N": {"masks": 500},
+    saliency = {"df-rise": {"masks": APP.rise_masks}, "df-rise, paper's N": {"masks": 500},
                 "df-cam": {}, "df-lime": {}}
     for label, extra in saliency.items():
         name = label.split(",")[0]
-        options = app._saliency_options(name, extra.get("masks", config.DEFAULTS.rise_masks), 0.5, "next-latent", "pixel", 0)
+        options = app._saliency_options(name, extra.get("masks", APP.rise_masks), 0.5, "next-latent", "pixel", 0)
         cases[f"{label} + insertion/deletion"] = (
             lambda name=name, options=options: app._explain_on_device(model_id, run, name, options, step, True),
             app._saliency_duration(model_id, run, name, options, step, True),

@@ -144,7 +144,8 @@ MODELS: dict[str, ModelSpec] = {
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds enforced by the library (and shown in the UI)."""
+    """Bounds the library enforces on what it is asked to compute (the app shows them; its own
+    settings, such as queue and streaming, are in ``ui/settings.py``)."""
 
     max_steps: int = 100
     min_side: int = 8
@@ -154,32 +155,13 @@ class Limits:
     max_lam: float = 500.0
     max_prompt_chars: int = 1000
     max_seed: int = 2**63 - 1
-    max_masks: int = 4000
-    max_concurrent_runs: int = 2
-    max_queue: int = 32
-    max_runs_per_session: int = 4
-    gpu_overhead_seconds: float = 15.0  # model to GPU, prompt encoding, final decode
-    # A run on the CPU shares its cores with drawing and sending the streamed pictures: the page
-    # then gets pictures only while that has taken at most this share of the time (every step's
-    # numbers still go out). On a GPU the drawing runs beside the run and every step is drawn.
-    cpu_stream_share: float = 0.10
-    # Between two picture updates the page still gets the step's numbers at least this often: the
-    # status line keeps moving, and a cancel (which waits for the stream's next update) stays prompt.
-    max_update_gap_s: float = 1.0
-    # Per-group attention maps (layer groups of docs/methods.md, Cross-attention maps: block and resolution) are stored at their own
-    # resolution, pooled to at most this side: SD's 64x64 groups hold 3/4 of the stored map
-    # pixels, and a 77-token prompt's 30 steps would otherwise need about 87 MB of records.
+    max_masks: int = 4000  # DF-RISE
+    max_rise_grid: int = 64  # the side of DF-RISE's coarse grid masks
+    max_lime_samples: int = 100_000  # DF-LIME's on/off vectors
+    max_batch_size: int = 4096  # inputs per denoiser call of a perturbation method or metric
+    # Per-group attention maps (block and resolution) are kept at their own resolution, pooled to
+    # at most this side (why: docs/design.md, "Attention records by layer group").
     max_group_map_side: int = 32
-    # Gradio's queue looks for new events every 1 ms while it has room, and for progress to send
-    # every 10 ms: an idle app server used 9-11 % of a core for it, and each look takes the GIL from
-    # a run in the same process. Every 20 ms (a request waits at most that much longer to start) and
-    # every 100 ms (the app sends no gr.Progress; its steps go out as streamed updates): 1.6 %.
-    queue_poll_s: float = 0.02
-    # The Denoise tab's gallery of word overlays shows thumbnails (220 px high): drawn at most this
-    # side, a Stable Diffusion picture's overlays take a fifth of the time they take at 512 px (the
-    # Attention tab and the export keep the full size).
-    overlay_gallery_side: int = 256
-    progress_poll_s: float = 0.1
 
 
 LIMITS = Limits()
@@ -197,16 +179,10 @@ class Defaults:
     lam: float = 60.0
     scheduler: str = "dpm++"
     negative_prompt: str = ""
-    rise_masks: int = 200  # DF-RISE masks in the Saliency tab (the paper's 500 takes 2.5x as long)
-    explained_fraction: float = 0.75  # the Saliency tab starts at this fraction of the run's steps
 
 
 DEFAULTS = Defaults()
 
-
-def explained_step(steps: int) -> int:
-    """The step of a run of ``steps`` steps that the Saliency tab explains first."""
-    return max(1, round(steps * DEFAULTS.explained_fraction))
 
 # Hub ids are only loaded where the Hub is reachable (the Space); tests and CI set this.
 HUB_OFFLINE = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
@@ -232,12 +208,6 @@ def portable_path(path: str | Path) -> str:
 def run_decode_every(spec: ModelSpec, on_gpu: bool) -> int:
     """How often the run itself VAE-decodes a step's views (0: the last step only); see ``ModelSpec``."""
     return spec.vae_decode_every if on_gpu else 0
-
-
-def gpu_seconds(spec: ModelSpec, steps: int, width: int, height: int) -> int:
-    """The ZeroGPU duration to ask for a run: from the work (steps, pixels), never a constant."""
-    pixels = (width * height) / (512 * 512)
-    return int(LIMITS.gpu_overhead_seconds + 2 * spec.gpu_seconds_per_step * steps * max(pixels, 0.05))
 
 
 def model_spec(model_id: str) -> ModelSpec:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from skimage.metrics import structural_similarity
 
+from .config import LIMITS
 from .images import decode
 from .methods.base import batches, check_choice, check_int, ddim_step, guided_prediction, step_inputs
 from .models import LoadedModel
@@ -116,7 +117,7 @@ def insertion_deletion_by_distance(
     """
     for distance in distances:
         check_choice("distance", distance, DISTANCES)
-    check_int("batch_size", batch_size, 1, 4096)
+    check_int("batch_size", batch_size, 1, LIMITS.max_batch_size)
     if not run.records:
         raise ValueError("run has no recorded steps yet.")
     check_int("step", step, 1, len(run.records))

@@ -64,7 +64,7 @@ def test_while_pictures_wait_the_page_still_gets_news_of_the_steps(monkeypatch):
     from explainer.models import load_model
 
     # no share of the time for pictures (only the first and last updates have them), no gap allowed
-    monkeypatch.setattr(app, "LIMITS", dataclasses.replace(app.LIMITS, cpu_stream_share=0.0, max_update_gap_s=0.0))
+    monkeypatch.setattr(app, "APP", dataclasses.replace(app.APP, cpu_stream_share=0.0, max_update_gap_s=0.0))
     monkeypatch.setattr(app, "preferred_device", lambda: (torch.device("cpu"), torch.float32))
     unet = load_model("tiny-random").pipe.unet
     hook = unet.register_forward_pre_hook(lambda *_: time.sleep(0.1))  # steps slower than a light update
@@ -245,8 +245,8 @@ def test_the_queue_polls_at_the_configured_intervals_not_every_millisecond(monke
     for loop in (queue.start_processing, queue.start_progress_updates):
         queue.stopped = False
         asyncio.run(loop())
-    assert slept == [app.LIMITS.queue_poll_s, app.LIMITS.progress_poll_s]
-    assert app.LIMITS.queue_poll_s >= 0.01 and app.LIMITS.progress_poll_s >= 0.05
+    assert slept == [app.APP.queue_poll_s, app.APP.progress_poll_s]
+    assert app.APP.queue_poll_s >= 0.01 and app.APP.progress_poll_s >= 0.05
 
 
 def test_on_zerogpu_the_hub_models_load_at_startup_and_nothing_elsewhere():

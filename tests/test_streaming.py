@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from explainer.streaming import UpdateBudget, run_ahead
+from ui.streaming import UpdateBudget, run_ahead
 
 
 def counting(n, seconds=0.0, log=None):

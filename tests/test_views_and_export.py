@@ -12,7 +12,7 @@ from PIL import Image
 from explainer import config, export, plots, views
 from explainer.models import LoadedModel
 from explainer.run import InstrumentedRun, RunSettings, stream_runs
-from explainer.session import Session
+from ui.session import Session
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..config import LIMITS
 from ..models import LoadedModel
 from ..plots import normalise, overlay
 from ..run import RunData, check_int, check_number, make_scheduler, predicted_noise, predicted_original
@@ -140,7 +141,7 @@ class PerturbationMethod(Method):
     batch_size: int = 16
 
     def _check_options(self) -> None:
-        check_int("batch_size", self.batch_size, 1, 4096)
+        check_int("batch_size", self.batch_size, 1, LIMITS.max_batch_size)
 
 
 @dataclass(kw_only=True)
@@ -260,7 +261,7 @@ class RandomBaseline(Method):
     name = "random"
 
     def _check_options(self) -> None:
-        check_int("seed", self.seed, 0, 2**63 - 1)
+        check_int("seed", self.seed, 0, LIMITS.max_seed)
 
     def _explain(self, model, run, step):
         height, width = run.records[step - 1].latents.shape[-2:]

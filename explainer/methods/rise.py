@@ -172,7 +172,7 @@ class DFRise(PerturbationMethod):
         check_int("n_masks", self.n_masks, 1, config.LIMITS.max_masks)
         check_number("keep", self.keep, 0.0, 1.0, open_low=True)
         check_choice("mask", self.mask, MASK_KINDS)
-        check_int("grid", self.grid, 1, 64)
+        check_int("grid", self.grid, 1, config.LIMITS.max_rise_grid)
         check_choice("mode", self.mode, MODES)
         check_choice("estimator", self.estimator, ESTIMATORS)
         check_choice("similarity", self.similarity, tuple(SIMILARITIES))
@@ -180,7 +180,7 @@ class DFRise(PerturbationMethod):
             raise ValueError("similarity='squared-error' needs mode='next-latent' and estimator='contrast': paper mode compares "
                              "x_{t-1} with a noise prediction, which only the scale-free 'structure' can, and a squared error "
                              "has no zero that 'sum' or 'mean' could count from (after the ReLU their maps are empty).")
-        check_int("seed", self.seed, 0, 2**63 - 1)
+        check_int("seed", self.seed, 0, config.LIMITS.max_seed)
 
     def masks(self, size: tuple[int, int]) -> torch.Tensor:
         """The N masks (N, 1, h, w) this method uses on a latent grid of ``size``, from its seed."""

@@ -7,8 +7,9 @@ import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
-from . import config
-from .run import RunData
+from explainer.run import RunData
+
+from .settings import APP
 
 OUTPUT_ROOT = Path(tempfile.gettempdir()) / "diffusion-xray"
 
@@ -20,7 +21,7 @@ class Session:
     written for the visitor go to a folder of the session's own, removed by ``close()``.
     """
 
-    def __init__(self, limit: int = config.LIMITS.max_runs_per_session):
+    def __init__(self, limit: int = APP.max_runs_per_session):
         self.limit = limit
         self.groups: OrderedDict[int, list[RunData]] = OrderedDict()
         self._next_id = 1
