@@ -308,7 +308,7 @@ def _decode_duration(model_id, latents) -> int:
 @spaces.GPU(duration=_decode_duration)
 def _decode_on_device(model_id: str, latents: list) -> list:
     """VAE-decode latents into pictures (the views of steps the run did not decode)."""
-    return images.decode_in_batches(load_model(model_id).pipe, latents)
+    return images.decode_in_batches(load_model(model_id), latents)
 
 
 def _decode(model_id: str, records: list[StepRecord]) -> None:

@@ -27,7 +27,7 @@ def sd15_shaped_pipeline() -> StableDiffusionPipeline:
     """A pipeline with Stable Diffusion v1.5's architecture and random weights (speed and memory behave the same)."""
     import tempfile
 
-    from explainer.tiny import write_tokenizer_files
+    from explainer.families.sd1_tiny import write_tokenizer_files
 
     device, dtype = preferred_device()
     unet = UNet2DConditionModel(

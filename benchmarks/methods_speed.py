@@ -44,7 +44,7 @@ def main() -> None:
         f"  same map either way: max |difference| = {abs(fast_result.saliency - slow_result.saliency).max():.2e}",
     ]
 
-    layers = cam_layers(model.pipe.unet)
+    layers = cam_layers(model)
     DFCam().explain(model, run, step)  # warm-up
     one_pass, cam = seconds(lambda: DFCam().explain(model, run, step))
     per_layer, _ = seconds(lambda: [DFCam(layers=(layer,)).explain(model, run, step) for layer in layers])

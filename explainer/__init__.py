@@ -10,16 +10,19 @@ The library behind the app, usable on its own (no Gradio here):
 
 from .capture import AttentionRecorder, capture_attention
 from .config import DEFAULTS, LIMITS, MODELS, default_model_id
+from .families import FAMILIES, Family
 from .models import LoadedModel, load_model
 from .run import InstrumentedRun, RunSettings, StepRecord
 from .schedules import timesteps
-from .tokens import PromptTokens, tokenize
+from .tokens import PromptTokens
 
 __all__ = [
     "DEFAULTS",
     "LIMITS",
     "MODELS",
+    "FAMILIES",
     "AttentionRecorder",
+    "Family",
     "InstrumentedRun",
     "LoadedModel",
     "PromptTokens",
@@ -29,5 +32,4 @@ __all__ = [
     "default_model_id",
     "load_model",
     "timesteps",
-    "tokenize",
 ]

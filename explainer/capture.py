@@ -1,11 +1,12 @@
 """Cross-attention capture through diffusers attention processors (docs/methods.md, Cross-attention maps).
 
-``with capture_attention(pipe) as layers:`` swaps in processors that can record, and restores the
-originals on exit, also after an exception. The processors themselves hold no run state: a run
-passes its own ``AttentionRecorder`` to the UNet call (``cross_attention_kwargs={"recorder": r}``),
-so two runs in two threads on one pipeline never see each other's maps. Without a recorder the
-processors run the original code. Self-attention keeps its fused kernel; only cross-attention
-layers compute their probabilities explicitly (their key length is the text length: small).
+``with capture_attention(model) as sites:`` swaps in processors that can record on the attention
+sites the model's family names, and restores the originals on exit, also after an exception. The
+processors themselves hold no run state: a run passes its own ``AttentionRecorder`` to the
+denoiser call (``cross_attention_kwargs={"recorder": r}``), so two runs in two threads on one
+pipeline never see each other's maps. Without a recorder the processors run the original code.
+Self-attention keeps its fused kernel; only cross-attention sites compute their probabilities
+explicitly (their key length is the text length: small). One processor class per attention kind.
 """
 
 from __future__ import annotations
@@ -22,13 +23,12 @@ import torch.nn.functional as F
 
 from .config import LIMITS
 
-_PROCESSOR_SUFFIX = ".processor"
-
 
 class AttentionRecorder:
     """Collects one step's cross-attention maps of one run (conditional half, heads averaged).
 
     Args:
+        family: the model family's adapter (where a site's grid and group come from).
         latent_size: ``(H_lat, W_lat)``, the grid every layer's map is resized to.
         kept_positions: token positions kept one by one (start, prompt pieces, end token);
             the remaining positions (padding) are summed into one extra row.
@@ -43,6 +43,7 @@ class AttentionRecorder:
 
     def __init__(
         self,
+        family,
         latent_size: tuple[int, int],
         kept_positions: int,
         conditional_index: int,
@@ -50,6 +51,7 @@ class AttentionRecorder:
         per_group: bool = False,
         max_group_side: int = LIMITS.max_group_map_side,
     ):
+        self.family = family
         self.latent_size = latent_size
         self.kept_positions = kept_positions
         self.conditional_index = conditional_index
@@ -71,7 +73,7 @@ class AttentionRecorder:
         probs = probs.view(self.batch_size, heads, tokens, text_length)[self.conditional_index].float().mean(0)
         kept = self.kept_positions
         reduced = torch.cat([probs[:, :kept], probs[:, kept:].sum(1, keepdim=True)], dim=1)  # (N, kept + 1)
-        height, width = layer_grid(tokens, self.latent_size)
+        height, width = self.family.layer_grid(tokens, self.latent_size)
         maps = reduced.T.reshape(kept + 1, height, width)
         if self.per_group:
             self._add_to_group(layer, maps)
@@ -82,7 +84,7 @@ class AttentionRecorder:
         self._count += 1
 
     def _add_to_group(self, layer: str, maps: torch.Tensor) -> None:
-        label = layer_group(layer, maps.shape[1:])
+        label = self.family.layer_group(layer, maps.shape[1:])
         members = self.groups.setdefault(label, [])
         if layer not in members:
             members.append(layer)
@@ -93,7 +95,7 @@ class AttentionRecorder:
         """The step's layer-averaged maps (kept + 1, H_lat, W_lat) and the per-group maps, float16."""
         if self._sum is None:
             raise RuntimeError(
-                "No cross-attention was captured in this step: is the UNet inside `capture_attention`, "
+                "No cross-attention was captured in this step: is the denoiser inside `capture_attention`, "
                 "and was the recorder passed as cross_attention_kwargs={'recorder': ...}?"
             )
         mean = (self._sum / self._count).to(torch.float16).cpu().numpy()
@@ -110,23 +112,7 @@ class AttentionRecorder:
         return mean.to(torch.float16).cpu().numpy()
 
 
-def layer_group(layer: str, grid: tuple[int, int]) -> str:
-    """The group of a cross-attention layer: its block kind and resolution, e.g. "up 16×16"."""
-    block = layer.split(".", 1)[0].removesuffix("_blocks").removesuffix("_block")  # down, mid, up
-    return f"{block} {grid[0]}×{grid[1]}"
-
-
-def layer_grid(tokens: int, latent_size: tuple[int, int]) -> tuple[int, int]:
-    """The (h, w) of a layer with ``tokens`` image tokens: the latent grid halved k times (rounding up)."""
-    height, width = latent_size
-    while height * width > tokens and (height > 1 or width > 1):
-        height, width = -(-height // 2), -(-width // 2)
-    if height * width != tokens:
-        raise ValueError(f"Cannot place {tokens} image tokens on a grid derived from latent size {latent_size}.")
-    return height, width
-
-
-def explicit_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, on_probs=None):
+def classic_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, on_probs=None):
     """diffusers' classic ``AttnProcessor`` maths (explicit softmax(QK^T)) for self- or cross-attention.
 
     ``on_probs(probs)`` sees the probabilities, shape (batch * heads, N, N or L), before they
@@ -174,7 +160,7 @@ class CrossAttentionRecordingProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, recorder=None, **kwargs):
         if recorder is None or encoder_hidden_states is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        return explicit_attention(
+        return classic_attention(
             attn, hidden_states, encoder_hidden_states, attention_mask, temb,
             on_probs=lambda probs: recorder.add(self.layer, probs, attn.heads),
         )
@@ -196,47 +182,39 @@ class _Installation:
     users: int
 
 
-# Which UNets have our processors installed, and by how many open `capture_attention` blocks.
+# Which denoisers have our processors installed, and by how many open `capture_attention` blocks.
 # Only installation bookkeeping lives here; captured maps live in each run's recorder.
 _INSTALLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _INSTALL_LOCK = threading.Lock()
 
 
-def cross_attention_layers(unet) -> list[str]:
-    """Processor keys of the UNet's cross-attention layers, in forward order."""
-    return [
-        key
-        for key in unet.attn_processors
-        if getattr(unet.get_submodule(key.removesuffix(_PROCESSOR_SUFFIX)), "is_cross_attention", False)
-    ]
-
-
 @contextmanager
-def capture_attention(pipe_or_unet) -> Iterator[list[str]]:
-    """Install recording processors on a UNet for the duration of the block; yields the layer keys.
+def capture_attention(model) -> Iterator[list[str]]:
+    """Install recording processors on a model's denoiser for the duration of the block; yields the
+    cross-attention sites (processor keys) its family names.
 
-    Nested or concurrent blocks on one UNet share one installation; the last to leave restores
+    Nested or concurrent blocks on one denoiser share one installation; the last to leave restores
     the original processors, whatever happened inside.
 
     Example:
-        >>> with capture_attention(pipe) as layers:
-        ...     unet(x, t, encoder_hidden_states=e, cross_attention_kwargs={"recorder": recorder})
+        >>> with capture_attention(model) as sites:
+        ...     model.family.predict(pipe, x, t, conditioning, cross_attention_kwargs={"recorder": recorder})
     """
-    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-    layers = cross_attention_layers(unet)
+    denoiser = model.denoiser
+    layers = model.family.cross_attention_sites(denoiser)
     if not layers:
-        raise ValueError("This UNet has no cross-attention layers to capture.")
+        raise ValueError("This denoiser has no cross-attention layers to capture.")
     with _INSTALL_LOCK:
-        installation = _INSTALLED.get(unet)
+        installation = _INSTALLED.get(denoiser)
         if installation is None:
-            originals = unet.attn_processors
-            unet.set_attn_processor(
+            originals = denoiser.attn_processors
+            denoiser.set_attn_processor(
                 {
                     key: CrossAttentionRecordingProcessor(key, proc) if key in layers else RecorderPassthrough(proc)
                     for key, proc in originals.items()
                 }
             )
-            installation = _INSTALLED[unet] = _Installation(originals=originals, users=0)
+            installation = _INSTALLED[denoiser] = _Installation(originals=originals, users=0)
         installation.users += 1
     try:
         yield layers
@@ -244,5 +222,5 @@ def capture_attention(pipe_or_unet) -> Iterator[list[str]]:
         with _INSTALL_LOCK:
             installation.users -= 1
             if installation.users == 0:
-                unet.set_attn_processor(installation.originals)
-                del _INSTALLED[unet]
+                denoiser.set_attn_processor(installation.originals)
+                del _INSTALLED[denoiser]

@@ -20,6 +20,7 @@ class ModelSpec:
 
     Attributes:
         id: the name users pass (UI dropdown, API, ``load_model``).
+        family: the model family's adapter (a key of ``explainer.families.FAMILIES``).
         source: a local folder (embedded model) or a Hugging Face Hub repo id.
         label: what the UI shows.
         hub: True when ``source`` is a Hub repo id (only loadable on the Space).
@@ -29,8 +30,8 @@ class ModelSpec:
         vae_decode_every: on a GPU, the run decodes both views with the VAE every this many
             steps (the last step always); on a CPU it decodes the last step only, and the app
             decodes a step's views when it shows them. The fast linear preview is made every step.
-        latent_rgb: optional fixed 4x3 latent-channel -> RGB map for the fast preview;
-            fitted from the VAE at load time when absent.
+        latent_rgb: optional fixed (channels [+ 1 bias row]) x 3 latent -> RGB map for the fast
+            preview; fitted from the family's decoder at load time when absent.
         examples: prompts shown as examples for this model.
     """
 
@@ -48,6 +49,7 @@ class ModelSpec:
     gpu_seconds_per_step: float = 0.05  # per 512x512 guided step on the Space GPU: an estimate, not yet measured
     latent_rgb: tuple[tuple[float, float, float], ...] | None = None
     examples: tuple[str, ...] = ()
+    family: str = "sd1"
 
 
 # Approximate latent -> RGB map of the SD v1 VAE (widely used for live previews).
@@ -99,7 +101,7 @@ MODELS: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             id=TINY_RANDOM_MODEL_ID,
-            source="",  # built from configs by explainer.tiny, random weights
+            source="",  # built from configs by explainer.families.sd1_tiny, random weights
             label="Tiny random model (for tests; pictures mean nothing)",
             hub=False,
             width=64,

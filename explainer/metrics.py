@@ -16,7 +16,8 @@ from skimage.metrics import structural_similarity
 
 from .config import LIMITS
 from .images import decode
-from .methods.base import batches, check_choice, check_int, ddim_step, guided_prediction, step_inputs
+from .methods.base import batches, check_choice, check_int
+from .replay import guided_prediction, step_from, step_inputs
 from .models import LoadedModel
 from .plots import normalise
 from .run import RunData
@@ -134,13 +135,13 @@ def insertion_deletion_by_distance(
     insertion = blur_latents(latents) * (1 - revealed) + latents * revealed
     deletion = latents * (1 - revealed)
     states = torch.cat([insertion, deletion])  # (2 (H + 1), C, h, w)
-    target = decode(model.pipe, inputs.next_latents, output_type="np")[0]
+    target = decode(model, inputs.next_latents, output_type="np")[0]
     scores, chunks = {distance: [] for distance in distances}, batches(len(states), batch_size)
     for start, stop in chunks:
         with torch.no_grad():
             batch = states[start:stop]
-            predicted_next = ddim_step(inputs, batch, guided_prediction(model, inputs, batch))
-        images = decode(model.pipe, predicted_next, output_type="np")
+            predicted_next = step_from(model, inputs, batch, guided_prediction(model, inputs, batch))
+        images = decode(model, predicted_next, output_type="np")
         for distance in distances:
             scores[distance] += _distance(images, target, distance)
     result: dict = {"denoiser_calls": len(chunks)}

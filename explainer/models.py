@@ -11,21 +11,22 @@ import os
 import re
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from . import config
-from .images import fit_latent_rgb
-from .tokens import PromptTokens, tokenize
+from .families import Conditioning, Family
+from .families import family as family_named
+from .tokens import PromptTokens
 
 # A fast (Rust) tokenizer keeps its padding and truncation settings as state that every call
 # rewrites: two threads tokenizing at once can swap settings, and a prompt padded to 77 tokens
 # comes back unpadded (8 tokens), so a run silently gets other text embeddings. Every use of
-# a shared tokenizer goes through its lock (LoadedModel.encode_prompt / .tokenize).
+# a shared tokenizer goes through its lock (LoadedModel.encode / .tokenize).
 _TOKENIZER_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _TOKENIZER_LOCKS_GUARD = threading.Lock()
 
@@ -38,66 +39,69 @@ def tokenizer_lock(tokenizer) -> threading.Lock:
 
 @dataclass
 class LoadedModel:
-    """A pipeline with what the explainer needs to know about it."""
+    """A pipeline with what the explainer needs to know about it: its family's adapter, and the
+    fast preview's colour map."""
 
     id: str
-    pipe: StableDiffusionPipeline
+    pipe: DiffusionPipeline
     latent_rgb: np.ndarray  # (C [+1]) x 3 fast-preview map
     spec: config.ModelSpec | None = None
+    family: Family = field(default_factory=lambda: family_named("sd1"))
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.family.denoiser(self.pipe)
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return self.denoiser.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.pipe.unet.dtype
+        return self.denoiser.dtype
 
-    def encode_prompt(self, prompt: str, negative_prompt: str = "", guided: bool = True) -> torch.Tensor:
-        """Text embeddings, in diffusers' batch order under guidance: [unconditional, conditional]."""
+    def encode(self, prompt: str, negative_prompt: str = "", guided: bool = True) -> Conditioning:
+        """The prompt's conditioning, in diffusers' batch order under guidance: [unconditional, conditional]."""
         with tokenizer_lock(self.pipe.tokenizer):
-            positive, negative = self.pipe.encode_prompt(
-                prompt, self.device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
-                negative_prompt=negative_prompt or None,
-            )
-        return torch.cat([negative, positive]) if guided else positive
+            return self.family.encode(self.pipe, prompt, negative_prompt, guided)
 
     def tokenize(self, prompt: str) -> PromptTokens:
-        """The prompt's tokens and words (see ``tokens.tokenize``), safe beside other threads."""
+        """The prompt's tokens and words (see ``Family.tokenize``), safe beside other threads."""
         with tokenizer_lock(self.pipe.tokenizer):
-            return tokenize(self.pipe.tokenizer, prompt)
+            return self.family.tokenize(self.pipe, prompt)
 
     def check_prompt(self, prompt: str) -> None:
         """For a closed-vocabulary model, a ValueError naming the words it does not know."""
         if self.spec is None or not self.spec.closed_vocabulary:
             return
-        vocabulary = self.pipe.tokenizer.get_vocab()
+        vocabulary = self.family.vocabulary(self.pipe)
         words = re.findall(r"[^\s,.;:!?]+", prompt.lower())
-        unknown = sorted({w for w in words if w + "</w>" not in vocabulary})
+        unknown = sorted({w for w in words if w not in vocabulary})
         if unknown:
-            known = sorted(t.removesuffix("</w>") for t in vocabulary if t.endswith("</w>") and t[:-4].isalpha() and len(t) > 5)
+            known = sorted(w for w in vocabulary if w.isalpha() and len(w) > 1)
             raise ValueError(
                 f"Words not in the {self.id} model's vocabulary: {', '.join(map(repr, unknown))}. "
                 f"It knows: {', '.join(known)}."
             )
 
     @classmethod
-    def from_pipeline(cls, pipe: StableDiffusionPipeline, model_id: str = "custom", spec=None) -> LoadedModel:
-        """Wrap a pipeline built elsewhere (tests, notebooks)."""
+    def from_pipeline(cls, pipe: DiffusionPipeline, model_id: str = "custom", spec=None, family: str = "sd1") -> LoadedModel:
+        """Wrap a pipeline built elsewhere (tests, notebooks); ``spec``'s family wins over ``family``."""
+        adapter = family_named(spec.family if spec is not None else family)
         if spec is not None and spec.latent_rgb is not None:
             factors = np.asarray(spec.latent_rgb, dtype=np.float32)
         else:
-            factors = fit_latent_rgb(pipe.vae)
+            factors = adapter.fit_preview(pipe)
         pipe.set_progress_bar_config(disable=True)
-        return cls(id=model_id, pipe=pipe, latent_rgb=factors, spec=spec)
+        return cls(id=model_id, pipe=pipe, latent_rgb=factors, spec=spec, family=adapter)
 
     def randomised(self, seed: int = 0) -> LoadedModel:
-        """The same pipeline with the UNet's weights re-initialised (seeded): the model randomisation
+        """The same pipeline with the denoiser's weights re-initialised (seeded): the model randomisation
         test of Adebayo et al. (2018), where an explanation that does not change is not explaining."""
         torch.manual_seed(seed)
-        unet = type(self.pipe.unet).from_config(self.pipe.unet.config).eval()
-        pipe = type(self.pipe)(**{**self.pipe.components, "unet": unet})
-        return LoadedModel.from_pipeline(pipe, model_id=self.id + "-randomised")
+        denoiser = type(self.denoiser).from_config(self.denoiser.config).eval()
+        pipe = self.family.rebuilt(self.pipe, denoiser)
+        return LoadedModel.from_pipeline(pipe, model_id=self.id + "-randomised", family=self.family.name)
 
 
 def preferred_device() -> tuple[torch.device, torch.dtype]:
@@ -187,18 +191,10 @@ def preload(model_ids) -> dict[str, str]:
     return failures
 
 
-def _build_pipeline(spec: config.ModelSpec) -> StableDiffusionPipeline:
+def _build_pipeline(spec: config.ModelSpec):
     device, dtype = preferred_device()
     if spec.id == config.TINY_RANDOM_MODEL_ID:
-        from .tiny import tiny_pipeline
+        from .families.sd1_tiny import tiny_pipeline
 
         return tiny_pipeline().to(device=device, dtype=dtype)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        spec.source,
-        torch_dtype=dtype,
-        safety_checker=None,
-        requires_safety_checker=False,
-        local_files_only=not spec.hub,
-        use_safetensors=True,
-    )
-    return pipe.to(device)
+    return family_named(spec.family).load(spec.source, device, dtype, local_files_only=not spec.hub)

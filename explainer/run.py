@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from . import config, images
 from .capture import AttentionRecorder, capture_attention
 from .models import LoadedModel
+from .replay import combine_guidance, guided, model_input
 from .schedules import timesteps as schedule_timesteps
 from .tokens import PromptTokens
 
@@ -187,18 +187,16 @@ class InstrumentedRun:
     def __init__(self, model: LoadedModel, settings: RunSettings):
         self.model = model
         self.settings = settings.validated()
-        self.scheduler = make_scheduler(model.pipe, self.settings)
+        self.scheduler = model.family.scheduler(model.pipe, self.settings)
         tokens = model.tokenize(self.settings.prompt)
         timesteps = [int(t) for t in self.scheduler.timesteps]
-        alphas = self.scheduler.alphas_cumprod
-        factor = model.pipe.vae_scale_factor
         self.data = RunData(
             settings=self.settings,
             model_id=model.id,
             tokens=tokens,
             timesteps=timesteps,
-            noise_levels=[noise_level(float(alphas[t])) for t in timesteps],
-            latent_size=(self.settings.height // factor, self.settings.width // factor),
+            noise_levels=[model.family.noise_levels(self.scheduler, t)[1] for t in timesteps],
+            latent_size=model.family.latent_size(model.pipe, self.settings.width, self.settings.height),
             messages=[m for m in (tokens.truncation_message,) if m],
         )
 
@@ -214,19 +212,20 @@ class InstrumentedRun:
 
     @property
     def guided(self) -> bool:
-        return self.settings.guidance > 1.0  # as diffusers: no unconditional half at w <= 1
+        return guided(self.settings.guidance)
 
     def steps(self) -> Iterator[StepRecord]:
         """Run the denoising loop, yielding a ``StepRecord`` after every step."""
-        pipe, settings = self.model.pipe, self.settings
-        device, dtype = self.model.device, self.model.dtype
+        model, settings = self.model, self.settings
+        device, dtype = model.device, model.dtype
         with torch.inference_mode():
-            embeddings = self.model.encode_prompt(settings.prompt, settings.negative_prompt, self.guided)
+            conditioning = model.encode(settings.prompt, settings.negative_prompt, self.guided)
             generator = torch.Generator("cpu").manual_seed(settings.seed)
-            shape = (1, pipe.unet.config.in_channels, *self.latent_size)
+            shape = (1, model.family.latent_channels(model.pipe), *self.latent_size)
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
             latents = latents * self.scheduler.init_noise_sigma
         recorder = AttentionRecorder(
+            model.family,
             self.latent_size,
             kept_positions=self.tokens.stored_positions,
             conditional_index=1 if self.guided else 0,
@@ -234,18 +233,18 @@ class InstrumentedRun:
             per_group=settings.per_group,
         )
         self.data.attention_groups = recorder.groups  # filled by the first step
-        extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, 0.0)
-        with capture_attention(pipe.unet):
+        extra_step_kwargs = model.pipe.prepare_extra_step_kwargs(generator, 0.0)
+        with capture_attention(model):
             for index, timestep in enumerate(self.scheduler.timesteps):
                 with torch.inference_mode():
-                    noise_pred = self._denoise(latents, timestep, embeddings, recorder)
+                    noise_pred = self._denoise(latents, timestep, conditioning, recorder)
                     next_latents = self.scheduler.step(noise_pred, timestep, latents, **extra_step_kwargs).prev_sample
                 record = self._record(index, int(timestep), latents, next_latents, noise_pred, recorder)
                 self.data.records.append(record)
                 latents = next_latents
                 yield record
         with torch.inference_mode():
-            final = images.decode(pipe, latents, output_type="np")[0]
+            final = images.decode(model, latents, output_type="np")[0]
         self.data.final_array = final
         self.data.final_image = Image.fromarray((final * 255).round().astype(np.uint8))
         self.data.reproduction = self.reproduction()
@@ -256,25 +255,17 @@ class InstrumentedRun:
             pass
         return self
 
-    def _denoise(self, latents, timestep, embeddings, recorder) -> torch.Tensor:
-        latent_input = torch.cat([latents] * 2) if self.guided else latents
-        latent_input = self.scheduler.scale_model_input(latent_input, timestep)
-        output = self.model.pipe.unet(
-            latent_input,
-            timestep,
-            encoder_hidden_states=embeddings,
-            cross_attention_kwargs={"recorder": recorder},
-            return_dict=False,
-        )[0]
-        if not self.guided:
-            return output
-        unconditional, conditional = output.chunk(2)
-        return unconditional + self.settings.guidance * (conditional - unconditional)
+    def _denoise(self, latents, timestep, conditioning, recorder) -> torch.Tensor:
+        latent_input = model_input(self.scheduler, latents, timestep, conditioning.halves)
+        output = self.model.family.predict(
+            self.model.pipe, latent_input, timestep, conditioning, cross_attention_kwargs={"recorder": recorder}
+        )
+        return combine_guidance(output, self.settings.guidance)
 
     def _record(self, index, timestep, latents, next_latents, noise_pred, recorder) -> StepRecord:
         attention, groups = recorder.finish_step()
-        alpha_bar = float(self.scheduler.alphas_cumprod[timestep])
-        x0_hat = predicted_original(latents.float(), noise_pred.float(), alpha_bar, self.scheduler.config.prediction_type)
+        alpha_bar, sigma = self.model.family.noise_levels(self.scheduler, timestep)
+        x0_hat = self.model.family.clean_estimate(self.scheduler, latents, noise_pred, timestep)
         total = len(self.timesteps)
         size = (self.settings.width, self.settings.height)
         record = StepRecord(
@@ -283,7 +274,7 @@ class InstrumentedRun:
             timestep=timestep,
             next_timestep=self.timesteps[index + 1] if index + 1 < total else None,
             alpha_bar=alpha_bar,
-            sigma=noise_level(alpha_bar),
+            sigma=sigma,
             latents=latents.float().cpu(),
             next_latents=next_latents.float().cpu(),
             x0_hat=x0_hat.cpu(),
@@ -353,63 +344,7 @@ def decode_views(model: LoadedModel, records: list[StepRecord]) -> None:
     the run did not decode)."""
     missing = undecoded(records)
     if missing:
-        attach_views(missing, images.decode_in_batches(model.pipe, view_latents(missing)))
-
-
-SMALLEST_ALPHA_BAR = 2.0**-24  # as diffusers' DPM-Solver++ clamps a zero-terminal-SNR schedule
-
-
-def noise_level(alpha_bar: float) -> float:
-    """sigma_t = sqrt((1 - alpha_bar) / alpha_bar), finite at zero terminal SNR (alpha_bar = 0)."""
-    alpha_bar = max(alpha_bar, SMALLEST_ALPHA_BAR)
-    return math.sqrt((1 - alpha_bar) / alpha_bar)
-
-
-def predicted_original(latents, model_output, alpha_bar: float, prediction_type: str) -> torch.Tensor:
-    """``x0_hat``, the clean latent the model currently predicts, from its output at ``alpha_bar``."""
-    a, s = math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
-    if prediction_type == "epsilon":
-        return (latents - s * model_output) / a
-    if prediction_type == "v_prediction":
-        return a * latents - s * model_output
-    if prediction_type == "sample":
-        return model_output
-    raise ValueError(f"Unsupported prediction type {prediction_type!r}.")
-
-
-def predicted_noise(latents, model_output, alpha_bar: float, prediction_type: str) -> torch.Tensor:
-    """``eps_hat``, the noise the model currently sees in ``latents``, from its output at ``alpha_bar``."""
-    a, s = math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
-    if prediction_type == "epsilon":
-        return model_output
-    if prediction_type == "v_prediction":
-        return a * model_output + s * latents
-    if prediction_type == "sample":
-        return (latents - a * model_output) / s
-    raise ValueError(f"Unsupported prediction type {prediction_type!r}.")
-
-
-def make_scheduler(pipe, settings: RunSettings):
-    """A fresh scheduler for one run (schedulers keep per-run state), on the run's timesteps.
-
-    DDIM derives each previous timestep from ``T / n``, so it cannot follow a custom list; for
-    those, DPM-Solver++ of order 1 is used instead, which is the same update as DDIM (eta = 0).
-    """
-    base = pipe.scheduler.config
-    custom = schedule_timesteps(settings.schedule, settings.steps, settings.lam, base.num_train_timesteps)
-    if settings.scheduler == "ddim" and custom is None:
-        scheduler = DDIMScheduler.from_config(base, clip_sample=False)  # latents are not images: never clip x0
-    else:
-        order = 1 if settings.scheduler == "ddim" else 2
-        scheduler = DPMSolverMultistepScheduler.from_config(
-            base, algorithm_type="dpmsolver++", solver_order=order, use_karras_sigmas=False
-        )
-    device = pipe.unet.device
-    if custom is None:
-        scheduler.set_timesteps(settings.steps, device=device)
-    else:
-        scheduler.set_timesteps(timesteps=custom, device=device)
-    return scheduler
+        attach_views(missing, images.decode_in_batches(model, view_latents(missing)))
 
 
 def stream_runs(model: LoadedModel, settings: list[RunSettings]) -> Iterator[tuple[str, int, RunData | StepRecord]]:

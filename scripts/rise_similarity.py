@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from explainer.methods import DFRise
-from explainer.methods.base import batches, ddim_step, guided_prediction, step_inputs
+from explainer.methods.base import batches
+from explainer.replay import guided_prediction, step_from, step_inputs
 from explainer.methods.rise import negative_squared_error, structure_term
 from explainer.metrics import inside_outside_ratio, spearman
 from explainer.models import load_model
@@ -41,14 +42,14 @@ def maps(model, run, step: int, rise: DFRise) -> dict[str, np.ndarray]:
     size = tuple(inputs.latents.shape[-2:])
     masks = rise.masks(size)
     with torch.no_grad():
-        unmasked_step = ddim_step(inputs, inputs.latents, guided_prediction(model, inputs, inputs.latents))
+        unmasked_step = step_from(model, inputs, inputs.latents, guided_prediction(model, inputs, inputs.latents))
     references = {"run": inputs.next_latents, "self": unmasked_step}
     sums = {name: [torch.zeros(size), torch.zeros(size)] for name in SCORES}  # sum_n M_n S_n, sum_n S_n
     for start, stop in batches(rise.n_masks, rise.batch_size):
         batch = masks[start:stop]
         with torch.no_grad():
             masked = batch * inputs.latents
-            compared = ddim_step(inputs, inputs.latents.expand_as(masked), guided_prediction(model, inputs, masked))
+            compared = step_from(model, inputs, inputs.latents.expand_as(masked), guided_prediction(model, inputs, masked))
         for name, (score, reference) in SCORES.items():
             values = score(references[reference], compared)
             sums[name][0] += (batch[:, 0] * values).sum(0)

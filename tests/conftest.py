@@ -9,7 +9,7 @@ import socket  # noqa: E402
 import pytest  # noqa: E402
 
 from explainer.models import LoadedModel  # noqa: E402
-from explainer.tiny import tiny_pipeline  # noqa: E402
+from explainer.families.sd1_tiny import tiny_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="session")

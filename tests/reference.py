@@ -50,7 +50,7 @@ def _runs():
     from explainer import config
     from explainer.models import LoadedModel, load_model
     from explainer.run import InstrumentedRun, RunSettings
-    from explainer.tiny import tiny_pipeline
+    from explainer.families.sd1_tiny import tiny_pipeline
 
     tiny = LoadedModel.from_pipeline(tiny_pipeline(), model_id="tiny-random")
     yield "tiny", tiny, RunSettings(prompt="a cat and a dog", steps=4, guidance=5.0, width=64, height=64, per_group=True)

@@ -5,15 +5,11 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from explainer.capture import (
-    AttentionRecorder,
-    CrossAttentionRecordingProcessor,
-    RecorderPassthrough,
-    capture_attention,
-    cross_attention_layers,
-    layer_grid,
-    layer_group,
-)
+from explainer.capture import AttentionRecorder, CrossAttentionRecordingProcessor, RecorderPassthrough, capture_attention
+from explainer.families import FAMILIES
+
+SD1 = FAMILIES["sd1"]
+layer_grid, layer_group, cross_attention_layers = SD1.layer_grid, SD1.layer_group, SD1.cross_attention_sites
 
 
 def unet_inputs(model, batch=2, seed=0):
@@ -30,8 +26,8 @@ def test_recording_processor_matches_the_stock_one(tiny_model):
     latents, timestep, text = unet_inputs(tiny_model)
     with torch.inference_mode():
         stock = unet(latents, timestep, encoder_hidden_states=text).sample
-        with capture_attention(unet):
-            recorder = AttentionRecorder((8, 8), kept_positions=5, conditional_index=1, batch_size=2)
+        with capture_attention(tiny_model):
+            recorder = AttentionRecorder(SD1, (8, 8), kept_positions=5, conditional_index=1, batch_size=2)
             captured = unet(latents, timestep, encoder_hidden_states=text, cross_attention_kwargs={"recorder": recorder}).sample
             passthrough = unet(latents, timestep, encoder_hidden_states=text).sample
     torch.testing.assert_close(captured, stock, atol=1e-5, rtol=1e-5)
@@ -45,7 +41,7 @@ def test_only_cross_attention_is_swapped_and_originals_come_back(tiny_model):
     before = unet.attn_processors
     layers = cross_attention_layers(unet)
     assert layers and all(".attn2." in key for key in layers)
-    with capture_attention(tiny_model.pipe):
+    with capture_attention(tiny_model):
         inside = unet.attn_processors
         for key, processor in inside.items():
             if key in layers:
@@ -60,7 +56,7 @@ def test_originals_restored_after_an_exception(tiny_model):
     unet = tiny_model.pipe.unet
     before = unet.attn_processors
     with pytest.raises(RuntimeError, match="boom"):
-        with capture_attention(unet):
+        with capture_attention(tiny_model):
             raise RuntimeError("boom")
     assert unet.attn_processors == before
 
@@ -71,14 +67,14 @@ def test_overlapping_blocks_share_one_installation(tiny_model):
     entered, release = threading.Event(), threading.Event()
 
     def other_user():
-        with capture_attention(unet):
+        with capture_attention(tiny_model):
             entered.set()
             release.wait(5)
 
     thread = threading.Thread(target=other_user)
     thread.start()
     entered.wait(5)
-    with capture_attention(unet):
+    with capture_attention(tiny_model):
         pass
     # the other block is still open: our exit must not pull its processors away
     assert isinstance(unet.attn_processors[cross_attention_layers(unet)[0]], CrossAttentionRecordingProcessor)
@@ -88,7 +84,7 @@ def test_overlapping_blocks_share_one_installation(tiny_model):
 
 
 def test_recorder_explains_a_missing_capture():
-    recorder = AttentionRecorder((8, 8), kept_positions=3, conditional_index=0, batch_size=1)
+    recorder = AttentionRecorder(SD1, (8, 8), kept_positions=3, conditional_index=0, batch_size=1)
     with pytest.raises(RuntimeError, match="No cross-attention was captured"):
         recorder.finish_step()
 
@@ -127,9 +123,9 @@ def layer_maps_from_probs(probs, heads, kept, latent_size):
 def record_one_call(model, max_group_side):
     unet = model.pipe.unet
     latents, timestep, text = unet_inputs(model)
-    recorder = LayerKeepingRecorder((8, 8), kept_positions=5, conditional_index=1, batch_size=2,
+    recorder = LayerKeepingRecorder(SD1, (8, 8), kept_positions=5, conditional_index=1, batch_size=2,
                                     per_group=True, max_group_side=max_group_side)
-    with torch.inference_mode(), capture_attention(unet):
+    with torch.inference_mode(), capture_attention(model):
         unet(latents, timestep, encoder_hidden_states=text, cross_attention_kwargs={"recorder": recorder})
     references = {layer: layer_maps_from_probs(probs, heads, 5, (8, 8)) for layer, (probs, heads) in recorder.raw.items()}
     return recorder, *recorder.finish_step(), references

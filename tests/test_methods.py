@@ -12,11 +12,11 @@ from scipy.ndimage import correlate
 from explainer import config
 from explainer.capture import capture_attention
 from explainer.methods import METHODS, CentreBaseline, DFCam, DFLime, DFRise, RandomBaseline, TokenRelevance, cam_layers
-from explainer.methods.base import ddim_step, guided_prediction, step_inputs
 from explainer.methods.cam import LAYER_SCALES, layer_map
-from explainer.methods.relevance import RelevanceState, cheap_token_scores, explicit_attention, relevance_series
+from explainer.methods.relevance import RelevanceState, cheap_token_scores, relevance_hooks, relevance_series
 from explainer.methods.rise import default_similarity
 from explainer.metrics import insertion_deletion, inside_outside_ratio, spearman
+from explainer.replay import guided_prediction, step_from, step_inputs
 from explainer.run import InstrumentedRun, RunSettings
 from explainer.views import token_scores
 
@@ -57,7 +57,7 @@ def hook_count(model) -> int:
 def half_model():
     """The tiny model in float16, as the app loads every model on a GPU (CPU float16 here)."""
     from explainer.models import LoadedModel
-    from explainer.tiny import tiny_pipeline
+    from explainer.families.sd1_tiny import tiny_pipeline
 
     return LoadedModel.from_pipeline(tiny_pipeline().to(dtype=torch.float16), model_id="tiny-random")
 
@@ -183,7 +183,7 @@ def test_step_inputs_rebuild_the_recorded_prediction_and_the_ddim_step(tiny_mode
         with torch.no_grad():
             prediction = guided_prediction(tiny_model, inputs, inputs.latents)
         torch.testing.assert_close(prediction, record.noise_pred, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(ddim_step(inputs, inputs.latents, prediction), record.next_latents, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(step_from(tiny_model, inputs, inputs.latents, prediction), record.next_latents, atol=1e-4, rtol=1e-4)
 
 
 # --- DF-RISE: batched equals one mask at a time, structure term straight from the formula ---------
@@ -291,7 +291,7 @@ RECTIFY = {"abs": torch.abs, "relu": torch.relu}
 
 
 def slow_cam(model, run, step, rectify="abs", target="sum", weighting="grad-cam", layer_scale="min-max"):
-    """One forward and backward per layer, hooking only that layer; Grad-CAM straight from SPEC §5
+    """One forward and backward per layer, hooking only that layer; Grad-CAM straight from docs/methods.md, DF-CAM
     (``rectify="relu"``, ``target="sum"``, ``layer_scale="min-max"``), or with the magnitude of each
     layer's weighted sum (``"abs"``), or for the target ||eps_c - eps_u||^2 (``"guidance"``; its 1/2 in
     the library scales every gradient alike, which the final min-max removes), or with the gradient at
@@ -301,11 +301,11 @@ def slow_cam(model, run, step, rectify="abs", target="sum", weighting="grad-cam"
     unet = model.pipe.unet
     inputs = step_inputs(model, run, step)
     weight = run.settings.guidance
-    embeddings = model.encode_prompt(run.settings.prompt, run.settings.negative_prompt, guided=True)
+    embeddings = model.encode(run.settings.prompt, run.settings.negative_prompt, guided=True).tensors["encoder_hidden_states"]
     if weight <= 1 and target == "sum":  # unguided: the conditional half alone, as the run made it
         embeddings = embeddings[1:]
     maps, raw = {}, {}
-    for name in cam_layers(unet):
+    for name in cam_layers(model):
         seen = {}
 
         def keep(module, args, output):
@@ -358,7 +358,7 @@ def test_one_pass_cam_equals_one_pass_per_layer(tiny_model, tiny_run, rectify, t
         per_layer, total = slow_cam(tiny_model, tiny_run, STEP, **options)
     finally:
         handle.remove()
-    names = cam_layers(unet)
+    names = cam_layers(tiny_model)
     assert len(names) == 17 and any(".attentions." in n for n in names) and any(".upsamplers." in n for n in names)
     assert fast_calls == fast.denoiser_calls == 1 and len(calls) - fast_calls == len(names)
     assert set(fast.per_layer) == set(per_layer)
@@ -400,7 +400,7 @@ def test_methods_work_without_guidance(tiny_model):
 
 def test_relevance_inside_capture_attention_restores_the_capture_processors(tiny_model, tiny_run):
     unet = tiny_model.pipe.unet
-    with capture_attention(unet):
+    with capture_attention(tiny_model):
         installed = unet.attn_processors
         inside = TokenRelevance().explain(tiny_model, tiny_run, STEP)
         assert unet.attn_processors == installed
@@ -408,7 +408,7 @@ def test_relevance_inside_capture_attention_restores_the_capture_processors(tiny
     assert inside.token_scores == outside.token_scores
 
 
-# --- token relevance: equals a direct double loop over layers and rows (SPEC §3) ---------------------
+# --- token relevance: equals a direct double loop over layers and rows (docs/methods.md, Token relevance) ---
 
 
 class ProbabilityProcessor:
@@ -468,7 +468,7 @@ def slow_relevance(model, run, step, rectify="abs"):
             encoded = text_encoder(torch.tensor([run.tokens.ids]), output_attentions=True)
             text_probs = list(encoded.attentions)  # each (1, heads, L, L)
             latents = inputs.latents.clone().requires_grad_(True)
-            text = torch.cat([inputs.embeddings[:1], encoded[0]])
+            text = torch.cat([inputs.conditioning.tensors["encoder_hidden_states"][:1], encoded[0]])
             out = unet(torch.cat([latents, latents]), inputs.timestep, encoder_hidden_states=text).sample
             gradients = torch.autograd.grad(out.sum(), [p for _, p in kept] + text_probs)
     finally:
@@ -612,7 +612,7 @@ def test_cam_on_an_unguided_run_explains_the_conditional_half(tiny_model):
     assert np.abs(found["guidance"] - found["sum"]).max() > 0.1
 
 
-def test_explicit_attention_hooks_do_not_change_the_model(tiny_model, tiny_run):
+def test_relevance_hooks_do_not_change_the_model(tiny_model, tiny_run):
     """Drift test: the explicit attention gives the stock outputs, and other threads' calls are left alone."""
     pipe, inputs = tiny_model.pipe, step_inputs(tiny_model, tiny_run, STEP)
     ids = torch.tensor([tiny_run.tokens.ids])
@@ -625,13 +625,13 @@ def test_explicit_attention_hooks_do_not_change_the_model(tiny_model, tiny_run):
         with torch.no_grad():
             elsewhere["prediction"] = guided_prediction(tiny_model, inputs, inputs.latents)
 
-    with explicit_attention(pipe.unet, pipe.text_encoder, state), torch.enable_grad():
+    with relevance_hooks(tiny_model, state), torch.enable_grad():
         ours_text = pipe.text_encoder(ids)[0]
         ours = guided_prediction(tiny_model, inputs, inputs.latents)
         thread = threading.Thread(target=other_thread)
         thread.start()
         thread.join()
-    assert len(state.text_layers) == 2 and len(state.unet_layers) == len(pipe.unet.attn_processors) == 14
+    assert len(state.text_layers) == 2 and len(state.denoiser_layers) == len(pipe.unet.attn_processors) == 14
     torch.testing.assert_close(ours_text, stock_text, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
     assert torch.equal(elsewhere["prediction"], stock)

@@ -87,13 +87,13 @@ def test_prompts_encoded_in_many_threads_equal_the_same_prompts_alone(tiny_model
     # A fast tokenizer's padding state is shared: without the model's tokenizer lock, about one
     # call in forty came back unpadded here (8 tokens instead of 77) under two threads.
     prompts = ["a cat", "a red dog on a circle", "a big blue square at the top and a tree"]
-    alone = {p: (tiny_model.encode_prompt(p, "", guided=True), tiny_model.tokenize(p)) for p in prompts}
+    alone = {p: (tiny_model.encode(p, "", guided=True).tensors["encoder_hidden_states"], tiny_model.tokenize(p)) for p in prompts}
     mismatches = []
 
     def encode_repeatedly(prompt):
         embeddings, tokens = alone[prompt]
         for _ in range(60):
-            if tiny_model.tokenize(prompt) != tokens or not torch.equal(tiny_model.encode_prompt(prompt, "", True), embeddings):
+            if tiny_model.tokenize(prompt) != tokens or not torch.equal(tiny_model.encode(prompt, "", True).tensors["encoder_hidden_states"], embeddings):
                 mismatches.append(prompt)
 
     threads = [threading.Thread(target=encode_repeatedly, args=(p,)) for p in prompts * 2]

@@ -121,9 +121,9 @@ def test_the_run_decodes_at_the_models_cadence_on_a_gpu_and_the_last_step_on_a_c
 def test_decoding_in_batches_equals_decoding_one_by_one():
     import app
 
-    pipe = app.load_model("tiny-random").pipe
+    model = app.load_model("tiny-random")
     latents = [torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(5)]
-    batched = images.decode_in_batches(pipe, latents, batch_size=2)
-    alone = [images.decode(pipe, latent)[0] for latent in latents]
+    batched = images.decode_in_batches(model, latents, batch_size=2)
+    alone = [images.decode(model, latent)[0] for latent in latents]
     for one, other in zip(batched, alone, strict=True):
         assert np.abs(np.asarray(one, np.int16) - np.asarray(other, np.int16)).max() <= 1

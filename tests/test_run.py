@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-from explainer.capture import cross_attention_layers
+from explainer.families import FAMILIES
 from explainer.run import InstrumentedRun, RunSettings
 from explainer.schedules import timesteps as schedule_timesteps
 
@@ -134,7 +134,7 @@ def test_processors_restored_when_a_run_stops_or_fails(tiny_model):
 
 def test_records_carry_views_and_layers_on_request(tiny_model):
     run = InstrumentedRun(tiny_model, settings(per_group=True, vae_decode_every=3)).run_all()
-    layers = cross_attention_layers(tiny_model.pipe.unet)
+    layers = FAMILIES["sd1"].cross_attention_sites(tiny_model.pipe.unet)
     assert sorted(k for keys in run.data.attention_groups.values() for k in keys) == sorted(layers)
     for record in run.records:
         assert record.preview_noisy.size == (8, 8) and record.preview_prediction.size == (8, 8)  # latent grid
@@ -186,7 +186,7 @@ def test_bad_settings_get_clear_messages(tiny_model, change, message):
 
 @pytest.mark.parametrize("alpha_bar", [0.9, 0.3, 2.0**-24])
 def test_every_prediction_type_gives_back_the_clean_latent_and_the_noise(alpha_bar):
-    from explainer.run import predicted_noise, predicted_original
+    from explainer.families.ddpm import predicted_noise, predicted_original
 
     generator = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 4, 8, 8, generator=generator)
@@ -201,7 +201,7 @@ def test_every_prediction_type_gives_back_the_clean_latent_and_the_noise(alpha_b
 
 
 def test_noise_level_is_finite_at_zero_terminal_snr():
-    from explainer.run import noise_level
+    from explainer.families.ddpm import noise_level
 
     assert noise_level(0.25) == pytest.approx(3**0.5)
     assert noise_level(0.0) == pytest.approx(4096, rel=1e-6)  # floored as diffusers' DPM-Solver++ does

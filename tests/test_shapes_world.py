@@ -269,7 +269,7 @@ def test_grounding_loss_is_the_share_of_each_nouns_attention_off_its_shape():
 
 
 def test_the_probability_tap_changes_nothing_in_the_forward_pass(tiny_model):
-    from explainer.capture import cross_attention_layers
+    from explainer.families import FAMILIES
     from explainer.shapes.train import tap_cross_attention
 
     unet = copy.deepcopy(tiny_model.pipe.unet).float()
@@ -281,7 +281,7 @@ def test_the_probability_tap_changes_nothing_in_the_forward_pass(tiny_model):
         found = tap_cross_attention(unet)
         tapped = unet(sample, 500, context).sample
     torch.testing.assert_close(tapped, plain, rtol=1e-4, atol=1e-5)
-    assert len(found) == len(cross_attention_layers(unet)) and all(probs.shape[-1] == 7 for probs, _ in found)
+    assert len(found) == len(FAMILIES["sd1"].cross_attention_sites(unet)) and all(probs.shape[-1] == 7 for probs, _ in found)
 
 
 @pytest.mark.skipif(not (MODEL_DIR / "model_index.json").exists(), reason="no embedded model")

@@ -1,6 +1,6 @@
 import pytest
 
-from explainer.tokens import pieces_to_text, tokenize
+from explainer.families.clip import pieces_to_text, tokenize
 
 
 def test_words_join_their_bpe_pieces(tiny_model):

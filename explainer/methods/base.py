@@ -24,7 +24,7 @@ from PIL import Image
 from ..config import LIMITS
 from ..models import LoadedModel
 from ..plots import normalise, overlay
-from ..run import RunData, check_int, check_number, make_scheduler, predicted_noise, predicted_original
+from ..run import RunData, check_int, check_number
 
 
 @dataclass
@@ -109,9 +109,9 @@ class Method:
             raise ValueError("run has no recorded steps yet: explain a step after the run has made it.")
         check_int("step", step, 1, len(run.records))
         latents = run.records[step - 1].latents
-        channels = model.pipe.unet.config.in_channels
+        channels = model.family.latent_channels(model.pipe)
         if latents.shape[1] != channels:
-            raise ValueError(f"run has {latents.shape[1]} latent channels but the model's UNet takes {channels}.")
+            raise ValueError(f"run has {latents.shape[1]} latent channels but the model's denoiser takes {channels}.")
         start = time.perf_counter()
         explanation = self._explain(model, run, step)
         explanation.seconds = time.perf_counter() - start
@@ -160,94 +160,6 @@ class GradientMethod(Method):
         check_choice("rectify", self.rectify, tuple(RECTIFIERS))
 
 
-@dataclass
-class StepInputs:
-    """What step k needs, rebuilt from a run: tensors on the model's device and dtype.
-
-    ``embeddings`` is (2, L, D) as [unconditional, conditional] when guided, else (1, L, D).
-    ``next_alpha_bar`` is 1.0 after the last step (the clean latent).
-    """
-
-    latents: torch.Tensor  # x_t, (1, C, h, w)
-    next_latents: torch.Tensor  # the real x_{t-1}, (1, C, h, w)
-    timestep: int
-    embeddings: torch.Tensor
-    guidance: float
-    alpha_bar: float
-    next_alpha_bar: float
-    prediction_type: str
-
-    @property
-    def guided(self) -> bool:
-        return self.guidance > 1.0  # as diffusers: no unconditional half at w <= 1
-
-    @property
-    def conditional_index(self) -> int:
-        return 1 if self.guided else 0
-
-
-def step_inputs(model: LoadedModel, run: RunData, step: int) -> StepInputs:
-    """Rebuild x_t, x_{t-1}, the text embeddings and the noise levels of ``step`` (1-based)."""
-    settings, record = run.settings, run.records[step - 1]
-    device, dtype = model.device, model.dtype
-    scheduler = make_scheduler(model.pipe, settings)
-    alphas = scheduler.alphas_cumprod
-    guided = settings.guidance > 1.0
-    with torch.no_grad():
-        embeddings = model.encode_prompt(settings.prompt, settings.negative_prompt, guided)
-    return StepInputs(
-        latents=record.latents.to(device, dtype).clone(),  # clone: records may hold inference tensors
-        next_latents=record.next_latents.to(device, dtype).clone(),
-        timestep=record.timestep,
-        embeddings=embeddings.clone(),
-        guidance=float(settings.guidance),
-        alpha_bar=float(alphas[record.timestep]),
-        next_alpha_bar=1.0 if record.next_timestep is None else float(alphas[record.next_timestep]),
-        prediction_type=scheduler.config.prediction_type,
-    )
-
-
-def unet_batch(inputs: StepInputs, latents: torch.Tensor, embeddings: torch.Tensor | None = None):
-    """UNet inputs for a batch of B latents: (2B, C, h, w) as [B unconditional, B conditional] when guided."""
-    embeddings = inputs.embeddings if embeddings is None else embeddings
-    batch = latents.shape[0]
-    # (halves, L, D) -> (halves * B, L, D), each half repeated B times
-    text = embeddings.repeat_interleave(batch, dim=0)
-    return (torch.cat([latents, latents]) if inputs.guided else latents), text
-
-
-def combine_guidance(output: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
-    """``u + w (c - u)`` over the two halves of a guided batch (dim 0); the output itself when not guided."""
-    if not inputs.guided:
-        return output
-    unconditional, conditional = output.chunk(2)
-    return unconditional + inputs.guidance * (conditional - unconditional)
-
-
-def guided_prediction(model: LoadedModel, inputs: StepInputs, latents: torch.Tensor, **unet_kwargs) -> torch.Tensor:
-    """The guided denoiser output for a batch of latents (B, C, h, w) at the step's timestep and text.
-
-    Both supported schedulers (DDIM, DPM-Solver++) scale the model input by 1, so none is applied.
-    """
-    latent_input, text = unet_batch(inputs, latents)
-    timestep = torch.tensor(inputs.timestep, device=latents.device)
-    output = model.pipe.unet(latent_input, timestep, encoder_hidden_states=text, return_dict=False, **unet_kwargs)[0]
-    return combine_guidance(output, inputs)
-
-
-def ddim_step(inputs: StepInputs, latents: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
-    """x_{t-1} from a prediction at x_t by the deterministic DDIM update from t_k to t_{k+1}.
-
-    Our choice for "the scheduler step from a prediction" (DF-RISE next-latent mode, DF-LIME,
-    insertion/deletion): first order; a multistep solver's history is not replayed, so for
-    DPM-Solver++ (order 2) it differs slightly from the run's own step after the first step.
-    """
-    x0 = predicted_original(latents.float(), prediction.float(), inputs.alpha_bar, inputs.prediction_type)
-    eps = predicted_noise(latents.float(), prediction.float(), inputs.alpha_bar, inputs.prediction_type)
-    next_latents = math.sqrt(inputs.next_alpha_bar) * x0 + math.sqrt(1 - inputs.next_alpha_bar) * eps
-    return next_latents.to(latents.dtype)
-
-
 def batches(total: int, size: int):
     """(start, stop) index pairs covering ``range(total)`` in chunks of ``size``."""
     return [(start, min(start + size, total)) for start in range(0, total, size)]
@@ -294,11 +206,5 @@ __all__ = [
     "Method",
     "PerturbationMethod",
     "RandomBaseline",
-    "StepInputs",
     "batches",
-    "combine_guidance",
-    "ddim_step",
-    "guided_prediction",
-    "step_inputs",
-    "unet_batch",
 ]

@@ -5,11 +5,10 @@ HiResCAM) or per channel (Grad-CAM, the paper's; see ``WEIGHTINGS``), and the la
 target's own units (default) or min-max normalised each (the paper's; see ``LAYER_SCALES``).
 
 The target is what the step's prediction is explained for: by default how much the prompt changes
-it, ½‖ε_c − ε_u‖²; the paper's sum of the UNet output is ``target="sum"`` (see ``TARGETS``).
-Every sub-module of the UNet (each resnet, attention block, down- and upsampler of every
-down/mid/up block, found by walking the model) keeps its activation in one forward pass; one
-``torch.autograd.grad`` call gives every gradient. The public code regenerated the image once per
-layer (43 runs for SD).
+it, ½‖ε_c − ε_u‖²; the paper's sum of the denoiser's output is ``target="sum"`` (see ``TARGETS``).
+Every layer the model's family names (``Family.explained_layers``; SD 1.x: each resnet, attention
+block, down- and upsampler of every down/mid/up block) keeps its activation in one forward pass;
+one ``torch.autograd.grad`` call gives every gradient.
 
 Example:
     >>> explanation = DFCam().explain(model, run, step=15)
@@ -18,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import re
 import threading
 from dataclasses import dataclass
 
@@ -27,16 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from ..plots import normalise
-from .base import RECTIFIERS, GradientMethod, StepInputs, check_choice, combine_guidance, step_inputs
-
-_PARTS = ("resnets", "attentions", "downsamplers", "upsamplers")
-_LAYER_PATH = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.(" + "|".join(_PARTS) + r")\.\d+$")
+from ..replay import StepInputs, combine_guidance, raw_prediction, step_inputs
+from .base import RECTIFIERS, GradientMethod, check_choice
 
 
-def cam_layers(unet) -> list[str]:
-    """Paths of the modules DF-CAM explains: every resnet, attention block, down- and upsampler
-    inside the UNet's down, mid and up blocks, in the model's registration order."""
-    return [name for name, _ in unet.named_modules() if _LAYER_PATH.match(name)]
+def cam_layers(model) -> list[str]:
+    """Paths of the modules DF-CAM explains, as the model's family names them, in forward order."""
+    return model.family.explained_layers(model.denoiser)
 
 
 def module_output(output) -> torch.Tensor:
@@ -56,7 +51,7 @@ def _guidance_energy(output: torch.Tensor) -> torch.Tensor:
     return 0.5 * (conditional - unconditional).pow(2).sum()
 
 
-# What DF-CAM explains, from the raw UNet output of one step. "sum" is the paper's: the sum
+# What DF-CAM explains, from the raw denoiser output of one step. "sum" is the paper's: the sum
 # of the output over both guidance halves, a target with no preferred sign (the model may draw a region
 # by pushing it up or down), so Grad-CAM's ReLU keeps whatever pushes it up, whatever is drawn there.
 # "guidance" is 1/2 ||eps_c - eps_u||^2, how much the prompt changes the prediction (the term classifier-
@@ -67,17 +62,10 @@ def _guidance_energy(output: torch.Tensor) -> torch.Tensor:
 TARGETS = {"guidance": _guidance_energy, "sum": _sum}
 
 
-def unet_forward(model, inputs: StepInputs, latents: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-    """The raw UNet output for latents (1, C, h, w) that carry gradients, one row per row of ``embeddings``."""
-    timestep = torch.tensor(inputs.timestep, device=latents.device)
-    batch = latents.expand(embeddings.shape[0], -1, -1, -1)
-    return model.pipe.unet(batch, timestep, encoder_hidden_states=embeddings, return_dict=False)[0]
-
-
 def run_halves(tensor: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
     """(halves, ...) -> (...) as the run combined its prediction: ``u + w (c - u)`` when guided, else the
     conditional half alone (the last row; an unguided run's only one unless the target added the other)."""
-    return combine_guidance(tensor.float(), inputs)[0] if inputs.guided else tensor[-1].float()
+    return combine_guidance(tensor.float(), inputs.guidance)[0] if inputs.guided else tensor[-1].float()
 
 
 # How a layer's gradient weighs its activation, from the layer's gradient G (C, h, w). "layercam" (Jiang
@@ -113,9 +101,9 @@ class DFCam(GradientMethod):
     """DF-CAM saliency of one step (docs/methods.md, DF-CAM), with every layer's own map.
 
     Args:
-        layers: module paths to use (default: all of ``cam_layers(unet)``); the summed map uses these.
+        layers: module paths to use (default: all of ``cam_layers(model)``); the summed map uses these.
         target: "guidance" (default), how much the prompt changes the prediction, 1/2 ||eps_c - eps_u||^2,
-            or "sum", the paper's sum of the UNet output (see ``TARGETS``). An unguided run (guidance
+            or "sum", the paper's sum of the denoiser output (see ``TARGETS``). An unguided run (guidance
             <= 1) gets its unconditional half computed for "guidance"; A and G are then the conditional
             half's, the run's own prediction.
         weighting: "layercam" (default: each pixel weighed by its gradient's positive part), "hirescam"
@@ -148,22 +136,22 @@ class DFCam(GradientMethod):
         check_choice("weighting", self.weighting, tuple(WEIGHTINGS))
         check_choice("layer_scale", self.layer_scale, LAYER_SCALES)
         if self.layers is not None and (isinstance(self.layers, str) or not all(isinstance(x, str) for x in self.layers)):
-            raise ValueError(f"layers must be a list of module paths (see cam_layers(unet)), got {self.layers!r}.")
+            raise ValueError(f"layers must be a list of module paths (see cam_layers(model)), got {self.layers!r}.")
 
     def _explain(self, model, run, step):
-        unet = model.pipe.unet
-        names = list(self.layers) if self.layers is not None else cam_layers(unet)
-        known = set(cam_layers(unet))
-        unknown = [name for name in names if name not in known]
+        denoiser = model.denoiser
+        known = cam_layers(model)
+        names = list(self.layers) if self.layers is not None else known
+        unknown = [name for name in names if name not in set(known)]
         if unknown or not names:
-            raise ValueError(f"layers must be paths from cam_layers(unet); unknown or empty: {unknown or names}.")
+            raise ValueError(f"layers must be paths from cam_layers(model); unknown or empty: {unknown or names}.")
         inputs = step_inputs(model, run, step)
-        embeddings = inputs.embeddings
+        conditioning = inputs.conditioning
         if self.target == "guidance" and not inputs.guided:  # the target needs the unconditional half too
-            embeddings = model.encode_prompt(run.settings.prompt, run.settings.negative_prompt, guided=True)
+            conditioning = model.encode(run.settings.prompt, run.settings.negative_prompt, guided=True)
         size = tuple(inputs.latents.shape[-2:])
         activations: dict[str, torch.Tensor] = {}
-        thread = threading.get_ident()  # other threads' runs on the same UNet pass by untouched
+        thread = threading.get_ident()  # other threads' runs on the same denoiser pass by untouched
 
         def keep(name):
             def hook(module, args, output):
@@ -172,11 +160,11 @@ class DFCam(GradientMethod):
 
             return hook
 
-        handles = [unet.get_submodule(name).register_forward_hook(keep(name)) for name in names]
+        handles = [denoiser.get_submodule(name).register_forward_hook(keep(name)) for name in names]
         try:
             with torch.enable_grad():
                 latents = inputs.latents.detach().requires_grad_(True)  # a leaf, so gradients exist even for frozen weights
-                target = TARGETS[self.target](unet_forward(model, inputs, latents, embeddings))
+                target = TARGETS[self.target](raw_prediction(model, inputs, latents, conditioning))
                 gradients = torch.autograd.grad(target, [activations[name] for name in names])
         finally:
             for handle in handles:

@@ -1,10 +1,26 @@
 """DF-LIME: the paper's LIME baseline on one denoising step (SPEC §6).
 
-Superpixels come from scikit-image's quickshift on the decoded x_{t-1} shrunk to the latent grid;
+Superpixels come from the decoded x_{t-1} shrunk to the latent grid: scikit-image's quickshift with
+the paper's parameters where it finds segments there, SLIC where it does not (``segmentation``);
 random on/off vectors switch segments of x_t off (set to 0); each perturbed latent goes through
-the guided denoiser and the DDIM step, and the channel mean of that predicted x_{t-1} is the
-model's output. A weighted ridge regression (scikit-learn) of the outputs on the on/off vectors
-gives each segment a weight, and the map paints each segment with its weight.
+the guided denoiser, and a number per perturbation is the model's output (``output``): by default
+how close the DDIM step from the real x_t with the perturbed latent's prediction comes to the real
+x_{t-1}, in the paper the channel mean of the x_{t-1} stepped from the perturbed latent. A weighted
+ridge regression (scikit-learn) of the outputs on the on/off vectors gives each segment a weight,
+and the map paints each segment with its weight.
+
+Why a second segmenter: quickshift links each pixel to a denser one within about three kernel
+widths, so with the paper's kernel of 4 a grid of 16x16 or less (the embedded model's, the tiny
+test model's 8x8) is one window and one segment; a LIME of one segment has nothing to weigh, and
+its map would be flat. SLIC places ``n_segments`` seeds on a grid and grows them by colour and
+distance, so it gives segments on any grid.
+
+Why another output: the step from the perturbed latent carries the perturbation itself, since the
+DDIM update keeps a multiple of its input x_t; a segment switched off changes that x_{t-1} whatever
+the denoiser does, so the paper's weights mostly measure x_t's own values there, which a
+re-initialised denoiser leaves as they are (the model randomisation check of
+scripts/meaning_checks.py). Stepping from the real x_t, as DF-RISE's next-latent mode does, leaves
+only the prediction to differ.
 
 Example:
     >>> explanation = DFLime(n_samples=1000).explain(model, run, step=15)
@@ -16,28 +32,80 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from skimage.segmentation import quickshift
+from skimage.segmentation import quickshift, slic
 from skimage.transform import resize
 from sklearn.linear_model import Ridge
 from sklearn.metrics import pairwise_distances
 
 from ..images import decode
-from .base import PerturbationMethod, batches, check_int, check_number, ddim_step, guided_prediction, step_inputs
+from ..replay import guided_prediction, step_from, step_inputs
+from .base import PerturbationMethod, batches, check_choice, check_int, check_number
+
+# "quickshift": the paper's (SPEC §6); "slic": SLIC superpixels; "auto": quickshift where it finds at
+# least MIN_SEGMENTS segments, else SLIC.
+SEGMENTATIONS = ("auto", "quickshift", "slic")
+MIN_SEGMENTS = 2  # fewer leave LIME nothing to weigh: refused rather than painted as a flat map
+# "step-error": minus the mean squared difference between the real x_{t-1} and the DDIM step from the
+# real x_t with the perturbed latent's prediction (one number per perturbation); "paper": the channel
+# mean of the x_{t-1} stepped from the perturbed latent (h * w numbers), weights averaged over them.
+OUTPUTS = ("step-error", "paper")
+
+
+def latent_picture(model, next_latents: torch.Tensor) -> np.ndarray:
+    """The decoded x_{t-1} resized (anti-aliased) to the latent grid: float64 (h, w, 3) in [0, 1]."""
+    picture = decode(model, next_latents, output_type="np")[0]  # (H, W, 3) in [0, 1]
+    return resize(picture, tuple(next_latents.shape[-2:]), anti_aliasing=True).astype(np.float64)
+
+
+def relabel(segments: np.ndarray) -> np.ndarray:
+    """Labels 0..S-1 in order of their first appearance's value, same shape."""
+    _, labels = np.unique(segments, return_inverse=True)
+    return labels.reshape(segments.shape)
 
 
 def superpixels(
-    model, next_latents: torch.Tensor, kernel_size: float = 4, max_dist: float = 200, ratio: float = 0.2, seed: int = 0
-) -> np.ndarray:
-    """Quickshift segments (h, w) of the decoded x_{t-1} resized to the latent grid; labels 0..S-1.
+    model,
+    next_latents: torch.Tensor,
+    segmentation: str = "auto",
+    *,
+    kernel_size: float = 4,
+    max_dist: float = 200,
+    ratio: float = 0.2,
+    n_segments: int = 50,
+    compactness: float = 10.0,
+    seed: int = 0,
+) -> tuple[np.ndarray, str]:
+    """Segments (h, w), labels 0..S-1, of the decoded x_{t-1} on the latent grid, and the segmenter used.
 
-    With the paper's parameters a small latent grid gives few segments (one on an 8x8 grid).
+    ``segmentation`` as ``DFLime``'s: "quickshift" (``kernel_size``, ``max_dist``, ``ratio``, ``seed``),
+    "slic" (``n_segments``, ``compactness``), or "auto": quickshift when it finds at least
+    ``MIN_SEGMENTS`` segments, else SLIC.
+
+    Raises:
+        ValueError: the chosen segmenter found fewer than ``MIN_SEGMENTS`` segments.
     """
-    size = tuple(next_latents.shape[-2:])
-    picture = decode(model.pipe, next_latents, output_type="np")[0]  # (H, W, 3) in [0, 1]
-    small = resize(picture, size, anti_aliasing=True).astype(np.float64)  # (h, w, 3)
-    segments = quickshift(small, kernel_size=kernel_size, max_dist=max_dist, ratio=ratio, rng=seed)
-    _, labels = np.unique(segments, return_inverse=True)
-    return labels.reshape(size)
+    check_choice("segmentation", segmentation, SEGMENTATIONS)
+    picture = latent_picture(model, next_latents)
+    grid = "x".join(map(str, picture.shape[:2]))
+    if segmentation in ("auto", "quickshift"):
+        segments = relabel(quickshift(picture, kernel_size=kernel_size, max_dist=max_dist, ratio=ratio, rng=seed))
+        count = int(segments.max()) + 1
+        if count >= MIN_SEGMENTS:
+            return segments, "quickshift"
+        if segmentation == "quickshift":
+            raise ValueError(
+                f"segmentation='quickshift' must give at least {MIN_SEGMENTS} segments, got {count} on the {grid} "
+                f"latent grid (kernel_size={kernel_size}, max_dist={max_dist}, ratio={ratio}): use "
+                f"segmentation='auto' or 'slic', or a smaller kernel_size."
+            )
+    segments = relabel(slic(picture, n_segments=n_segments, compactness=compactness, start_label=0, channel_axis=-1))
+    count = int(segments.max()) + 1
+    if count < MIN_SEGMENTS:
+        raise ValueError(
+            f"segmentation={segmentation!r} must give at least {MIN_SEGMENTS} segments, got {count} from SLIC on the "
+            f"{grid} latent grid (n_segments={n_segments}, compactness={compactness}): raise n_segments."
+        )
+    return segments, "slic"
 
 
 @dataclass(kw_only=True)
@@ -49,21 +117,40 @@ class DFLime(PerturbationMethod):
         kernel_width: w of the proximity kernel ``exp(-d^2 / w^2)`` on the cosine distance d
             between an on/off vector and the all-on vector (paper: 0.25).
         ridge_alpha: regularisation of the ridge regression (LIME's default, 1.0).
+        output: the model's output for a perturbation (``OUTPUTS``). "step-error" (default; our
+            choice): minus the mean squared difference between the real x_{t-1} and the DDIM step
+            taken from the real x_t with the perturbed latent's prediction, so that only the
+            prediction differs (as DF-RISE's next-latent mode); a segment's weight is how much
+            keeping it brings the step back. "paper": the channel mean of the x_{t-1} stepped from
+            the perturbed latent at each latent pixel, the ridge weights for these h*w outputs
+            averaged over them (our reading, equal to the weight for their mean); that x_{t-1}
+            keeps a multiple of the perturbed x_t, so its weights follow x_t's own values.
+        segmentation: the superpixels, all on the decoded x_{t-1} resized to the latent grid:
+            "quickshift" is the paper's; "slic" is SLIC; "auto" (default) is quickshift where it
+            finds at least 2 segments, else SLIC (``superpixels``). A segmentation of fewer than
+            2 segments raises ValueError rather than giving a flat map.
         kernel_size, max_dist, ratio: quickshift's parameters (paper: 4, 200, 0.2).
+        n_segments, compactness: SLIC's (our choice: about 50 seeds, colour against distance 10,
+            scikit-image's default for Lab colours).
         seed: seed of the on/off vectors and of quickshift.
         batch_size: perturbed latents per denoiser forward pass.
     Returns (from ``explain``):
-        ``Explanation`` with ``saliency`` (H_lat, W_lat): each segment painted with its weight
-        (the ridge weights for the h*w outputs, averaged over the outputs: our choice, equal to
-        the weight for the mean output), min-max.
+        ``Explanation`` with ``saliency`` (H_lat, W_lat): each segment painted with its weight,
+        min-max; ``denoiser_calls`` = ceil(n_samples / batch_size).
+    Raises (from ``explain``):
+        ValueError: the segmentation has fewer than 2 segments (``superpixels``).
     """
 
     n_samples: int = 1000
     kernel_width: float = 0.25
     ridge_alpha: float = 1.0
+    output: str = "step-error"
     kernel_size: float = 4
     max_dist: float = 200
     ratio: float = 0.2
+    segmentation: str = "auto"
+    n_segments: int = 50
+    compactness: float = 10.0
     seed: int = 0
     name = "df-lime"
 
@@ -72,9 +159,13 @@ class DFLime(PerturbationMethod):
         check_int("n_samples", self.n_samples, 2, 100_000)
         check_number("kernel_width", self.kernel_width, 0.0, 100.0, open_low=True)
         check_number("ridge_alpha", self.ridge_alpha, 0.0, 1e6)
+        check_choice("output", self.output, OUTPUTS)
         check_number("kernel_size", self.kernel_size, 0.0, 100.0, open_low=True)
         check_number("max_dist", self.max_dist, 0.0, 1e6, open_low=True)
         check_number("ratio", self.ratio, 0.0, 1.0)
+        check_choice("segmentation", self.segmentation, SEGMENTATIONS)
+        check_int("n_segments", self.n_segments, MIN_SEGMENTS, 100_000)
+        check_number("compactness", self.compactness, 0.0, 1e6, open_low=True)
         check_int("seed", self.seed, 0, 2**32 - 1)
 
     def perturbations(self, segment_count: int) -> np.ndarray:
@@ -84,7 +175,8 @@ class DFLime(PerturbationMethod):
         return vectors
 
     def outputs(self, model, inputs, segments: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-        """(n_samples, h * w): channel mean of the predicted x_{t-1} for every perturbation."""
+        """The model's output for every perturbation, by ``output``: (n_samples, 1) for "step-error",
+        (n_samples, h * w) for "paper"."""
         segment_map = torch.from_numpy(segments).to(inputs.latents.device)
         results = []
         for start, stop in batches(len(vectors), self.batch_size):
@@ -93,17 +185,25 @@ class DFLime(PerturbationMethod):
             perturbed = masks * inputs.latents
             with torch.no_grad():
                 prediction = guided_prediction(model, inputs, perturbed)
-                predicted_next = ddim_step(inputs, perturbed, prediction)  # the step from the perturbed latent
-            results.append(predicted_next.float().mean(1).flatten(1).cpu().numpy())
+                if self.output == "paper":  # the step from the perturbed latent
+                    predicted_next = step_from(model, inputs, perturbed, prediction).float()
+                    results.append(predicted_next.mean(1).flatten(1).cpu().numpy())
+                    continue
+                predicted_next = step_from(model, inputs, inputs.latents.expand_as(perturbed), prediction).float()
+                error = (predicted_next - inputs.next_latents.float()).pow(2).flatten(1).mean(1)
+            results.append(-error[:, None].cpu().numpy())
         return np.concatenate(results)
 
     def _explain(self, model, run, step):
         inputs = step_inputs(model, run, step)
-        segments = superpixels(model, inputs.next_latents, self.kernel_size, self.max_dist, self.ratio, self.seed)
+        segments, _ = superpixels(
+            model, inputs.next_latents, self.segmentation, kernel_size=self.kernel_size, max_dist=self.max_dist,
+            ratio=self.ratio, n_segments=self.n_segments, compactness=self.compactness, seed=self.seed,
+        )
         vectors = self.perturbations(int(segments.max()) + 1)
         outputs = self.outputs(model, inputs, segments, vectors)
         distances = pairwise_distances(vectors, vectors[:1], metric="cosine").ravel()
         proximity = np.exp(-(distances**2) / self.kernel_width**2)
         regression = Ridge(alpha=self.ridge_alpha, fit_intercept=True).fit(vectors, outputs, sample_weight=proximity)
-        weights = regression.coef_.mean(0)  # (h * w, S) -> (S,)
+        weights = regression.coef_.reshape(outputs.shape[1], -1).mean(0)  # (outputs, S) -> (S,)
         return self._result(run, step, weights[segments], denoiser_calls=len(batches(len(vectors), self.batch_size)))

@@ -1,14 +1,14 @@
 """Token relevance: which prompt word the denoiser draws at step k (docs/methods.md, Token relevance; Chefer et al., ICCV 2021).
 
 One forward and one backward pass per step. The attention probabilities of every self- and
-cross-attention layer of the UNet, and of every text-encoder layer, are computed explicitly
+cross-attention layer of the denoiser, and of every text-encoder layer, are computed explicitly
 with gradients; as each one's gradient G arrives in the backward pass, a tensor hook keeps only
 ``Abar = mean over heads of rectify(G * A)`` of the conditional prompt (|G * A| by default, the
 paper's ``clamp(G * A, min=0)`` with ``rectify="relu"``) and lets autograd free the rest. The
 bi-modal rules then run in forward order on the finest latent grid.
 
 The explicit attention comes from forward hooks that act only on calls from the explaining
-thread, not from swapped processors: swapping the UNet's processor dict while another thread's
+thread, not from swapped processors: swapping the denoiser's processor dict while another thread's
 run holds ``capture_attention`` races with that run's restore (tried: the run failed and our
 processors were left installed). The price is that each attention is computed twice.
 
@@ -33,11 +33,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..capture import explicit_attention as classic_attention, layer_grid
+from ..capture import classic_attention
 from ..plots import normalise
+from ..replay import raw_prediction, step_inputs
 from ..run import RunData
 from ..views import token_scores as _cheap_scores
-from .base import RECTIFIERS, GradientMethod, step_inputs, unet_batch
+from .base import RECTIFIERS, GradientMethod
+
 
 class RelevanceState:
     """One explain call's Abar matrices, in forward order; nothing is shared between calls."""
@@ -46,7 +48,7 @@ class RelevanceState:
         self.conditional_index = conditional_index
         self.batch_size = batch_size
         self.rectify = RECTIFIERS[rectify]
-        self.unet_layers: list[dict] = []  # {"kind": "self" | "cross", "tokens": N_l, "abar": (N_l, K)}
+        self.denoiser_layers: list[dict] = []  # {"kind": "self" | "cross", "tokens": N_l, "abar": (N_l, K)}
         self.text_layers: list[dict] = []  # {"abar": (L, L)}
         self.text_leaf: torch.Tensor | None = None
 
@@ -60,9 +62,9 @@ class RelevanceState:
 
         probs.register_hook(on_gradient)
 
-    def add_unet(self, probs: torch.Tensor, heads: int, cross: bool) -> None:
+    def add_denoiser(self, probs: torch.Tensor, heads: int, cross: bool) -> None:
         entry = {"kind": "cross" if cross else "self", "tokens": probs.shape[1], "abar": None}
-        self.unet_layers.append(entry)
+        self.denoiser_layers.append(entry)
         _, rows, keys = probs.shape  # (batch * heads, N, N or L)
         self._keep(entry, probs, (self.batch_size, heads, rows, keys), self.conditional_index)
 
@@ -74,48 +76,24 @@ class RelevanceState:
     def attend(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
         """Explicit-softmax attention (self or cross) that keeps its probabilities for the backward pass.
 
-        The maths of diffusers' classic ``AttnProcessor``, applied to one of the UNet's ``Attention``
+        The maths of diffusers' classic ``AttnProcessor``, applied to one of the denoiser's ``Attention``
         modules (``attn``) with the inputs it was called with.
         """
         cross = encoder_hidden_states is not None
         return classic_attention(
             attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-            on_probs=lambda probs: self.add_unet(probs, attn.heads, cross),
+            on_probs=lambda probs: self.add_denoiser(probs, attn.heads, cross),
         )
 
 
-def unet_attention_modules(unet) -> list[torch.nn.Module]:
-    """The UNet's attention modules (self and cross) in forward order, found from its processors."""
-    return [unet.get_submodule(key.removesuffix(".processor")) for key in unet.attn_processors]
-
-
-def text_attention_modules(text_encoder) -> list[torch.nn.Module]:
-    """The text encoder's self-attention modules in forward order (found by their projections)."""
-    return [m for _, m in text_encoder.named_modules() if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "out_proj"))]
-
-
-def _explicit_text_attention(module, hidden_states, attention_mask, state: RelevanceState, first: bool):
-    """CLIP attention with explicit (causal) softmax; its probabilities go to ``state``."""
+def _text_attention(model, module, hidden_states, attention_mask, state: RelevanceState, first: bool):
+    """The family's text attention redone explicitly; its probabilities go to ``state``."""
     if first:  # a leaf, so the graph reaches every attention map even when the weights are frozen
         hidden_states = hidden_states.detach().requires_grad_(True)
         state.text_leaf = hidden_states
-    batch, length, _ = hidden_states.shape
-    heads, dim = module.num_heads, module.head_dim
-
-    def split(x):  # (batch, L, heads * dim) -> (batch, heads, L, dim)
-        return x.view(batch, length, heads, dim).transpose(1, 2)
-
-    query, key, value = (split(projection(hidden_states)) for projection in (module.q_proj, module.k_proj, module.v_proj))
-    scores = torch.matmul(query, key.transpose(-1, -2)) * module.scale  # (batch, heads, L, L)
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    else:  # CLIP's text attention is causal
-        future = torch.ones(length, length, dtype=torch.bool, device=scores.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
-    probs = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    output, probs = model.family.text_attention(module, hidden_states, attention_mask)
     state.add_text(probs)
-    output = torch.matmul(probs, value).transpose(1, 2).reshape(batch, length, heads * dim)
-    return module.out_proj(output), probs
+    return output, probs
 
 
 def _argument(args, kwargs, index: int, name: str):
@@ -123,18 +101,18 @@ def _argument(args, kwargs, index: int, name: str):
 
 
 @contextmanager
-def explicit_attention(unet, text_encoder, state: RelevanceState):
-    """Forward hooks that redo every UNet and text-encoder attention explicitly, for this thread only.
+def relevance_hooks(model, state: RelevanceState):
+    """Forward hooks that redo every denoiser and text-encoder attention explicitly, for this thread only.
 
     Inside the block, an attention module called from the thread that entered it returns the
-    output of ``state.attend`` (UNet) or an explicit CLIP attention (text encoder), computed
+    output of ``state.attend`` (denoiser) or the family's explicit text attention, computed
     again from the same inputs after the installed processor ran, so gradients reach the
     probabilities. Calls from other threads (other users' runs on the same pipeline) are left
     alone, and no processor is swapped. The hooks are removed on exit, whatever happened.
     """
     thread = threading.get_ident()
 
-    def unet_hook(module, args, kwargs, output):
+    def denoiser_hook(module, args, kwargs, output):
         if threading.get_ident() != thread:
             return None
         hidden_states = _argument(args, kwargs, 0, "hidden_states")
@@ -147,13 +125,14 @@ def explicit_attention(unet, text_encoder, state: RelevanceState):
             if threading.get_ident() != thread:
                 return None
             hidden_states = _argument(args, kwargs, 0, "hidden_states")
-            return _explicit_text_attention(module, hidden_states, kwargs.get("attention_mask"), state, first)
+            return _text_attention(model, module, hidden_states, kwargs.get("attention_mask"), state, first)
 
         return hook
 
-    handles = [m.register_forward_hook(unet_hook, with_kwargs=True) for m in unet_attention_modules(unet)]
+    family = model.family
+    handles = [m.register_forward_hook(denoiser_hook, with_kwargs=True) for m in family.attention_modules(model.denoiser)]
     handles += [
-        m.register_forward_hook(text_hook(i == 0), with_kwargs=True) for i, m in enumerate(text_attention_modules(text_encoder))
+        m.register_forward_hook(text_hook(i == 0), with_kwargs=True) for i, m in enumerate(family.text_attention_modules(model.pipe))
     ]
     try:
         yield
@@ -191,7 +170,7 @@ def without_identity_normalised(relevance: torch.Tensor) -> torch.Tensor:
     return torch.where(sums != 0, rest / torch.where(sums != 0, sums, 1), 0) + eye
 
 
-def relevance_matrices(state: RelevanceState, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def relevance_matrices(state: RelevanceState, size: tuple[int, int], family) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply the bi-modal rules in forward order; returns R_iq (N, L) and R_qq (L, L)."""
     length = state.text_layers[0]["abar"].shape[0]
     device = state.text_layers[0]["abar"].device
@@ -202,8 +181,8 @@ def relevance_matrices(state: RelevanceState, size: tuple[int, int]) -> tuple[to
     tokens = size[0] * size[1]
     r_ii = torch.eye(tokens, device=device)
     r_iq = torch.zeros(tokens, length, device=device)
-    for layer in state.unet_layers:
-        grid = layer_grid(layer["tokens"], size)
+    for layer in state.denoiser_layers:
+        grid = family.layer_grid(layer["tokens"], size)
         if layer["kind"] == "self":
             abar = resize_self(layer["abar"], grid, size)
             r_iq = r_iq + abar @ r_iq
@@ -264,20 +243,17 @@ class TokenRelevance(GradientMethod):
 
     def relevance(self, model, run: RunData, step: int) -> torch.Tensor:
         """R_iq (N image tokens, L text positions) of ``step``, float32 on the model's device."""
-        pipe = model.pipe
         inputs = step_inputs(model, run, step)
-        state = RelevanceState(inputs.conditional_index, batch_size=2 if inputs.guided else 1, rectify=self.rectify)
+        state = RelevanceState(inputs.conditional_index, batch_size=inputs.conditioning.halves, rectify=self.rectify)
         ids = torch.tensor([run.tokens.ids], device=model.device)
-        with explicit_attention(pipe.unet, pipe.text_encoder, state), torch.enable_grad():
-            conditional = pipe.text_encoder(ids)[0].to(model.dtype)  # (1, L, D)
-            embeddings = torch.cat([inputs.embeddings[:1], conditional]) if inputs.guided else conditional
+        with relevance_hooks(model, state), torch.enable_grad():
+            name, conditional = model.family.encode_ids(model.pipe, ids)  # (1, L, D), through the hooked text attention
+            conditioning = inputs.conditioning.with_conditional(name, conditional.to(model.dtype))
             latents = inputs.latents.detach().requires_grad_(True)
-            latent_input, text = unet_batch(inputs, latents, embeddings)
-            timestep = torch.tensor(inputs.timestep, device=model.device)
-            output = pipe.unet(latent_input, timestep, encoder_hidden_states=text, return_dict=False)[0]
+            output = raw_prediction(model, inputs, latents, conditioning)
             torch.autograd.grad(output.sum(), [latents, state.text_leaf])  # the hooks keep each layer's Abar
         with torch.no_grad():
-            r_iq, _ = relevance_matrices(state, tuple(inputs.latents.shape[-2:]))
+            r_iq, _ = relevance_matrices(state, tuple(inputs.latents.shape[-2:]), model.family)
         return r_iq
 
 

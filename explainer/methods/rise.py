@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import config
-from ..run import predicted_noise
-from .base import PerturbationMethod, batches, check_choice, check_int, check_number, ddim_step, guided_prediction, step_inputs
+from ..replay import guided_prediction, noise_from, step_from, step_inputs
+from .base import PerturbationMethod, batches, check_choice, check_int, check_number
 
 MODES = ("next-latent", "paper")
 MASK_KINDS = ("pixel", "grid")
@@ -196,9 +196,9 @@ class DFRise(PerturbationMethod):
         with torch.no_grad():
             prediction = guided_prediction(model, inputs, masked)
             if self.mode == "paper":  # the noise prediction (a v- or x0-model's output converted to it)
-                compared = predicted_noise(masked.float(), prediction.float(), inputs.alpha_bar, inputs.prediction_type)
+                compared = noise_from(model, inputs, masked, prediction)
             else:
-                compared = ddim_step(inputs, inputs.latents.expand_as(masked), prediction)
+                compared = step_from(model, inputs, inputs.latents.expand_as(masked), prediction)
             return SIMILARITIES[self.similarity](inputs.next_latents, compared)
 
     def combine(self, kept_sum: torch.Tensor, all_sum: torch.Tensor, kept_weight: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from explainer.shapes.world import TOLERATED_PUNCTUATION, VOCABULARY
-from explainer.tokens import bytes_to_unicode
+from explainer.families.clip import bytes_to_unicode
 
 MODEL_MAX_LENGTH = 24  # longest caption is 16 tokens (15 words + '.'), plus start/end
 START_TOKEN = "<|startoftext|>"

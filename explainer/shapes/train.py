@@ -21,10 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from explainer.capture import cross_attention_layers, explicit_attention, layer_grid
+from explainer.capture import classic_attention
+from explainer.families import FAMILIES
 from explainer.shapes.tokenizer import MODEL_MAX_LENGTH, write_tokenizer
 from explainer.shapes.world import SHAPES, generate_scene
 
+SD1 = FAMILIES["sd1"]  # the embedded model is built as Stable Diffusion 1.x is
 CHECKPOINT_SECONDS = 180
 CHECKPOINTS = {"base": "unet_ckpt.pt", "refine": "refine_ckpt.pt", "shape": "shape_ckpt.pt", "ground": "ground_ckpt.pt"}  # one per UNet phase
 PREVIOUS_PHASE = {"refine": "base", "shape": "refine", "ground": "shape"}
@@ -257,14 +259,14 @@ class ProbabilityTap:
         self.found = found
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
-        return explicit_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+        return classic_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
                                   on_probs=lambda probs: self.found.append((probs, attn.heads)))
 
 
 def tap_cross_attention(unet) -> list:
     """Install ``ProbabilityTap`` on every cross-attention layer; returns the list it fills."""
     found: list = []
-    cross = set(cross_attention_layers(unet))
+    cross = set(SD1.cross_attention_sites(unet))
     unet.set_attn_processor({name: ProbabilityTap(found) if name in cross else processor
                              for name, processor in unet.attn_processors.items()})
     return found
@@ -283,7 +285,7 @@ def grounding_loss(found: list, positions: torch.Tensor, cover: torch.Tensor) ->
     for probs, heads in found:
         _, tokens, text_length = probs.shape
         mean = probs.view(batch, heads, tokens, text_length).mean(1)  # (batch, N, L)
-        grid = layer_grid(tokens, tuple(cover.shape[-2:]))
+        grid = SD1.layer_grid(tokens, tuple(cover.shape[-2:]))
         cells = F.adaptive_avg_pool2d(cover, grid).flatten(2)  # (batch, slots, N)
         noun = torch.gather(mean, 2, positions.clamp(min=0).long()[:, None, :].expand(batch, tokens, slots)).transpose(1, 2)
         inside = (noun * cells).sum(-1) / noun.sum(-1).clamp(min=1e-8)

@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .tokens import bytes_to_unicode
+from .clip import bytes_to_unicode
 
 # A few whole-word merges so that some words are one token and others split into pieces.
 _WORD_MERGES = ("cat", "circle", "red", "dog")

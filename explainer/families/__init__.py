@@ -1,0 +1,20 @@
+"""Model families: one adapter each behind one interface (``Family``; see docs/architecture.md).
+
+    >>> family = FAMILIES["sd1"]
+    >>> conditioning = family.encode(pipe, "a red circle", "", guided=True)
+"""
+
+from .base import Conditioning, Family
+from .sd1 import StableDiffusion1
+
+FAMILIES: dict[str, Family] = {family.name: family for family in (StableDiffusion1(),)}
+
+
+def family(name: str) -> Family:
+    """The adapter of family ``name``; a ValueError naming the known ones otherwise."""
+    if name not in FAMILIES:
+        raise ValueError(f"Unknown model family {name!r}; known: {', '.join(FAMILIES)}.")
+    return FAMILIES[name]
+
+
+__all__ = ["FAMILIES", "Conditioning", "Family", "StableDiffusion1", "family"]

@@ -1,0 +1,151 @@
+"""The seam between the explainer and a model family: one adapter class per family.
+
+A family adapter answers every question the run, the methods and the views ask of a model: how to
+load it, encode a prompt, call the denoiser once, turn its output into a clean-latent estimate,
+take a step, decode latents, where its attention sites are and which layers DF-CAM explains. The
+rest of the library asks the adapter (``model.family``) and names no UNet block, text encoder or
+noise-schedule table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Conditioning:
+    """The text conditioning of one denoiser call, each tensor with the guidance halves first on
+    dim 0 in diffusers' order: [unconditional, conditional] when guided, else [conditional].
+
+    ``tensors`` are keyword arguments of the family's denoiser call, by name (SD 1.x:
+    ``encoder_hidden_states``, (halves, L, D)).
+    """
+
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def halves(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def repeated(self, batch: int) -> Conditioning:
+        """For a batch of ``batch`` latents: each half repeated ``batch`` times, halves still in order."""
+        return Conditioning({name: tensor.repeat_interleave(batch, dim=0) for name, tensor in self.tensors.items()})
+
+    def with_conditional(self, name: str, conditional: torch.Tensor) -> Conditioning:
+        """The same conditioning with tensor ``name``'s conditional half replaced (gradients flow to it)."""
+        tensor = self.tensors[name]
+        replaced = torch.cat([tensor[:1], conditional]) if self.halves == 2 else conditional
+        return Conditioning(self.tensors | {name: replaced})
+
+    def detached(self) -> Conditioning:
+        """A copy outside any inference-mode graph (records may hold inference tensors)."""
+        return Conditioning({name: tensor.clone() for name, tensor in self.tensors.items()})
+
+
+class Family:
+    """What every family adapter provides. Methods take the loaded pipeline (``pipe``), the
+    denoiser module or tensors on the model's device; shapes are noted where they matter."""
+
+    name: str = "family"
+
+    # --- loading and shapes
+    def load(self, source: str, device: torch.device, dtype: torch.dtype, local_files_only: bool):
+        """The family's diffusers pipeline from a folder or a Hub id (never remote code)."""
+        raise NotImplementedError
+
+    def denoiser(self, pipe) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def latent_channels(self, pipe) -> int:
+        raise NotImplementedError
+
+    def latent_size(self, pipe, width: int, height: int) -> tuple[int, int]:
+        """(H_lat, W_lat) of a ``width`` x ``height`` picture."""
+        raise NotImplementedError
+
+    def rebuilt(self, pipe, denoiser: torch.nn.Module):
+        """The same pipeline with another denoiser (the model randomisation test)."""
+        raise NotImplementedError
+
+    # --- text
+    def tokenize(self, pipe, prompt: str):
+        """The prompt's ``PromptTokens`` (words and the positions the attention maps index)."""
+        raise NotImplementedError
+
+    def vocabulary(self, pipe) -> set[str]:
+        """The whole words the tokenizer knows as one token (a closed-vocabulary model's check)."""
+        raise NotImplementedError
+
+    def encode(self, pipe, prompt: str, negative_prompt: str, guided: bool) -> Conditioning:
+        raise NotImplementedError
+
+    # --- denoising
+    def scheduler(self, pipe, settings):
+        """A fresh scheduler for one run, on the run's timesteps (schedulers keep per-run state)."""
+        raise NotImplementedError
+
+    def noise_levels(self, scheduler, timestep: int | None) -> tuple[float, float]:
+        """(alpha_bar, sigma) at ``timestep``; ``None``, after the last step, is the clean latent."""
+        raise NotImplementedError
+
+    def predict(self, pipe, latent_input: torch.Tensor, timestep, conditioning: Conditioning, **kwargs) -> torch.Tensor:
+        """The denoiser's raw output for a batch already expanded for guidance and scaled."""
+        raise NotImplementedError
+
+    def clean_estimate(self, scheduler, latents, output, timestep: int) -> torch.Tensor:
+        """x0_hat, the clean latent the model predicts from its (guided) ``output`` at ``latents``."""
+        raise NotImplementedError
+
+    def noise_estimate(self, scheduler, latents, output, timestep: int) -> torch.Tensor:
+        """eps_hat, the noise the model sees in ``latents``."""
+        raise NotImplementedError
+
+    def replay_step(self, scheduler, latents, output, timestep: int, next_timestep: int | None) -> torch.Tensor:
+        """x_{t-1} from an output at x_t by a first-order deterministic step (no solver history):
+        how the methods and metrics step from a prediction they made themselves."""
+        raise NotImplementedError
+
+    # --- pictures
+    def decode(self, pipe, latents: torch.Tensor, output_type: str = "pil"):
+        """Latents (B, C, h, w) in the denoiser's scale to pictures, as the pipeline decodes."""
+        raise NotImplementedError
+
+    def fit_preview(self, pipe):
+        """A (C [+1]) x 3 linear map from latent channels to RGB for the fast preview."""
+        raise NotImplementedError
+
+    # --- attention and layers
+    def cross_attention_sites(self, denoiser) -> list[str]:
+        """Processor keys of the attention layers whose keys are the text, in forward order."""
+        raise NotImplementedError
+
+    def attention_modules(self, denoiser) -> list[torch.nn.Module]:
+        """Every attention module of the denoiser (self and cross), in forward order."""
+        raise NotImplementedError
+
+    def layer_grid(self, tokens: int, latent_size: tuple[int, int]) -> tuple[int, int]:
+        """The (h, w) grid of a site with ``tokens`` image tokens."""
+        raise NotImplementedError
+
+    def layer_group(self, site: str, grid: tuple[int, int]) -> str:
+        """The group a site belongs to (its block kind and resolution), e.g. "up 16×16"."""
+        raise NotImplementedError
+
+    def explained_layers(self, denoiser) -> list[str]:
+        """Module paths whose outputs DF-CAM explains, in forward order."""
+        raise NotImplementedError
+
+    def text_attention_modules(self, pipe) -> list[torch.nn.Module]:
+        """The text encoder's self-attention modules, in forward order (token relevance)."""
+        raise NotImplementedError
+
+    def text_attention(self, module, hidden_states, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """One text attention redone explicitly: (its output, its probabilities (B, heads, L, L))."""
+        raise NotImplementedError
+
+    def encode_ids(self, pipe, ids: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """The conditional text tensor of token ``ids`` (1, L) with gradients: (its name in the
+        ``Conditioning``, the tensor)."""
+        raise NotImplementedError

@@ -1,0 +1,138 @@
+"""Stable Diffusion 1.x (and the embedded shapes model, built the same way): a UNet with
+cross-attention to one CLIP text encoder's last hidden state, a VAE with a scaling factor, and a
+DDPM noise schedule stepped by DDIM or DPM-Solver++."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+
+from . import clip, ddpm
+from .base import Conditioning, Family
+
+_TEXT = "encoder_hidden_states"
+_PROCESSOR_SUFFIX = ".processor"
+# DF-CAM's layers: each resnet, attention block and resampler of every down, mid and up block
+_CAM_PARTS = ("resnets", "attentions", "downsamplers", "upsamplers")
+_CAM_LAYER = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.(" + "|".join(_CAM_PARTS) + r")\.\d+$")
+
+
+class StableDiffusion1(Family):
+    name = "sd1"
+
+    def load(self, source, device, dtype, local_files_only):
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
+            local_files_only=local_files_only, use_safetensors=True,
+        )
+        return pipe.to(device)
+
+    def denoiser(self, pipe):
+        return pipe.unet
+
+    def latent_channels(self, pipe):
+        return pipe.unet.config.in_channels
+
+    def latent_size(self, pipe, width, height):
+        factor = pipe.vae_scale_factor
+        return height // factor, width // factor
+
+    def rebuilt(self, pipe, denoiser):
+        return type(pipe)(**{**pipe.components, "unet": denoiser})
+
+    def tokenize(self, pipe, prompt):
+        return clip.tokenize(pipe.tokenizer, prompt)
+
+    def vocabulary(self, pipe):
+        return clip.whole_words(pipe.tokenizer)
+
+    def encode(self, pipe, prompt, negative_prompt, guided):
+        positive, negative = pipe.encode_prompt(
+            prompt, pipe.unet.device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
+            negative_prompt=negative_prompt or None,
+        )
+        return Conditioning({_TEXT: torch.cat([negative, positive]) if guided else positive})
+
+    def scheduler(self, pipe, settings):
+        return ddpm.make_scheduler(pipe.scheduler.config, settings, pipe.unet.device)
+
+    def noise_levels(self, scheduler, timestep):
+        alpha_bar = ddpm.alpha_bar(scheduler, timestep)
+        return alpha_bar, ddpm.noise_level(alpha_bar)
+
+    def predict(self, pipe, latent_input, timestep, conditioning, **kwargs):
+        return pipe.unet(latent_input, timestep, **conditioning.tensors, return_dict=False, **kwargs)[0]
+
+    def clean_estimate(self, scheduler, latents, output, timestep):
+        alpha_bar = ddpm.alpha_bar(scheduler, timestep)
+        return ddpm.predicted_original(latents.float(), output.float(), alpha_bar, scheduler.config.prediction_type)
+
+    def noise_estimate(self, scheduler, latents, output, timestep):
+        alpha_bar = ddpm.alpha_bar(scheduler, timestep)
+        return ddpm.predicted_noise(latents.float(), output.float(), alpha_bar, scheduler.config.prediction_type)
+
+    def replay_step(self, scheduler, latents, output, timestep, next_timestep):
+        # first order: a multistep solver's history is not replayed, so for DPM-Solver++ (order 2)
+        # this differs slightly from the run's own step after the first step
+        alpha_bar, next_alpha_bar = ddpm.alpha_bar(scheduler, timestep), ddpm.alpha_bar(scheduler, next_timestep)
+        return ddpm.ddim_step(latents, output, alpha_bar, next_alpha_bar, scheduler.config.prediction_type).to(latents.dtype)
+
+    def decode(self, pipe, latents, output_type="pil"):
+        vae = pipe.vae
+        with torch.inference_mode():
+            pictures = vae.decode(latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor).sample
+        return pipe.image_processor.postprocess(pictures.float(), output_type=output_type, do_denormalize=[True] * len(pictures))
+
+    def fit_preview(self, pipe, samples: int = 8, grid: int = 8, seed: int = 0):
+        """Least squares from latent channels (plus a bias) to RGB, on random unit-variance latents
+        decoded at a small size, each decoded patch averaged down to its latent pixel."""
+        vae = pipe.vae
+        generator = torch.Generator().manual_seed(seed)
+        channels = vae.config.latent_channels
+        latents = torch.randn(samples, channels, grid, grid, generator=generator)
+        latents = latents.to(device=vae.device, dtype=vae.dtype)
+        with torch.inference_mode():
+            decoded = vae.decode(latents / vae.config.scaling_factor).sample.float().clamp(-1, 1)  # (S, 3, grid * f, grid * f)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(decoded, grid)  # (S, 3, grid, grid)
+        inputs = latents.float().permute(0, 2, 3, 1).reshape(-1, channels).cpu().numpy()
+        inputs = np.concatenate([inputs, np.ones((len(inputs), 1), np.float32)], axis=1)
+        targets = pooled.permute(0, 2, 3, 1).reshape(-1, 3).cpu().numpy()
+        factors, *_ = np.linalg.lstsq(inputs, targets, rcond=None)
+        return factors.astype(np.float32)
+
+    def cross_attention_sites(self, denoiser):
+        return [
+            key for key in denoiser.attn_processors
+            if getattr(denoiser.get_submodule(key.removesuffix(_PROCESSOR_SUFFIX)), "is_cross_attention", False)
+        ]
+
+    def attention_modules(self, denoiser):
+        return [denoiser.get_submodule(key.removesuffix(_PROCESSOR_SUFFIX)) for key in denoiser.attn_processors]
+
+    def layer_grid(self, tokens, latent_size):
+        """The latent grid halved k times (rounding up), as the UNet's down blocks do."""
+        height, width = latent_size
+        while height * width > tokens and (height > 1 or width > 1):
+            height, width = -(-height // 2), -(-width // 2)
+        if height * width != tokens:
+            raise ValueError(f"Cannot place {tokens} image tokens on a grid derived from latent size {latent_size}.")
+        return height, width
+
+    def layer_group(self, site, grid):
+        block = site.split(".", 1)[0].removesuffix("_blocks").removesuffix("_block")  # down, mid, up
+        return f"{block} {grid[0]}×{grid[1]}"
+
+    def explained_layers(self, denoiser):
+        return [name for name, _ in denoiser.named_modules() if _CAM_LAYER.match(name)]
+
+    def text_attention_modules(self, pipe):
+        return clip.text_attention_modules(pipe.text_encoder)
+
+    def text_attention(self, module, hidden_states, attention_mask):
+        return clip.text_attention(module, hidden_states, attention_mask)
+
+    def encode_ids(self, pipe, ids):
+        return _TEXT, pipe.text_encoder(ids)[0]
