@@ -32,9 +32,9 @@ class AttentionRecorder:
         latent_size: ``(H_lat, W_lat)``, the grid every layer's map is resized to.
         kept_positions: token positions kept one by one (start, prompt pieces, end token);
             the remaining positions (padding) are summed into one extra row.
-        conditional_index: which item of the UNet batch is the conditional prompt
+        conditional_index: which item of the denoiser batch is the conditional prompt
             (1 under classifier-free guidance, where diffusers puts the negative prompt first).
-        batch_size: the UNet batch size (2 under guidance).
+        batch_size: the denoiser batch size (2 under guidance).
         per_group: also keep each layer group's mean map (layers of one block kind and resolution,
             e.g. "up 16×16"; docs/methods.md, Cross-attention maps) at its own resolution, pooled to at most
             ``max_group_side``. Averaging layers before or after upsampling gives the same map

@@ -112,7 +112,7 @@ def check_number(name: str, value, low: float, high: float, open_low: bool = Fal
 class StepRecord:
     """What the model did at step ``index`` (1-based) of ``total``: from ``x_t`` to ``x_{t-1}``.
 
-    Latents are CPU float32 tensors (1, C, h, w) in the UNet's scale. ``attention`` is float16
+    Latents are CPU float32 tensors (1, C, h, w) in the denoiser's scale. ``attention`` is float16
     (P + 1, h, w): rows 0..P-1 are token positions 0 (start) to the end token, the last row is all
     padding positions summed; rows sum to 1 at every latent pixel. ``group_attention`` holds each
     layer group's mean map (same rows) at the group's own resolution, at most

@@ -36,7 +36,7 @@ class Explanation:
         step: the explained step (1-based) and ``timestep`` its t_k.
         saliency: float32 (H_lat, W_lat) map in [0, 1] (min-max; all zeros when flat).
         options: all of the method's options, defaults included.
-        seconds: wall time of ``explain``; ``denoiser_calls``: UNet forward passes it made
+        seconds: wall time of ``explain``; ``denoiser_calls``: denoiser forward passes it made
             (a pass may carry many inputs and both guidance halves).
         per_layer: DF-CAM's per-layer maps (H_lat, W_lat), keyed by module path.
         layer_shares: DF-CAM's share of each layer in the summed map (summing to 1), same keys.
@@ -68,14 +68,10 @@ class Explanation:
         return overlay(image, self.saliency, opacity)
 
 
-# How the gradient methods turn a signed gradient x activation into a map. The paper's target, the sum
-# of the denoiser's output, has no preferred sign: the model may draw a region by pushing the output up
-# or down, and which one depends on what is drawn. The paper's ReLU keeps one direction and drops the
-# other; "abs" keeps both, as vanilla gradient saliency |dy/dx| does (Simonyan et al., 2014). Each
-# method's default is the one that did best on both meaning checks of scripts/meaning_checks.py (the
-# map favours the drawn shape; it changes when the model's weights are randomised): "abs" for token
-# relevance, the paper's "relu" for DF-CAM, whose "abs" maps stay much the same on a randomised model
-# (DF-CAM instead explains a target with a sign of its own by default: cam.TARGETS).
+# How the gradient methods turn a signed gradient x activation into a map: "relu" keeps the part that
+# raises the explained quantity (the paper's), "abs" both directions, as vanilla gradient saliency
+# |dy/dx| does (Simonyan et al., 2014). Each method declares its default; why each: docs/evaluation.md,
+# "What the gradient methods explain".
 RECTIFIERS = {"abs": torch.abs, "relu": torch.relu}
 
 

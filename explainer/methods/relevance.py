@@ -8,15 +8,8 @@ paper's ``clamp(G * A, min=0)`` with ``rectify="relu"``) and lets autograd free 
 bi-modal rules then run in forward order on the finest latent grid.
 
 The explicit attention comes from forward hooks that act only on calls from the explaining
-thread, not from swapped processors: swapping the denoiser's processor dict while another thread's
-run holds ``capture_attention`` races with that run's restore (tried: the run failed and our
-processors were left installed). The price is that each attention is computed twice.
-
-Memory: besides what autograd itself keeps for one guided UNet pass (dominated by the
-self-attention probabilities, 2 x heads x N_l^2 per layer), the peak holds one Abar per layer at
-that layer's own size (cond half, heads averaged: N_l x N_l or N_l x L; about 0.35 GB in all for
-SD at 512x512, five 4096 x 4096 layers), one layer's G * A product while it is reduced, and the
-N x N relevance ``R_ii`` with one resized layer (64 MB each at N = 4096 in float32).
+thread, not from swapped processors (why, and what the method holds in memory: docs/design.md,
+"Token relevance: hooks, not processors").
 
 Example:
     >>> explanation = TokenRelevance(word="circle").explain(model, run, step=15)
@@ -201,10 +194,8 @@ class TokenRelevance(GradientMethod):
     Args:
         word: the word whose relevance map becomes ``saliency`` (default: all words summed).
         rectify: "abs" (default; our choice) or "relu" (the paper's clamp), applied to each G * A
-            before the heads are averaged. The paper's clamp drops the shapes the model draws by
-            pushing the output's sum down (on the shapes model: the relevance of the shape's word
-            favours its shape in 40 of 60 held-out cases, against 60 of 60 with "abs", and both
-            pass the randomisation test); see ``base.RECTIFIERS``.
+            before the heads are averaged; see ``base.RECTIFIERS`` (why "abs": docs/evaluation.md,
+            "What the gradient methods explain").
     Returns (from ``explain``):
         ``Explanation`` with ``token_scores`` {"i:word": score in [0, 1]} (column sums of R_iq,
         pieces of a word summed, min-max across words), ``token_maps`` {"i:word": (H_lat, W_lat)},
