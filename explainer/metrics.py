@@ -1,4 +1,5 @@
-"""How good is a map: insertion/deletion curves and their area, correlation, localisation (docs/methods.md).
+"""How good is a map: insertion/deletion curves and their area, correlation, localisation against a mask
+(pointing game, IoU; docs/methods.md).
 
 Example:
     >>> result = insertion_deletion(model, run, step=15, saliency=explanation.saliency)
@@ -11,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from scipy.stats import spearmanr
 from skimage.metrics import structural_similarity
 
@@ -57,6 +59,27 @@ def inside_outside_ratio(saliency: np.ndarray, mask: np.ndarray) -> float:
         raise ValueError("mask must have pixels both inside and outside the region.")
     outside = saliency[~mask].mean()
     return float(saliency[mask].mean() / outside) if outside > 0 else float("inf")
+
+
+def mask_on_grid(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A pixel mask on the latent grid: a latent pixel is in when at least half its patch is."""
+    small = Image.fromarray(mask.astype(np.float32)).resize((size[1], size[0]), Image.Resampling.BOX)
+    return np.asarray(small) >= 0.5
+
+
+def pointing_game(saliency: np.ndarray, mask: np.ndarray) -> float:
+    """1 when the map's maximum falls on the mask (dilated by one latent pixel, the usual tolerance)."""
+    from scipy.ndimage import binary_dilation
+
+    peak = np.unravel_index(np.argmax(saliency), saliency.shape)
+    return float(binary_dilation(mask)[peak])
+
+
+def iou(saliency: np.ndarray, mask: np.ndarray) -> float:
+    """IoU of the map thresholded at its mean with the mask."""
+    region = saliency > saliency.mean()
+    union = (region | mask).sum()
+    return float((region & mask).sum() / union) if union else 0.0
 
 
 def blur_latents(latents: torch.Tensor, kernel: int = BLUR_KERNEL, sigma: float = BLUR_SIGMA) -> torch.Tensor:

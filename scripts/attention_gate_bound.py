@@ -19,10 +19,11 @@ from PIL import Image
 from scipy.ndimage import binary_dilation
 
 from explainer import config, views
-from explainer.evaluate import iou, mask_on_grid, noun_map, shape_grid
+from explainer.metrics import iou, mask_on_grid
 from explainer.models import load_model
 from explainer.run import InstrumentedRun, RunSettings
 from explainer.shapes.quality import FIRST_SEED
+from explainer.shapes.truth import noun_map, shape_grid
 from explainer.shapes.world import evaluation_prompts, generate_scene
 
 EIGHT_NEIGHBOURS = np.ones((3, 3), bool)

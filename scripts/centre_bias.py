@@ -16,9 +16,10 @@ import json
 import numpy as np
 
 from explainer import metrics
-from explainer.evaluate import REFERENCE, Protocol, default_prompts, make_map, shape_grid
+from explainer.evaluate.protocol import REFERENCE, Protocol, default_prompts, make_map
 from explainer.models import load_model
 from explainer.run import InstrumentedRun, RunSettings
+from explainer.shapes.truth import shape_grid
 
 
 def gaussian(size: int, row: float, col: float, sigma: float = 0.25) -> np.ndarray:

@@ -17,10 +17,11 @@ import argparse
 import numpy as np
 
 from explainer import config, metrics
-from explainer.evaluate import default_prompts, shape_grid
+from explainer.evaluate.protocol import default_prompts
 from explainer.methods import DFRise
 from explainer.models import load_model
 from explainer.run import InstrumentedRun, RunSettings
+from explainer.shapes.truth import shape_grid
 
 FIXED_PROMPTS = ["a red circle on the left", "a big blue square at the top"]
 

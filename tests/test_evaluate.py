@@ -7,7 +7,10 @@ import sys
 import numpy as np
 import pytest
 
-from explainer import evaluate
+from explainer.evaluate.protocol import MAP_METHODS, REFERENCE, Protocol, make_map
+from explainer.evaluate.tables import mean_interval
+from explainer.metrics import iou, pointing_game
+from explainer.shapes.truth import shape_grid
 
 SMALL = ["--model", "tiny-random", "--num-prompts", "3", "--steps", "4", "--step", "3", "--masks", "8", "--lime-samples", "16", "--batch-size", "16"]
 
@@ -16,17 +19,17 @@ def test_pointing_game_and_iou_known_answers():
     mask = np.zeros((8, 8), bool)
     mask[2:4, 2:4] = True
     perfect = mask.astype(np.float32)
-    assert evaluate.pointing_game(perfect, mask) == 1.0 and evaluate.iou(perfect, mask) == 1.0
+    assert pointing_game(perfect, mask) == 1.0 and iou(perfect, mask) == 1.0
     inverted = 1 - perfect
-    assert evaluate.iou(inverted, mask) == 0.0
+    assert iou(inverted, mask) == 0.0
     far = np.zeros((8, 8), np.float32)
     far[7, 7] = 1
-    assert evaluate.pointing_game(far, mask) == 0.0
-    assert evaluate.iou(np.ones((8, 8), np.float32), mask) == 0.0  # a constant map selects nothing
+    assert pointing_game(far, mask) == 0.0
+    assert iou(np.ones((8, 8), np.float32), mask) == 0.0  # a constant map selects nothing
 
 
 def test_mean_interval():
-    result = evaluate.mean_interval([1.0, 2.0, 3.0, float("nan")])
+    result = mean_interval([1.0, 2.0, 3.0, float("nan")])
     assert result["mean"] == 2.0 and result["n"] == 3 and result["low"] < 2.0 < result["high"]
 
 
@@ -49,13 +52,13 @@ def test_one_command_writes_the_tables_and_two_processes_give_the_same(tmp_path)
     single = _run(SMALL, tmp_path / "one")
     assert {p.name for p in (tmp_path / "one").iterdir()} == {"results.json", "results.csv", "curves.png"}
     summary = single["summary"]
-    assert summary["prompts"] == 3 and set(summary["methods"]) == set(evaluate.MAP_METHODS)
+    assert summary["prompts"] == 3 and set(summary["methods"]) == set(MAP_METHODS)
     assert summary["reference"] is None  # the drawn-shape reference exists on the shapes world only
     for entry in summary["methods"].values():
         assert 0 <= entry["insertion_auc"]["mean"] <= 1 and len(entry["deletion_mean_curve"]) == 8 + 1
         assert 0 <= entry["other_distances"]["mse"]["deletion_auc"]["mean"] <= 1  # both distances from one pass
     csv_rows = (tmp_path / "one" / "results.csv").read_text().splitlines()
-    assert len(csv_rows) == 1 + 2 * len(evaluate.MAP_METHODS)
+    assert len(csv_rows) == 1 + 2 * len(MAP_METHODS)
     split = _run(SMALL, tmp_path / "two", processes=2)
     assert split == single  # prompts split across processes, gathered into the identical table
 
@@ -65,7 +68,7 @@ def test_shape_mask_reference_is_the_drawn_shape(embedded_model):
 
     settings = RunSettings(prompt="a big red circle in the center", seed=3, steps=8, width=64, height=64)
     run = InstrumentedRun(embedded_model, settings).run_all().data
-    shape = evaluate.shape_grid(run)
+    shape = shape_grid(run)
     assert 0 < shape.sum() < shape.size
-    reference = evaluate.make_map(evaluate.REFERENCE, evaluate.Protocol(model=embedded_model.id), embedded_model, run, 8)
+    reference = make_map(REFERENCE, Protocol(model=embedded_model.id), embedded_model, run, 8)
     assert np.array_equal(reference > 0.5, shape)  # the shape first, then the rest centre-first

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from explainer.evaluate import shape_grid
+from explainer.shapes.truth import shape_grid
 from explainer.methods import DFLime
 from explainer.methods.lime import superpixels
 from explainer.metrics import inside_outside_ratio, spearman

@@ -173,7 +173,7 @@ def test_shape_nouns_are_attended_where_the_shape_is_drawn():
 def test_shape_outline_marks_the_cells_where_circle_and_square_differ():
     from scipy import ndimage
 
-    from explainer.shapes.train import shape_outline
+    from explainer.shapes.grounding import shape_outline
     from explainer.shapes.world import generate_scene
 
     scene = generate_scene(3, n_shapes=1)
@@ -210,17 +210,18 @@ def test_training_script_runs_every_phase_resumes_and_exports_a_loadable_pipelin
 
 
 def test_the_noun_cache_points_each_shape_noun_at_its_own_shape(tmp_path):
-    from explainer.shapes import train
+    from explainer.shapes.grounding import cache_nouns
     from explainer.shapes.tokenizer import write_tokenizer
+    from explainer.shapes.training import scene_seed
     from explainer.shapes.world import generate_scene
 
     write_tokenizer(tmp_path / "tokenizer")
     args = argparse.Namespace(scenes=40, seed=0)
-    train.cache_nouns(args, tmp_path)
+    cache_nouns(args, tmp_path)
     nouns = np.load(tmp_path / "nouns.npz")
     tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "tokenizer")
     for i in range(40):
-        scene = generate_scene(train.scene_seed(args, i))
+        scene = generate_scene(scene_seed(args, i))
         tokens = tokenizer.convert_ids_to_tokens(tokenizer(scene.caption)["input_ids"])
         for slot, item in enumerate(scene.shapes):
             assert tokens[nouns["positions"][i, slot]] == item.shape + "</w>"
@@ -246,7 +247,7 @@ def _direct_grounding_loss(found, positions, cover):
 
 
 def test_grounding_loss_is_the_share_of_each_nouns_attention_off_its_shape():
-    from explainer.shapes.train import grounding_loss
+    from explainer.shapes.grounding import grounding_loss
 
     generator = torch.Generator().manual_seed(0)
     cover = torch.zeros(2, 2, 16, 16)
@@ -270,7 +271,7 @@ def test_grounding_loss_is_the_share_of_each_nouns_attention_off_its_shape():
 
 def test_the_probability_tap_changes_nothing_in_the_forward_pass(tiny_model):
     from explainer.families import FAMILIES
-    from explainer.shapes.train import tap_cross_attention
+    from explainer.shapes.grounding import tap_cross_attention
 
     unet = copy.deepcopy(tiny_model.pipe.unet).float()
     generator = torch.Generator().manual_seed(0)

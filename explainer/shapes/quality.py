@@ -100,9 +100,9 @@ def save_grid(samples: list[EvaluationSample], path: Path, columns: int = 10) ->
 
 
 def attention_gate(pipe, n: int) -> dict:
-    """The attention gate (``explainer.evaluate.noun_attention_iou``) on the first n held-out prompts."""
+    """The attention gate (``explainer.shapes.truth.noun_attention_iou``) on the first n held-out prompts."""
     from explainer import config
-    from explainer.evaluate import noun_attention_iou
+    from explainer.shapes.truth import noun_attention_iou
     from explainer.models import LoadedModel
 
     model = LoadedModel.from_pipeline(pipe, "shapes-under-test", config.MODELS[config.EMBEDDED_MODEL_ID])

@@ -1,0 +1,115 @@
+"""The evaluation's tables: per-prompt rows summarised with 95 % intervals, written as JSON, CSV and
+a figure of the curves, and the README's Markdown table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from explainer import metrics
+from explainer.evaluate.protocol import REFERENCE, Protocol
+from explainer.plots import figure_to_image, new_figure
+
+
+def mean_interval(values) -> dict:
+    """Mean and 95 % interval (normal approximation) of per-prompt values; NaNs left out."""
+    values = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    if values.size == 0:
+        return {"mean": None, "low": None, "high": None, "n": 0}
+    half = 1.96 * values.std(ddof=1) / math.sqrt(values.size) if values.size > 1 else 0.0
+    return {"mean": float(values.mean()), "low": float(values.mean() - half), "high": float(values.mean() + half), "n": int(values.size)}
+
+
+def summarise(rows: list[dict], protocol: Protocol) -> dict:
+    """The tables: per method AUCs (per-prompt mean and interval, and the paper's mean-curve area),
+    mean Spearman per pair, consecutive-step attention correlation, localisation per phase."""
+    table = {}
+    for name in rows[0]["methods"] if rows else []:
+        entry = {}
+        for curve in ("insertion", "deletion"):
+            entry[f"{curve}_auc"] = mean_interval([r["methods"][name][f"{curve}_auc"] for r in rows])
+            mean_curve = np.mean([r["methods"][name][curve] for r in rows], axis=0)
+            entry[f"{curve}_mean_curve"] = mean_curve.tolist()
+            entry[f"{curve}_mean_curve_auc"] = metrics.auc(mean_curve)
+        entry["other_distances"] = {
+            distance: {f"{curve}_auc": mean_interval([r["methods"][name]["other_distances"][distance][f"{curve}_auc"] for r in rows])
+                       for curve in ("insertion", "deletion")}
+            for distance in protocol.distances[1:]
+        }
+        table[name] = entry
+    pairs = rows[0]["spearman"].keys() if rows else []
+    summary = {
+        "protocol": vars(protocol) | {"methods": list(protocol.methods), "distances": list(protocol.distances)},
+        "reference": REFERENCE if REFERENCE in table else None,
+        "prompts": len(rows),
+        "methods": table,
+        "spearman": {pair: mean_interval([r["spearman"][pair] for r in rows]) for pair in pairs},
+        "attention_consecutive_spearman": mean_interval([v for r in rows for v in r["attention_consecutive_spearman"]]),
+    }
+    located = [r["localisation"] for r in rows if r.get("localisation", {}).get("shape_found")]
+    if located:
+        phase_table = {}
+        for phase in located[0]["phases"]:
+            phase_table[phase] = {
+                name: {key: mean_interval([loc["phases"][phase][name][key] for loc in located]) for key in ("pointing", "iou")}
+                for name in located[0]["phases"][phase]
+            }
+        summary["localisation"] = {"prompts_with_a_shape": len(located), "phases": phase_table,
+                                   "noun_iou": mean_interval([loc.get("noun_iou") for loc in located])}
+    return summary
+
+
+def write_results(rows: list[dict], summary: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"summary": summary, "prompts": rows}, indent=1))
+    with open(out / "results.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "distance", "insertion_auc (lower is better)", "ins_95_low", "ins_95_high",
+                         "deletion_auc (higher is better)", "del_95_low", "del_95_high"])
+        for name, entry in summary["methods"].items():
+            by_distance = {summary["protocol"]["distances"][0]: entry} | entry["other_distances"]
+            for distance, scores in by_distance.items():
+                ins, dele = scores["insertion_auc"], scores["deletion_auc"]
+                writer.writerow([name, distance, ins["mean"], ins["low"], ins["high"], dele["mean"], dele["low"], dele["high"]])
+    plot_curves(rows, summary).save(out / "curves.png")
+
+
+def plot_curves(rows: list[dict], summary: dict) -> Image.Image:
+    """Mean insertion and deletion curves per method with 95 % bands."""
+    figure, axes = new_figure((10, 3.6), columns=2)
+    for axis, curve in zip(axes, ("insertion", "deletion")):
+        for name in summary["methods"]:
+            values = np.array([r["methods"][name][curve] for r in rows])
+            mean = values.mean(0)
+            half = 1.96 * values.std(0, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else np.zeros_like(mean)
+            x = np.linspace(0, 1, len(mean))
+            axis.plot(x, mean, label=name, linewidth=1.3)
+            axis.fill_between(x, mean - half, mean + half, alpha=0.15)
+        axis.set_title(f"{curve}: distance to the real next step ({summary['protocol']['distances'][0]})", fontsize=9)
+        axis.set_xlabel("fraction of latent pixels " + ("revealed" if curve == "insertion" else "removed"), fontsize=8)
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    return figure_to_image(figure)
+
+
+def format_table(summary: dict) -> str:
+    """The README table: the main distance with intervals, then each other distance's mean AUCs."""
+    distance, others = summary["protocol"]["distances"][0], summary["protocol"]["distances"][1:]
+    header = f"| method | insertion AUC ↓ ({distance}, 95 % CI) | deletion AUC ↑ ({distance}, 95 % CI) | mean-curve ins / del |"
+    header += "".join(f" ins / del ({other}) |" for other in others)
+    lines = [header, "|---|---|---|---|" + "---|" * len(others)]
+    for name, entry in summary["methods"].items():
+        ins, dele = entry["insertion_auc"], entry["deletion_auc"]
+        label = f"*{name} (reference)*" if name == summary.get("reference") else name
+        line = (f"| {label} | {ins['mean']:.3f} ({ins['low']:.3f}–{ins['high']:.3f}) | {dele['mean']:.3f} ({dele['low']:.3f}–{dele['high']:.3f}) "
+                f"| {entry['insertion_mean_curve_auc']:.3f} / {entry['deletion_mean_curve_auc']:.3f} |")
+        for other in others:
+            scores = entry["other_distances"][other]
+            line += f" {scores['insertion_auc']['mean']:.3f} / {scores['deletion_auc']['mean']:.3f} |"
+        lines.append(line)
+    return "\n".join(lines)
