@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from explainer import config  # noqa: E402
@@ -27,7 +27,7 @@ def sd15_shaped_pipeline() -> StableDiffusionPipeline:
     """A pipeline with Stable Diffusion v1.5's architecture and random weights (speed and memory behave the same)."""
     import tempfile
 
-    from explainer.families.sd1_tiny import write_tokenizer_files
+    from explainer.families.sd1_tiny import sd1_pipeline, write_tokenizer_files
 
     device, dtype = preferred_device()
     unet = UNet2DConditionModel(
@@ -52,12 +52,7 @@ def sd15_shaped_pipeline() -> StableDiffusionPipeline:
     text_encoder = CLIPTextModel(
         CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77, vocab_size=49408)
     )
-    scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    return pipe.to(device=device, dtype=dtype)
+    return sd1_pipeline(unet, vae, text_encoder, tokenizer).to(device=device, dtype=dtype)
 
 
 def benchmark_model(kind: str) -> tuple[LoadedModel, dict]:

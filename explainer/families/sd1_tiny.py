@@ -88,6 +88,12 @@ def tiny_pipeline(seed: int = 0, max_length: int = 77) -> StableDiffusionPipelin
             pad_token_id=tokenizer.pad_token_id,
         )
     )
+    return sd1_pipeline(unet, vae, text_encoder, tokenizer)
+
+
+def sd1_pipeline(unet, vae, text_encoder, tokenizer) -> StableDiffusionPipeline:
+    """A Stable Diffusion 1.x pipeline assembled from its parts, with SD's noise schedule stepped by
+    DPM-Solver++ and no safety checker (the tiny test model; the benchmarks' SD-shaped one)."""
     scheduler = DPMSolverMultistepScheduler(
         beta_start=0.00085,
         beta_end=0.012,
