@@ -59,8 +59,9 @@ demo.launch()
 # no light updates): what the run costs through the app when it is not streamed.
 UNSTREAMED_APP = """
 import dataclasses
+from ui import settings
+settings.APP = dataclasses.replace(settings.APP, cpu_stream_share=0.0, max_update_gap_s=None)
 import app
-app.APP = dataclasses.replace(app.APP, cpu_stream_share=0.0, max_update_gap_s=None)
 app.serve()
 """
 

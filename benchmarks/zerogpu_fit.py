@@ -1,8 +1,8 @@
 """ZeroGPU fit: every GPU-decorated function of the app, at the app's default settings, timed
 against the duration it asks ZeroGPU for (its own duration function, computed from the work).
 
-The functions are called as the handlers call them (`app._run_on_device`, `_relevance_on_device`,
-`_explain_on_device`); outside a Space `@spaces.GPU` leaves them as they are. Target: each
+The functions are called as the handlers call them (`ui.gpu.run_on_device`, `relevance_on_device`,
+`explain_on_device`); outside a Space `@spaces.GPU` leaves them as they are. Target: each
 finishes well inside its duration, here measured / declared <= 0.5. With --model sd15 (on a GPU)
 the SD v1.5-shaped model with random weights stands in for the Hub model under the Hub model's
 id, so the durations are the ones the Space would declare; on a CPU the embedded model runs, and
@@ -28,26 +28,26 @@ def main() -> None:
     model, shape = benchmark_model(args.model)
     model_id = SD_ID if args.model == "sd15" else model.id
     models._CACHE[model_id] = model  # the decorated functions load it by id
-    import app  # builds the UI too; after the model is in place
+    from ui import gpu  # after the model is in place
 
     spec = config.model_spec(model_id)
     settings = RunSettings(prompt=PROMPT, seed=1, per_group=True, vae_decode_every=spec.vae_decode_every, **shape).validated()
     run = InstrumentedRun(model, settings).run_all().data
     step = explained_step(shape["steps"])
-    cases = {"denoise (one prompt)": (lambda: list(app._run_on_device(model_id, [settings.to_dict()])),
-                                      app._gpu_duration(model_id, [settings.to_dict()])),
-             "denoise (two prompts)": (lambda: list(app._run_on_device(model_id, [settings.to_dict()] * 2)),
-                                       app._gpu_duration(model_id, [settings.to_dict()] * 2)),
-             "token relevance, every step": (lambda: app._relevance_on_device(model_id, run),
-                                             app._relevance_duration(model_id, run))}
+    cases = {"denoise (one prompt)": (lambda: list(gpu.run_on_device(model_id, [settings.to_dict()])),
+                                      gpu.run_duration(model_id, [settings.to_dict()])),
+             "denoise (two prompts)": (lambda: list(gpu.run_on_device(model_id, [settings.to_dict()] * 2)),
+                                       gpu.run_duration(model_id, [settings.to_dict()] * 2)),
+             "token relevance, every step": (lambda: gpu.relevance_on_device(model_id, run),
+                                             gpu.relevance_duration(model_id, run))}
     saliency = {"df-rise": {"masks": APP.rise_masks}, "df-rise, paper's N": {"masks": 500},
                 "df-cam": {}, "df-lime": {}}
     for label, extra in saliency.items():
         name = label.split(",")[0]
-        options = app._saliency_options(name, extra.get("masks", APP.rise_masks), 0.5, "next-latent", "pixel", 0)
+        options = {"n_masks": extra["masks"]} if name == "df-rise" else {}  # the rest at the methods' defaults
         cases[f"{label} + insertion/deletion"] = (
-            lambda name=name, options=options: app._explain_on_device(model_id, run, name, options, step, True),
-            app._saliency_duration(model_id, run, name, options, step, True),
+            lambda name=name, options=options: gpu.explain_on_device(model_id, run, name, options, step, True),
+            gpu.explain_duration(model_id, run, name, options, step, True),
         )
     on_gpu = torch.cuda.is_available()
     lines = [header("ZeroGPU fit", model),

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import threading
 import time
 import zipfile
 
@@ -48,10 +49,10 @@ def test_denoise_streams_the_steps_and_every_steps_facts(client):
 
 
 def test_a_slow_page_skips_pictures_not_steps_and_does_not_hold_the_run_back():
-    import app
+    from ui.denoise import denoise
 
     updates, session = [], None
-    for *outputs, session in app.denoise(*denoise_args(steps=8), None):
+    for *outputs, session in denoise(*denoise_args(steps=8), None):
         updates.append(outputs[-1])
         time.sleep(0.3)  # a page that takes long to draw: the run meanwhile goes on
     assert len(updates) < 8 and updates[-1]["step"] == 8
@@ -60,16 +61,17 @@ def test_a_slow_page_skips_pictures_not_steps_and_does_not_hold_the_run_back():
 
 
 def test_while_pictures_wait_the_page_still_gets_news_of_the_steps(monkeypatch):
-    import app
     from explainer.models import load_model
+    from ui import gpu, settings
+    from ui.denoise import denoise
 
     # no share of the time for pictures (only the first and last updates have them), no gap allowed
-    monkeypatch.setattr(app, "APP", dataclasses.replace(app.APP, cpu_stream_share=0.0, max_update_gap_s=0.0))
-    monkeypatch.setattr(app, "preferred_device", lambda: (torch.device("cpu"), torch.float32))
+    monkeypatch.setattr(settings, "APP", dataclasses.replace(settings.APP, cpu_stream_share=0.0, max_update_gap_s=0.0))
+    monkeypatch.setattr(gpu, "preferred_device", lambda: (torch.device("cpu"), torch.float32))
     unet = load_model("tiny-random").pipe.unet
     hook = unet.register_forward_pre_hook(lambda *_: time.sleep(0.1))  # steps slower than a light update
     try:
-        updates = [outputs for *outputs, _ in app.denoise(*denoise_args(steps=8), None)]
+        updates = [outputs for *outputs, _ in denoise(*denoise_args(steps=8), None)]
     finally:
         hook.remove()
     pictured = [not isinstance(update[PRED_A], dict) for update in updates]
@@ -206,24 +208,24 @@ def test_zerogpu_durations_come_from_the_work():
     """Each @spaces.GPU function asks for a duration that grows with its work, never a constant."""
     from types import SimpleNamespace
 
-    import app
+    from ui import gpu
 
     sd = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     base = {"steps": 30, "width": 512, "height": 512}
-    run_seconds = app._gpu_duration(sd, [base])
-    assert app._gpu_duration(sd, [base | {"steps": 60}]) > run_seconds
-    assert app._gpu_duration(sd, [base | {"width": 1024, "height": 1024}]) > run_seconds
-    assert app._gpu_duration(sd, [base, base]) > run_seconds  # a second prompt is a second run
+    run_seconds = gpu.run_duration(sd, [base])
+    assert gpu.run_duration(sd, [base | {"steps": 60}]) > run_seconds
+    assert gpu.run_duration(sd, [base | {"width": 1024, "height": 1024}]) > run_seconds
+    assert gpu.run_duration(sd, [base, base]) > run_seconds  # a second prompt is a second run
 
     def recorded(steps, side=512):
         return SimpleNamespace(records=[None] * steps, latent_size=(side // 8, side // 8),
                                settings=SimpleNamespace(width=side, height=side))
 
-    assert app._relevance_duration(sd, recorded(60)) > app._relevance_duration(sd, recorded(30))
-    rise = {name: app._saliency_duration(sd, recorded(30), "df-rise", {"n_masks": n}, 20, False) for name, n in (("few", 200), ("many", 4000))}
+    assert gpu.relevance_duration(sd, recorded(60)) > gpu.relevance_duration(sd, recorded(30))
+    rise = {name: gpu.explain_duration(sd, recorded(30), "df-rise", {"n_masks": n}, 20, False) for name, n in (("few", 200), ("many", 4000))}
     assert rise["many"] > rise["few"]
-    assert app._saliency_duration(sd, recorded(30), "df-rise", {"n_masks": 200}, 20, True) > rise["few"]  # + insertion/deletion
-    assert app._saliency_duration(sd, recorded(30, 1024), "df-cam", {}, 20, False) > app._saliency_duration(sd, recorded(30), "df-cam", {}, 20, False)
+    assert gpu.explain_duration(sd, recorded(30), "df-rise", {"n_masks": 200}, 20, True) > rise["few"]  # + insertion/deletion
+    assert gpu.explain_duration(sd, recorded(30, 1024), "df-cam", {}, 20, False) > gpu.explain_duration(sd, recorded(30), "df-cam", {}, 20, False)
 
 
 def test_the_queue_polls_at_the_configured_intervals_not_every_millisecond(monkeypatch):
@@ -233,11 +235,14 @@ def test_the_queue_polls_at_the_configured_intervals_not_every_millisecond(monke
 
     import app
     from gradio import queueing
+    from ui import settings
 
     queue = app.build_demo()._queue  # a demo of its own: the loops below stop its queue
-    slept = []
+    slept, here, real_sleep = [], threading.get_ident(), asyncio.sleep
 
-    async def sleep(seconds):
+    async def sleep(seconds, *args, **kwargs):
+        if threading.get_ident() != here:  # another server's loops (the tests' app) sleep as usual
+            return await real_sleep(seconds, *args, **kwargs)
         slept.append(seconds)
         queue.stopped = True
 
@@ -245,16 +250,16 @@ def test_the_queue_polls_at_the_configured_intervals_not_every_millisecond(monke
     for loop in (queue.start_processing, queue.start_progress_updates):
         queue.stopped = False
         asyncio.run(loop())
-    assert slept == [app.APP.queue_poll_s, app.APP.progress_poll_s]
-    assert app.APP.queue_poll_s >= 0.01 and app.APP.progress_poll_s >= 0.05
+    assert slept == [settings.APP.queue_poll_s, settings.APP.progress_poll_s]
+    assert settings.APP.queue_poll_s >= 0.01 and settings.APP.progress_poll_s >= 0.05
 
 
 def test_on_zerogpu_the_hub_models_load_at_startup_and_nothing_elsewhere():
-    import app
     from explainer import config
+    from ui.gpu import models_to_preload
 
-    assert app.models_to_preload(zero_gpu=False) == []
-    assert set(app.models_to_preload(zero_gpu=True)) == {spec.id for spec in config.MODELS.values() if spec.hub} != set()
+    assert models_to_preload(zero_gpu=False) == []
+    assert set(models_to_preload(zero_gpu=True)) == {spec.id for spec in config.MODELS.values() if spec.hub} != set()
 
 
 def test_what_crosses_into_and_out_of_a_zerogpu_worker_pickles():
@@ -262,18 +267,18 @@ def test_what_crosses_into_and_out_of_a_zerogpu_worker_pickles():
     and every item it yields; an object that does not pickle fails only on the Space."""
     import pickle
 
-    import app
     from explainer.run import RunSettings
+    from ui import gpu
 
     settings = RunSettings(prompt="a cat", steps=3, guidance=5.0, width=64, height=64, seed=1, per_group=True).to_dict()
-    items = list(app._run_on_device("tiny-random", [settings]))
+    items = list(gpu.run_on_device("tiny-random", [settings]))
     assert [kind for kind, _, _ in items] == ["start", "step", "step", "step", "end"]
     for item in items:
         pickle.loads(pickle.dumps(item))
     run = items[0][2]
     run.records.extend(item for kind, _, item in items if kind == "step")
     computing = pickle.loads(pickle.dumps(run.for_computing()))
-    explanation, scores = pickle.loads(pickle.dumps(app._explain_on_device("tiny-random", computing, "df-cam", {}, 2, True)))
+    explanation, scores = pickle.loads(pickle.dumps(gpu.explain_on_device("tiny-random", computing, "df-cam", {}, 2, True)))
     assert explanation.saliency.shape == run.latent_size and 0 <= scores["insertion_auc"] <= 1
-    series = pickle.loads(pickle.dumps(app._relevance_on_device("tiny-random", computing)))
+    series = pickle.loads(pickle.dumps(gpu.relevance_on_device("tiny-random", computing)))
     assert len(series["steps"]) == 3

@@ -65,7 +65,7 @@ def test_default_model_is_the_embedded_one_when_its_weights_exist():
 
 
 def test_no_code_trusts_remote_code():
-    sources = list((ROOT / "explainer").rglob("*.py")) + [ROOT / "app.py"]
+    sources = list((ROOT / "explainer").rglob("*.py")) + list((ROOT / "ui").rglob("*.py")) + [ROOT / "app.py"]
     offenders = [str(path) for path in sources if path.exists() and "trust_remote_code=True" in path.read_text()]
     assert offenders == []
 

@@ -14,11 +14,16 @@ from test_app import DATA, PRED_A, STATUS, denoise_args
 SKIP = gr.skip()
 
 
-def page_event(api_name: str):
-    """The function behind one of the page's (private) events."""
+def page_block(api_name: str):
+    """One of the page's (private) events."""
     import app
 
-    return next(block.fn for block in app.demo.fns.values() if block.api_name == f"page_{api_name}")
+    return next(block for block in app.demo.fns.values() if block.api_name == f"page_{api_name}")
+
+
+def page_event(api_name: str):
+    """The function behind one of the page's (private) events."""
+    return page_block(api_name).fn
 
 
 def refused_only_on(update, notice: int) -> str:
@@ -30,13 +35,13 @@ def refused_only_on(update, notice: int) -> str:
 @pytest.fixture(scope="module")
 def session():
     """A finished run on the page: the last good results."""
-    import app
+    from ui.denoise import AFTER_RUN_OUTPUTS
 
     updates = list(page_event("denoise")(*denoise_args(steps=3), None))
-    outputs = next(block.outputs for block in app.demo.fns.values() if block.api_name == "page_denoise")
+    outputs = page_block("denoise").outputs
     assert {len(update) for update in updates} == {len(outputs)}
-    assert updates[-1][:-app.AFTER_RUN_OUTPUTS] == (SKIP,) * (len(outputs) - app.AFTER_RUN_OUTPUTS)  # then the run's end
-    return updates[-2][-app.AFTER_RUN_OUTPUTS - 1]  # the last step's update carries the session
+    assert updates[-1][:-AFTER_RUN_OUTPUTS] == (SKIP,) * (len(outputs) - AFTER_RUN_OUTPUTS)  # then the run's end
+    return updates[-2][-AFTER_RUN_OUTPUTS - 1]  # the last step's update carries the session
 
 
 def test_a_refused_run_leaves_the_last_results_and_says_what_was_refused(session):
@@ -52,11 +57,11 @@ def test_a_gpu_model_chosen_on_a_cpu_machine_is_refused_on_the_page_with_what_to
         pytest.skip("a GPU machine")
     update = list(page_event("denoise")(*denoise_args(model_id="CompVis/stable-diffusion-v1-4"), session))[-1]
     assert "needs a GPU, and this machine has none" in refused_only_on(update, STATUS)
-    import app
+    from ui.denoise import on_model_change
+    from ui.page import model_choices
 
-    assert "needs a GPU" in app._on_model_change("CompVis/stable-diffusion-v1-4")[-1]  # said as soon as it is chosen
-    assert app._on_model_change("tiny-random")[-1] == SKIP
-    from ui_tabs import model_choices
+    assert "needs a GPU" in on_model_change("CompVis/stable-diffusion-v1-4")[-1]  # said as soon as it is chosen
+    assert on_model_change("tiny-random")[-1] == SKIP
 
     labels = dict((model_id, label) for label, model_id in model_choices(on_gpu=False))
     assert labels["CompVis/stable-diffusion-v1-4"].endswith("needs a GPU, none here")
@@ -70,21 +75,21 @@ def test_other_tabs_keep_their_results_and_clear_the_notice_once_all_is_well(ses
     assert good[-1] == "" and good[2]["steps"] == [2]
     bad = attention("zebra", 2, "this step", 1, 3, [], "prediction", 0.8, False, "first prompt", session)
     assert "'zebra' is not in the prompt" in refused_only_on(bad, len(bad) - 1)
-    saliency = page_event("saliency")
-    bad = saliency("DF-CAM", 9, 8, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, "contrast", "relu",
-                   "guidance", "layercam", "target", session)
+    saliency = page_block("saliency")  # the method and the step, the other controls as the page starts, the session
+    controls = [component.value for component in saliency.inputs[2:-1]]
+    bad = saliency.fn("DF-CAM", 9, *controls, session)
     assert "step must be between 1 and 3, got 9" in refused_only_on(bad, len(bad) - 1)
     fresh = page_event("concepts")(None)
     assert "No run yet" in refused_only_on(fresh, len(fresh) - 1)
 
 
 def test_a_fault_is_logged_with_its_trace_and_the_page_keeps_its_results(caplog):
-    import app
+    from ui.page import on_page
 
     def broken(_):
         raise RuntimeError("out of memory")
 
-    update = app.on_page(broken, outputs=3)(None)
+    update = on_page(broken, outputs=3)(None)
     assert "something went wrong (RuntimeError: out of memory)" in refused_only_on(update, 3)
     assert any(record.exc_info for record in caplog.records if record.name == "diffusion_xray")
 
@@ -92,20 +97,22 @@ def test_a_fault_is_logged_with_its_trace_and_the_page_keeps_its_results(caplog)
 def test_a_cpu_run_decodes_only_the_steps_it_shows_and_a_scrubbed_step_on_demand(monkeypatch):
     """The views a CPU run never shows are not decoded; scrubbing to one decodes it, equal to the
     view the run decodes itself."""
-    import app
+    from explainer.models import load_model
+    from ui import gpu
+    from ui.denoise import denoise, show_step
 
-    monkeypatch.setattr(app, "preferred_device", lambda: (torch.device("cpu"), torch.float32))
+    monkeypatch.setattr(gpu, "preferred_device", lambda: (torch.device("cpu"), torch.float32))
     updates, session = [], None
-    for *outputs, session in app.denoise(*denoise_args(steps=8), None):
+    for *outputs, session in denoise(*denoise_args(steps=8), None):
         updates.append(outputs)
     records = session.run(0).records
     shown = {update[DATA]["step"] for update in updates if update[PRED_A] != SKIP}
     decoded = {record.index for record in records if record.prediction_view is not None}
     assert decoded == shown | {8} and len(decoded) < 8
     step = min(set(range(1, 9)) - decoded)
-    scrubbed = app.show_step(session, step)
+    scrubbed = show_step(session, step)
     assert f"step {step} of 8" in scrubbed[STATUS] and records[step - 1].prediction_view is not None
-    model = app.load_model("tiny-random")
+    model = load_model("tiny-random")
     settings = RunSettings.from_dict(session.run(0).settings.to_dict() | {"vae_decode_every": 1})
     every_step = InstrumentedRun(model, settings).run_all().records[step - 1]
     for view in ("prediction_view", "noisy_view"):
@@ -119,9 +126,9 @@ def test_the_run_decodes_at_the_models_cadence_on_a_gpu_and_the_last_step_on_a_c
 
 
 def test_decoding_in_batches_equals_decoding_one_by_one():
-    import app
+    from explainer.models import load_model
 
-    model = app.load_model("tiny-random")
+    model = load_model("tiny-random")
     latents = [torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(5)]
     batched = images.decode_in_batches(model, latents, batch_size=2)
     alone = [images.decode(model, latent)[0] for latent in latents]

@@ -12,6 +12,7 @@ from explainer.run import RunData
 from .settings import APP
 
 OUTPUT_ROOT = Path(tempfile.gettempdir()) / "diffusion-xray"
+NO_RUN = "No run yet: run the model on the Denoise tab (or call /denoise) first."
 
 
 class Session:
@@ -38,7 +39,7 @@ class Session:
 
     def latest(self) -> list[RunData]:
         if not self.groups:
-            raise ValueError("No run yet: run the model on the Denoise tab (or call /denoise) first.")
+            raise ValueError(NO_RUN)
         return next(reversed(self.groups.values()))
 
     def run(self, which: int = 0) -> RunData:
@@ -56,3 +57,16 @@ class Session:
     def close(self) -> None:
         self.groups.clear()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def current(session: Session | None) -> list[RunData]:
+    """The latest group of runs of a visitor's session (``None`` before the first run: refused)."""
+    if session is None:
+        raise ValueError(NO_RUN)
+    return session.latest()
+
+
+def close(session: Session | None) -> None:
+    """Remove a finished session's files (the session state's delete callback)."""
+    if session is not None:
+        session.close()

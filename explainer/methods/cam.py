@@ -12,7 +12,7 @@ one ``torch.autograd.grad`` call gives every gradient.
 
 Example:
     >>> explanation = DFCam().explain(model, run, step=15)
-    >>> sorted(explanation.per_layer)[:2]  # ['down_blocks.0.attentions.0', 'down_blocks.0.downsamplers.0']
+    >>> sorted(explanation.per_layer)[:2]  # module paths, as the family names them
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ..plots import normalise
 from ..replay import StepInputs, combine_guidance, raw_prediction, step_inputs
 from .base import RECTIFIERS, GradientMethod, check_choice
+from .options import option
 
 
 def cam_layers(model) -> list[str]:
@@ -46,7 +47,7 @@ def _sum(output: torch.Tensor) -> torch.Tensor:
 
 
 def _guidance_energy(output: torch.Tensor) -> torch.Tensor:
-    # a v-predicting UNet gives v_c - v_u = (eps_c - eps_u) / sqrt(alpha_bar): the same maps after min-max
+    # a v-predicting denoiser gives v_c - v_u = (eps_c - eps_u) / sqrt(alpha_bar): the same maps after min-max
     unconditional, conditional = output  # (C, h, w) each
     return 0.5 * (conditional - unconditional).pow(2).sum()
 
@@ -124,10 +125,18 @@ class DFCam(GradientMethod):
     """
 
     layers: tuple[str, ...] | None = None
-    target: str = "guidance"
-    weighting: str = "layercam"
-    layer_scale: str = "target"
-    rectify: str = "relu"
+    target: str = option("guidance", "Explained quantity", "guidance (default): how much the prompt changes the prediction, "
+                         "½‖ε_c − ε_u‖²; sum: the paper's sum of the output, which has no preferred sign (ReLU then drops "
+                         "shapes drawn by pushing it down)", choices=tuple(TARGETS))
+    weighting: str = option("layercam", "Activations weighed by", "layercam (default): each pixel by its gradient's positive "
+                            "part; hirescam: by its gradient; grad-cam (the paper's): each channel by its mean gradient over "
+                            "the image, which a small shape barely moves", choices=tuple(WEIGHTINGS))
+    layer_scale: str = option("target", "Layers added", "target (default): each layer counts by how much of the explained "
+                              "quantity it carries; min-max (the paper's): every layer's map scaled to [0, 1] first, so a "
+                              "layer that sees nothing weighs as much", choices=LAYER_SCALES)
+    rectify: str = option("relu", "Each layer's map kept as", "relu (default, the paper's): where the layer pushes the "
+                          "explained quantity up; abs: either way (with grad-cam weights its maps stay much the same on a "
+                          "model with random weights: they partly show the input)", choices=tuple(RECTIFIERS))
     name = "df-cam"
 
     def _check_options(self) -> None:

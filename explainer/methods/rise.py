@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .. import config
 from ..replay import guided_prediction, noise_from, step_from, step_inputs
 from .base import PerturbationMethod, batches, check_choice, check_int, check_number
+from .options import option
 
 MODES = ("next-latent", "paper")
 MASK_KINDS = ("pixel", "grid")
@@ -152,14 +153,16 @@ class DFRise(PerturbationMethod):
         ``Explanation`` with ``saliency`` (H_lat, W_lat); ``denoiser_calls`` = ceil(N / batch_size).
     """
 
-    n_masks: int = 500
-    keep: float = 0.5
-    mask: str = "pixel"
+    n_masks: int = option(500, f"Masks N (paper: 500; limit {config.LIMITS.max_masks})", bounds=(1, config.LIMITS.max_masks))
+    keep: float = option(0.5, "Keep probability p", bounds=(0.05, 0.95), step=0.05)
+    mask: str = option("pixel", "Masks", choices=MASK_KINDS)
     grid: int = 4
-    mode: str = "next-latent"
-    estimator: str = "contrast"
+    mode: str = option("next-latent", "Score", "next-latent compares like with like, by squared error (default); paper: as the "
+                       "public code", choices=MODES)
+    estimator: str = option("contrast", "Combine the masks", "contrast: kept minus dropped (default, best measured); mean: "
+                            "over kept masks; sum: the paper's", choices=ESTIMATORS)
     similarity: str | None = None  # None: default_similarity(mode, estimator)
-    seed: int = 0
+    seed: int = option(0, "Mask seed")
     name = "df-rise"
 
     def __post_init__(self) -> None:

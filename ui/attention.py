@@ -1,0 +1,108 @@
+"""The Attention tab: one word's cross-attention map of the latest run, at a step, over a range of
+steps or over all of them, for chosen layer groups."""
+
+from __future__ import annotations
+
+import gradio as gr
+import numpy as np
+
+from explainer import plots, views
+from explainer.run import RunData, StepRecord
+
+from . import gpu
+from .page import DEFAULT_SPEC, notice_line, refusal, serve_both, step_slider
+from .session import current
+
+AGGREGATIONS = ["this step", "range of steps", "all steps"]
+
+
+class AttentionTab:
+    """The Attention tab's components, by name; a finished run fills ``word``, ``step``, ``start``,
+    ``end`` and ``groups``."""
+
+    def __init__(self):
+        with gr.Row():
+            with gr.Column(scale=1):
+                self.word = gr.Dropdown(label="Word", choices=[], allow_custom_value=True)
+                self.include_special = gr.Checkbox(label="Show start / end / padding tokens", value=False)
+                gr.Markdown(
+                    "*The start token soaks up most attention everywhere (a 'sink'); the end and padding tokens "
+                    "carry a summary of the whole prompt. They are hidden by default.*"
+                )
+                self.aggregation = gr.Radio(AGGREGATIONS, value="this step", label="Aggregate")
+                self.step = step_slider(DEFAULT_SPEC.steps)
+                with gr.Row():
+                    self.start = step_slider(1, "Range start")
+                    self.end = step_slider(DEFAULT_SPEC.steps, "Range end")
+                # a dropdown, not checkboxes: its choices come from the run, and an API client (which
+                # never sees them filled) may still name a group; the handler checks the name
+                self.groups = gr.Dropdown(label="Layers (block and resolution; empty = all)", choices=[], value=[],
+                                          multiselect=True, allow_custom_value=True)
+                self.view = gr.Radio(["prediction", "noisy"], value="prediction", label="Picture under the map")
+                self.opacity = gr.Slider(0, 1, value=0.8, step=0.05, label="Overlay opacity")
+                self.which = gr.Radio(["first prompt", "second prompt"], value="first prompt", label="Prompt")
+                self.show = gr.Button("Show", variant="primary")
+                self.notice = notice_line()
+            with gr.Column(scale=2):
+                self.overlay = gr.Image(label="Attention overlay", type="pil", height=360)
+                gr.Image(value=plots.colour_scale(), label="Colour scale: blue = least, red = most of this map (min-max)",
+                         height=60, interactive=False)
+                with gr.Row():
+                    self.npy = gr.File(label="Raw map (.npy, latent grid)")
+                    self.summary = gr.JSON(label="Map data")
+
+
+def attention(word, step, aggregation, start, end, groups, view, opacity, include_special, which, session):
+    """One word's cross-attention map: at a step, over a range of steps, or over all steps, for chosen
+    layer groups. Returns the overlay, the raw map as a .npy file (H_lat x W_lat) and a JSON summary."""
+    try:
+        runs = current(session)
+        if which == "second prompt" and len(runs) < 2:
+            raise ValueError("The latest run has no second prompt.")
+        run = runs[1 if which == "second prompt" else 0]
+        labels = views.token_labels(run, include_special)
+        if word not in labels:
+            raise ValueError(f"The word {word!r} is not in the prompt. Its words are: {', '.join(map(repr, labels))}.")
+        chosen = _steps_for(run, aggregation, int(step), int(start), int(end))
+        saliency = views.word_map(run, labels.index(word), chosen, include_special, groups)
+    except ValueError as error:
+        raise refusal("/attention", error) from error
+    gpu.decode(run.model_id, [chosen[-1]])
+    picture = views.for_display(views.step_picture(chosen[-1], view), 320)
+    path = session.file(f"attention-{word}-{chosen[0].index}-{chosen[-1].index}.npy")
+    np.save(path, saliency)
+    summary = {
+        "word": word,
+        "steps": [r.index for r in chosen],
+        "groups": list(dict.fromkeys(groups)) if groups else "all",
+        "layers": [key for g in dict.fromkeys(groups) for key in views.layer_groups(run)[g]] if groups else "all",
+        "min": float(saliency.min()),
+        "max": float(saliency.max()),
+        "shape": list(saliency.shape),
+    }
+    return plots.overlay(picture, saliency, float(opacity)), str(path), summary
+
+
+def _steps_for(run: RunData, aggregation: str, step: int, start: int, end: int) -> list[StepRecord]:
+    total = len(run.records)
+    for name, value in (("step", step), ("range start", start), ("range end", end)):
+        if not 1 <= value <= total:
+            raise ValueError(f"{name} must be between 1 and {total}, got {value}.")
+    if aggregation == "this step":
+        return [run.records[step - 1]]
+    if aggregation == "range of steps":
+        if start > end:
+            raise ValueError(f"range start ({start}) must not be after range end ({end}).")
+        return run.records[start - 1 : end]
+    if aggregation == "all steps":
+        return list(run.records)
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}.")
+
+
+def build(session: gr.State) -> AttentionTab:
+    """The Attention tab in the current Blocks context; its Show button serves ``/attention``."""
+    tab = AttentionTab()
+    inputs = [tab.word, tab.step, tab.aggregation, tab.start, tab.end, tab.groups, tab.view, tab.opacity, tab.include_special,
+              tab.which, session]
+    serve_both(tab.show, attention, inputs, [tab.overlay, tab.npy, tab.summary], "attention", notice=tab.notice)
+    return tab

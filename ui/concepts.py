@@ -1,0 +1,123 @@
+"""The Concepts tab: which concept is drawn at each step, by the cheap score (recorded attention) or
+by token relevance (gradient), and the Denoise tab's prompt under the three schedules side by side."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from explainer import config, plots, views
+from explainer.methods import TokenRelevance
+from explainer.methods.base import RECTIFIERS
+from explainer.run import RunData
+
+from . import gpu
+from .denoise import DenoiseTab, run_settings, stream, up_to
+from .page import notice_line, refusal, serve_both
+from .session import current
+
+RELEVANCE_RECTIFY_INFO = ("abs (default): gradient × attention counts whichever way it pushes the output; relu: the "
+                          "paper's positive part, which misses what the model draws by pushing the output down")
+
+
+class ConceptsTab:
+    """The Concepts tab's components, by name; the Denoise tab's step view draws ``chart`` too."""
+
+    def __init__(self):
+        gr.Markdown(
+            "**Which concept is drawn at each step?** The *cheap score* is each word's share of the cross-attention "
+            "at that step; *token relevance* is the paper's measure, attention weighted by its gradient and carried "
+            "through every layer (Chefer et al.), by default in either direction (|gradient × attention|; *relu* is the "
+            "paper's positive part). Both are min-max normalised across the words at each step; "
+            "the chart's title says which one is shown."
+        )
+        with gr.Row():
+            self.refresh = gr.Button("Cheap score (recorded attention)")
+            self.relevance = gr.Button("Token relevance (gradient, one pass per step)")
+            self.rectify = gr.Radio(list(RECTIFIERS), value=TokenRelevance.rectify, label="Relevance: gradient × attention kept as",
+                                    info=RELEVANCE_RECTIFY_INFO)
+        self.notice = notice_line()
+        with gr.Row():
+            self.chart = gr.Image(label="Concept chart", type="pil", format="png", height=300)
+            self.bars = gr.Image(label="Summed over steps", type="pil", height=300)
+        self.data = gr.JSON(label="Scores per step", max_height=240)  # the chart shows it; the JSON is for copying
+        gr.Markdown("### Compare schedules\nThe Denoise tab's prompt and seed under the three schedules (λ from its settings).")
+        self.compare = gr.Button("Compare uniform / early / latter", variant="primary")
+        self.compare_notice = notice_line()
+        self.grid = []  # per schedule: its final image, concept chart and totals
+        with gr.Row():
+            for kind in config.SCHEDULE_KINDS:
+                with gr.Column():
+                    self.grid += [
+                        gr.Image(label=f"{kind}: image", type="pil", height=200),
+                        # the charts carry their own titles, which a label would cover at this height
+                        gr.Image(label=f"{kind}: concept chart", show_label=False, type="pil", height=200),
+                        gr.Image(label=f"{kind}: totals", show_label=False, type="pil", height=200),
+                    ]
+        self.compare_data = gr.JSON(label="Scores per schedule", max_height=240)
+
+
+def concepts(session):
+    """Concept chart (cheap score per word per step), per-word totals, and the series as JSON."""
+    try:
+        runs = current(session)
+    except ValueError as error:
+        raise refusal("/concepts", error) from error
+    return _concept_outputs(runs[0], "this run")
+
+
+def _concept_outputs(run: RunData, title: str):
+    series = views.concept_series(run)
+    steps = list(range(1, len(run.records) + 1))
+    totals = {label: float(sum(values)) for label, values in series.items()}
+    data = {"steps": steps, "timesteps": run.timesteps, "score": "attention mass", "series": series, "totals": totals}
+    return plots.concept_chart(steps, series, f"Concept chart: {title}"), plots.token_bars(totals, f"Totals: {title}"), data
+
+
+def relevance(rectify, session):
+    """The paper's concept measure: gradient-weighted attention relevance (docs/methods.md, Token relevance) of every word at
+    every step of the latest run (one forward and backward pass per step), as a chart, totals and JSON.
+    ``rectify``: "abs" (default) keeps |gradient x attention|, "relu" the paper's positive part."""
+    try:
+        TokenRelevance(rectify=rectify)  # the option's check, before any GPU work
+        run = current(session)[0]
+        series = gpu.relevance_on_device(run.model_id, run.for_computing(), rectify)
+    except ValueError as error:
+        raise refusal("/relevance", error) from error
+    totals = {label: float(sum(values)) for label, values in series["scores"].items()}
+    data = {"steps": series["steps"], "timesteps": run.timesteps, "score": "token relevance", "rectify": rectify,
+            "series": series["scores"], "totals": totals}
+    chart = plots.concept_chart(series["steps"], series["scores"], "Concept chart: token relevance (gradient)", "relevance")
+    return chart, plots.token_bars(totals, "Relevance summed over steps"), data
+
+
+def compare_schedules(model_id, prompt, negative, seed, steps, guidance, width, height, lam):
+    """The same prompt and seed under the uniform, early and latter schedules, side by side
+    (the paper's Fig. 6 and 11): three final images, three concept charts, three bar charts, JSON."""
+    try:
+        runs = [run_settings(model_id, prompt, negative, seed, steps, guidance, width, height, kind, lam, "")
+                for kind in config.SCHEDULE_KINDS]
+    except ValueError as error:
+        raise refusal("/compare_schedules", error) from error
+    for now, step, waiting in stream(model_id, runs, "/compare_schedules"):
+        if waiting:  # overtaken: every update carries the whole series so far
+            continue
+        outputs, data = [], {}
+        for kind, run in zip(config.SCHEDULE_KINDS, up_to(now, step)):
+            picture = run.final_image or views.step_picture(run.records[-1], "prediction")
+            chart, bars, series = _concept_outputs(run, kind)
+            outputs += [views.for_display(picture, 256), chart, bars]
+            data[kind] = series
+        yield *outputs, data
+
+
+def build(session: gr.State, run: DenoiseTab) -> ConceptsTab:
+    """The Concepts tab in the current Blocks context; it serves ``/concepts``, ``/relevance`` and
+    ``/compare_schedules`` (the last from the Denoise tab's settings, ``run``)."""
+    tab = ConceptsTab()
+    outputs = [tab.chart, tab.bars, tab.data]
+    serve_both(tab.refresh, concepts, [session], outputs, "concepts", notice=tab.notice)
+    serve_both(tab.relevance, relevance, [tab.rectify, session], outputs, "relevance", notice=tab.notice, **gpu.queue())
+    compare_inputs = [run.model_id, run.prompt, run.negative, run.seed, run.steps, run.guidance, run.width, run.height, run.lam]
+    serve_both(tab.compare, compare_schedules, compare_inputs, tab.grid + [tab.compare_data], "compare_schedules",
+               notice=tab.compare_notice, **gpu.queue())
+    return tab

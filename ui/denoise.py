@@ -1,0 +1,303 @@
+"""The Denoise tab: run the model and stream its steps, then scrub through them; the finished run
+fills the other tabs' choices (``AfterRun``). Also the run's settings and stream for the Concepts
+tab's schedule comparison."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import gradio as gr
+
+from explainer import config, export, plots, views
+from explainer.models import check_loadable, load_model
+from explainer.run import RunData, RunSettings
+from explainer.schedules import parse_timestep_list
+
+from . import gpu, settings
+from .page import DEFAULT_MODEL, DEFAULT_SPEC, model_choices, on_page, refusal, serve_both, step_slider
+from .session import Session, current
+from .streaming import UpdateBudget, run_ahead
+
+LIMITS = config.LIMITS
+CONCEPT_CHART_TITLE = "Concept chart (cheap score)"
+STATUS = 4  # the status line's place among step_view's outputs
+
+
+class DenoiseTab:
+    """The Denoise tab's components, by name: ``denoise``'s settings, the step's views and charts
+    (``step_outputs``), the scrubber and the run's animation."""
+
+    def __init__(self):
+        with gr.Row():
+            with gr.Column(scale=1):
+                self.prompt = gr.Textbox(label="Prompt", value=DEFAULT_SPEC.examples[0], max_lines=3)
+                self.prompt_b = gr.Textbox(label="Second prompt (optional): compared from the same starting noise", max_lines=2)
+                self.model_id = gr.Dropdown(choices=model_choices(gpu.on_gpu()), value=DEFAULT_MODEL, label="Model")
+                with gr.Row():
+                    self.seed = gr.Number(label="Seed (-1: random)", value=config.DEFAULTS.seed, precision=0)
+                    self.steps = gr.Slider(1, LIMITS.max_steps, value=DEFAULT_SPEC.steps, step=1, label="Steps")
+                self.guidance = gr.Slider(0, LIMITS.max_guidance, value=DEFAULT_SPEC.guidance, step=0.5, label="Guidance")
+                self.schedule = gr.Radio(["uniform", "early", "latter", "custom"], value=config.DEFAULTS.schedule,
+                                         label="Time-step schedule", info="early: dense where noise is high; latter: dense where it is low")
+                with gr.Accordion("More settings", open=False):
+                    self.negative = gr.Textbox(label="Negative prompt", value="")
+                    with gr.Row():
+                        sides = dict(minimum=LIMITS.min_side, maximum=LIMITS.max_side, step=LIMITS.side_multiple)
+                        self.width = gr.Slider(value=DEFAULT_SPEC.width, label="Width", **sides)
+                        self.height = gr.Slider(value=DEFAULT_SPEC.height, label="Height", **sides)
+                    self.lam = gr.Slider(0, settings.APP.lam_slider_max, value=config.DEFAULTS.lam, step=1, label="λ (schedule concentration)")
+                    self.custom = gr.Textbox(label="Custom timesteps (schedule = custom)", placeholder="999, 800, 600, 400, 200, 50")
+                    gr.Markdown(f"Limits: up to {LIMITS.max_steps} steps, sides {LIMITS.min_side}–{LIMITS.max_side} px in multiples of {LIMITS.side_multiple}.")
+                self.run = gr.Button("Run", variant="primary")
+                self.examples = gr.Dataset(components=[self.prompt], samples=[[p] for p in DEFAULT_SPEC.examples], label="Examples")
+            with gr.Column(scale=2):
+                self.status = gr.Markdown("Press **Run** to start.")
+                # Streamed pictures are PNG: encoding them costs a third of WebP's on a CPU (measured: 65
+                # pictures of one run, 0.18 s against 0.55 s), and they are small.
+                with gr.Row():
+                    self.pred_a = gr.Image(label="Prediction view: the clean image the model predicts now", type="pil", format="png", height=300)
+                    self.noisy_a = gr.Image(label="Noisy view: the current latent x_t, decoded", type="pil", format="png", height=300)
+                with gr.Row():
+                    self.pred_b = gr.Image(label="Second prompt: prediction view", type="pil", format="png", height=200)
+                    self.noisy_b = gr.Image(label="Second prompt: noisy view", type="pil", format="png", height=200)
+                self.slider = step_slider(1, "Step (scrub after the run)", interactive=False)
+                with gr.Row():
+                    self.chart = gr.Image(label="Noise level", show_label=False, type="pil", format="png", height=220)
+                    self.data = gr.JSON(label="This step's data")
+                # JPEG: a heat-map overlay is smooth colour, which PNG encodes slowly (~9 ms against 0.1 ms for
+                # a 128 px overlay, one per word at every streamed overlay update) and 5-8x larger
+                self.overlays = gr.Gallery(label="Cross-attention per word at this step (first prompt)", columns=6, format="jpeg", height=220)
+                self.animation = gr.File(label="Animation of the run (GIF)")
+
+    def run_inputs(self) -> list:
+        """``denoise``'s inputs but the session, in its order."""
+        return [self.model_id, self.prompt, self.prompt_b, self.negative, self.seed, self.steps, self.guidance, self.width,
+                self.height, self.schedule, self.lam, self.custom]
+
+    def step_outputs(self, concept_chart) -> list:
+        """``step_view``'s outputs, in its order; the concept chart is the Concepts tab's."""
+        return [self.pred_a, self.noisy_a, self.pred_b, self.noisy_b, self.status, self.chart, self.overlays, concept_chart, self.data]
+
+
+@dataclasses.dataclass
+class AfterRun:
+    """What a finished run fills, by name: the components when wiring, their updates from ``after_run``."""
+
+    scrubber: Any  # this tab's step slider, opened
+    word: Any  # Attention: the prompt's words
+    step: Any  # Attention: its step and range of steps
+    start: Any
+    end: Any
+    groups: Any  # Attention: the layer groups
+    animation: Any  # this tab's GIF
+    explained_step: Any  # Saliency: the step it explains
+
+    def values(self) -> list:
+        return [getattr(self, field.name) for field in dataclasses.fields(self)]
+
+
+AFTER_RUN_OUTPUTS = len(dataclasses.fields(AfterRun))
+
+
+def run_settings(model_id, prompt, negative, seed, steps, guidance, width, height, schedule, lam, custom) -> RunSettings:
+    """A run's settings from the tab's controls, checked (ValueError names what is wrong)."""
+    chosen = parse_timestep_list(custom) if schedule == "custom" else schedule
+    return RunSettings(
+        prompt=prompt or "", negative_prompt=negative or "", seed=int(seed), steps=int(steps), guidance=float(guidance),
+        width=int(width), height=int(height), schedule=chosen, lam=float(lam), per_group=True,
+        vae_decode_every=config.run_decode_every(config.model_spec(model_id), gpu.on_gpu()),
+    ).validated()
+
+
+def stream(model_id: str, runs: list[RunSettings], endpoint: str):
+    """Yield (runs, step, waiting) after every step done by all runs: the list of RunData, filled as
+    records arrive, the step, and how many newer steps are already done (the page is behind)."""
+    try:
+        spec = config.model_spec(model_id)
+        model = load_model(spec.id)  # fails here, with a message, for a model that cannot load
+        for one in runs:  # e.g. words outside the embedded model's vocabulary
+            model.check_prompt(one.prompt)
+    except ValueError as error:
+        raise refusal(endpoint, error) from error
+    # The run goes ahead in a thread: rendering and sending an update never holds it back.
+    for (data, step), waiting in run_ahead(_collect(spec.id, runs)):
+        yield data, step, waiting
+
+
+def _collect(model_id: str, runs: list[RunSettings]):
+    """Yield (runs, step) each time every run has finished ``step``; the runs fill in place."""
+    data: list[RunData] = []
+    for kind, index, item in gpu.run_on_device(model_id, [s.to_dict() for s in runs]):
+        if kind == "start":
+            data.append(item)
+        elif kind == "step":
+            data[index].records.append(item)
+            if index == len(data) - 1:  # every run has finished this step
+                yield data, item.index
+        else:  # the finished run: its final image, reproduction record and the layer groups its steps filled
+            data[index].final_array, data[index].final_image = item.final_array, item.final_image
+            data[index].reproduction = item.reproduction  # in place: the session holds these objects
+            data[index].attention_groups = item.attention_groups
+
+
+def up_to(runs: list[RunData], step: int) -> list[RunData]:
+    """The runs as they were at ``step``: the run thread may already be appending later records."""
+    return [dataclasses.replace(run, records=run.records[:step]) for run in runs]
+
+
+def step_view(runs: list[RunData], step: int, streaming: bool = False, since: int | None = None,
+              numbers_only: bool = False, pictures_since: int | None = None):
+    """What the Denoise tab shows at one step (1-based) of the current runs. The JSON's "steps"
+    lists the facts of every step from ``since`` (default: this one) to this one: while streaming,
+    steps that a newer one overtook before the page was ready go out with it. ``numbers_only``
+    leaves the pictures and charts as they are (a light update: status line and JSON);
+    ``pictures_since`` is the first step after the last update that had pictures (default: ``since``)."""
+    first = runs[0]
+    record = first.records[min(step, len(first.records)) - 1]
+    status = f"**{record.label}** · noise level σ = {record.sigma:.3g}"
+    messages = [m for run in runs for m in run.messages]
+    if messages:
+        status += "  \n⚠️ " + " ".join(messages)
+    covered = slice((since or record.index) - 1, record.index)
+    data = views.step_summary(first, record) | {"words": first.tokens.word_texts, "messages": messages}
+    data["steps"] = [views.step_summary(first, r) for r in first.records[covered]]
+    if len(runs) > 1:
+        second = runs[1]
+        data["second_prompt"] = views.step_summary(second, second.records[record.index - 1])
+        data["second_prompt"]["steps"] = [views.step_summary(second, r) for r in second.records[covered]]
+    if numbers_only:
+        return (*[gr.skip()] * 4, status, gr.skip(), gr.skip(), gr.skip(), data)
+    pictures = []
+    for which in (0, 1):
+        if which < len(runs):
+            other = runs[which].records[record.index - 1]
+            pictures += [views.for_display(views.step_picture(other, "prediction")), views.for_display(views.step_picture(other, "noisy"))]
+        else:
+            pictures += [None, None]
+    chart = plots.noise_level_chart(tuple(first.timesteps), tuple(first.noise_levels)).at(record.index)
+    total = len(first.timesteps)
+    if streaming and record.index == 1:  # one point says nothing yet; the first update comes sooner
+        concepts = gr.skip()
+    elif streaming:  # painted on a chart drawn once per run shape: a matplotlib redraw costs ~200 ms
+        series = views.concept_series(first)
+        concepts = plots.streaming_concept_chart(total, tuple(series), CONCEPT_CHART_TITLE).draw(series)
+    else:
+        concepts = plots.concept_chart(list(range(1, total + 1)), views.concept_series(first), CONCEPT_CHART_TITLE)
+    period = max(1, total // 5)
+    unpictured = range(pictures_since or covered.start + 1, record.index + 1)
+    if streaming and record.index != total and not any(i % period == 0 for i in unpictured):
+        # one picture per word: while streaming they follow every fifth of the run (and the last step)
+        overlays = gr.skip()
+    else:
+        overlays = views.word_overlays(first, record, max_side=settings.APP.overlay_gallery_side)
+    return (*pictures, status, chart, overlays, concepts, data)
+
+
+def denoise(model_id, prompt, prompt_b, negative, seed, steps, guidance, width, height, schedule, lam, custom, session):
+    """Run the model and stream its steps: for each prompt the prediction view and the noisy view,
+    then a status line, the noise-level chart, one attention overlay per word, the concept chart and
+    the step's data as JSON (timestep, sigma, per-word scores; "steps": the same for every step
+    since the last update, so none is lost when the page falls behind). A second prompt runs from
+    the same noise."""
+    try:
+        first = run_settings(model_id, prompt, negative, seed, steps, guidance, width, height, schedule, lam, custom)
+        runs = [first] + ([RunSettings.from_dict(first.to_dict() | {"prompt": prompt_b})] if (prompt_b or "").strip() else [])
+        runs = [one.validated() for one in runs]
+    except ValueError as error:
+        raise refusal("/denoise", error) from error
+    session = session or Session()
+    added = False
+    last_sent = last_pictured = 0
+    budget = UpdateBudget(None if gpu.on_gpu() else settings.APP.cpu_stream_share, settings.APP.max_update_gap_s)
+    for now, step, waiting in stream(model_id, runs, "/denoise"):
+        if not added:
+            session.add(now)
+            added = True
+        if waiting:
+            continue  # a newer step is done: this one's facts go out with it
+        pictures = step == len(now[0].timesteps) or budget.allows()
+        if not (pictures or budget.due()):
+            continue  # drawing would slow a CPU run, and the page had news a moment ago
+        with budget.spending():
+            if pictures and not gpu.on_gpu():  # a CPU run decodes its last step only: the shown steps here
+                gpu.decode(model_id, [run.records[step - 1] for run in now])
+            view = step_view(up_to(now, step), step, streaming=True, since=last_sent + 1, numbers_only=not pictures,
+                             pictures_since=last_pictured + 1)
+            yield *view, session
+        last_sent = step
+        last_pictured = step if pictures else last_pictured
+
+
+def after_run(session: Session | None) -> AfterRun:
+    """Open the scrubber and fill the other tabs' choices from the finished run."""
+    run = session.run(0)
+    words = views.token_labels(run)
+    steps = len(run.records)
+    groups = list(views.layer_groups(run))
+    gpu.decode(run.model_id, run.records)  # every frame of the animation
+    gif = export.animation(run, session.file(f"{export.file_stem(run)}.gif"))
+    return AfterRun(
+        scrubber=gr.update(maximum=steps, value=steps, interactive=True),
+        word=gr.update(choices=words, value=words[min(len(words) - 1, 1)] if words else None),
+        step=gr.update(maximum=steps, value=steps),
+        start=gr.update(maximum=steps, value=1),
+        end=gr.update(maximum=steps, value=steps),
+        groups=gr.update(choices=groups, value=groups),
+        animation=str(gif),
+        explained_step=gr.update(maximum=steps, value=settings.explained_step(steps)),
+    )
+
+
+def denoise_on_page(*inputs):
+    """The Run button: ``denoise``'s updates, then the finished run opens the scrubber and fills
+    the other tabs' choices (``after_run``'s outputs, which ``denoise``'s updates leave as they are)."""
+    update = ()
+    for update in denoise(*inputs):  # the step view, then the session
+        yield *update, *[gr.skip()] * AFTER_RUN_OUTPUTS
+    yield *[gr.skip()] * len(update), *after_run(update[-1]).values()
+
+
+def show_step(session: Session | None, step: int):
+    """Scrub back to a recorded step without recomputing."""
+    try:
+        runs = current(session)
+        if not 1 <= int(step) <= len(runs[0].records):
+            raise ValueError(f"step must be between 1 and {len(runs[0].records)}, got {step}.")
+    except ValueError as error:
+        raise refusal("scrub", error) from error
+    gpu.decode(runs[0].model_id, [run.records[int(step) - 1] for run in runs])  # a step the run did not decode
+    return step_view(runs, int(step))
+
+
+def on_model_change(model_id):
+    """The chosen model's defaults and examples; the status line says at once if it cannot run here."""
+    spec = config.model_spec(model_id)
+    try:
+        check_loadable(spec)
+        status = gr.skip()
+    except ValueError as error:
+        status = f"⚠️ {error}"
+    return spec.width, spec.height, spec.steps, spec.guidance, gr.update(samples=[[p] for p in spec.examples]), status
+
+
+def build() -> DenoiseTab:
+    """The Denoise tab in the current Blocks context, with its own events (``wire_run`` adds the run's)."""
+    tab = DenoiseTab()
+    tab.model_id.change(on_model_change, tab.model_id, [tab.width, tab.height, tab.steps, tab.guidance, tab.examples, tab.status],
+                        api_visibility="private")
+    tab.examples.click(lambda sample: sample[0], tab.examples, tab.prompt, api_visibility="private")
+    return tab
+
+
+def wire_run(tab: DenoiseTab, session: gr.State, concepts, attention, saliency) -> None:
+    """The Run button (page and ``/denoise``) and the scrubber, once the tabs they fill are built:
+    the step view draws the Concepts tab's ``chart``; a finished run fills Attention's ``word``,
+    ``step``, ``start``, ``end`` and ``groups`` and Saliency's ``step`` (``AfterRun``)."""
+    outputs = tab.step_outputs(concepts.chart)
+    filled = AfterRun(scrubber=tab.slider, word=attention.word, step=attention.step, start=attention.start, end=attention.end,
+                      groups=attention.groups, animation=tab.animation, explained_step=saliency.step)
+    serve_both(tab.run, denoise, tab.run_inputs() + [session], outputs + [session], "denoise", notice=tab.status,
+               page_handler=denoise_on_page, page_outputs=outputs + [session] + filled.values(),
+               **gpu.queue())
+    tab.slider.release(on_page(show_step, len(outputs), notice=STATUS), [session, tab.slider], outputs, api_visibility="private")

@@ -1,0 +1,44 @@
+"""The Export tab (the latest run as a ZIP and a GIF) and the About tab."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from explainer import config, export
+
+from . import gpu
+from .page import notice_line, refusal, serve_both
+from .session import current
+
+ABOUT = (config.REPO_ROOT / "docs" / "about.md").read_text(encoding="utf-8")
+
+
+def export_run(session):
+    """A ZIP of the latest run (per-step pictures, maps as .npy and .png, run.json that reproduces it)
+    and its animation (GIF)."""
+    try:
+        run = current(session)[0]
+        if not run.done:
+            raise ValueError("The run is still going; export when it has finished.")
+    except ValueError as error:
+        raise refusal("/export", error) from error
+    gpu.decode(run.model_id, run.records)  # every step's pictures go into the archive
+    archive = export.export_zip(run, session.file(f"{export.file_stem(run)}.zip"))
+    gif = export.animation(run, session.file(f"{export.file_stem(run)}.gif"))
+    return str(archive), str(gif)
+
+
+def build(session: gr.State) -> None:
+    """The Export tab in the current Blocks context; its button serves ``/export``."""
+    gr.Markdown("Download the latest run: every step's pictures, attention maps (.npy and .png) and `run.json`, which "
+                "records every setting and library version needed to make it again.")
+    button = gr.Button("Export the latest run")
+    notice = notice_line()
+    with gr.Row():
+        archive, gif = gr.File(label="Run (ZIP)"), gr.File(label="Animation (GIF)")
+    serve_both(button, export_run, [session], [archive, gif], "export", notice=notice)
+
+
+def about() -> None:
+    """The About tab's text (docs/about.md) in the current Blocks context."""
+    gr.Markdown(ABOUT)

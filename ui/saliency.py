@@ -1,0 +1,180 @@
+"""The Saliency tab: where the model recovers the image at a step of the latest run, by a method or
+a baseline, scored by insertion and deletion. Each method's options are drawn from its dataclass
+fields (``explainer.methods.options``) and shown while that method is chosen; a new method needs
+only its entry in ``SALIENCY_METHODS``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gradio as gr
+import numpy as np
+
+from explainer import plots, views
+from explainer.methods import METHODS
+from explainer.methods.options import described
+
+from . import gpu, settings
+from .page import DEFAULT_SPEC, notice_line, refusal, serve_both, step_slider
+from .session import current
+
+SALIENCY_METHODS = {"DF-RISE": "df-rise", "DF-CAM": "df-cam", "DF-LIME": "df-lime", "random baseline": "random", "centred baseline": "centre"}
+ALL_LAYERS = "sum of all layers"
+
+
+def control(field: dataclasses.Field, value):
+    """A control for a described field (``options.option``): its choices as a radio, its bounds as a
+    slider, else a checkbox, a number or a text box, after the default's type."""
+    about = field.metadata
+    shown = {"label": about["label"], "info": about["help"] or None, "value": value}
+    whole = isinstance(field.default, int) and not isinstance(field.default, bool)
+    if about["choices"]:
+        return gr.Radio(list(about["choices"]), **shown)
+    if isinstance(field.default, bool):
+        return gr.Checkbox(**shown)
+    if about["bounds"]:
+        low, high = about["bounds"]
+        return gr.Slider(low, high, step=about["step"] or (1 if whole else (high - low) / 100), **shown)
+    if isinstance(field.default, int | float):
+        return gr.Number(precision=0 if whole else None, **shown)
+    return gr.Textbox(**shown)
+
+
+@dataclasses.dataclass
+class MethodForm:
+    """One method's option controls, by field name, in a group shown while the method is chosen."""
+
+    group: gr.Accordion
+    controls: dict[str, gr.components.Component]
+
+
+def method_form(name: str, title: str, visible: bool, starting: dict) -> MethodForm | None:
+    """Controls for the described fields of method ``name``, at ``starting`` values where given, else
+    at the fields' defaults; ``None`` for a method without any."""
+    fields = described(METHODS[name])
+    if not fields:
+        return None
+    with gr.Accordion(f"{title} options", open=True, visible=visible) as group:
+        return MethodForm(group, {field.name: control(field, starting.get(field.name, field.default)) for field in fields})
+
+
+def method_options(name: str, values: dict) -> dict:
+    """Method ``name``'s options from ``values`` keyed (method, field name), where method ``None``
+    stands for every method with that field; each as its default's type (a slider sends floats)."""
+    options = {}
+    for field in dataclasses.fields(METHODS[name]):
+        for key in ((name, field.name), (None, field.name)):
+            if key in values:
+                value = values[key]
+                options[field.name] = type(field.default)(value) if type(field.default) in (int, float) else value
+    return options
+
+
+class SaliencyTab:
+    """The Saliency tab's components, by name; ``forms`` holds each method's option controls."""
+
+    def __init__(self):
+        gr.Markdown(
+            "**Where does the model recover the image at this step?** Pick a method and a step of the latest run. "
+            "DF-RISE masks the noisy latent many times and sees which pixels the step's result depends on; DF-CAM "
+            "weighs every layer's activations by their gradients; the baselines (random, centred) are what a "
+            "method must beat. Insertion and deletion score the map by how fast revealing (removing) its top "
+            "pixels brings back (destroys) the real next step."
+        )
+        first = next(iter(SALIENCY_METHODS))
+        starting = {"df-rise": {"n_masks": settings.APP.rise_masks}}
+        with gr.Row():
+            with gr.Column(scale=1):
+                self.method = gr.Dropdown(list(SALIENCY_METHODS), value=first, label="Method")
+                self.step = step_slider(settings.explained_step(DEFAULT_SPEC.steps))
+                forms = {name: method_form(name, label, label == first, starting.get(name, {})) for label, name in SALIENCY_METHODS.items()}
+                self.forms: dict[str, MethodForm] = {name: form for name, form in forms.items() if form is not None}
+                with self.forms["df-cam"].group:  # DF-CAM also gives a map per layer: the one shown
+                    self.layer = gr.Dropdown([ALL_LAYERS], value=ALL_LAYERS, label="DF-CAM layer", allow_custom_value=True)
+                self.opacity = gr.Slider(0, 1, value=0.8, step=0.05, label="Overlay opacity")
+                self.score = gr.Checkbox(value=True, label="Score with insertion / deletion")
+                self.explain = gr.Button("Explain", variant="primary")
+                self.notice = notice_line()
+            with gr.Column(scale=2):
+                with gr.Row():
+                    self.overlay = gr.Image(label="Saliency overlay", type="pil", height=340)
+                    self.chart = gr.Image(label="Insertion / deletion", type="pil", height=340)
+                with gr.Row():
+                    self.npy = gr.File(label="Map (.npy, latent grid)")
+                    self.data = gr.JSON(label="Result")
+
+    def outputs(self) -> list:
+        return [self.overlay, self.chart, self.npy, self.data, self.layer]
+
+
+def saliency(method, step, masks, keep, mode, mask_kind, seed, layer, opacity, score, estimator, rectify, target, weighting,
+             layer_scale, session):
+    """Where does the model recover the image at this step? A DF-RISE, DF-CAM or DF-LIME map (or a
+    baseline) of the latest run, its overlay, and its insertion and deletion curves with their AUC.
+    ``seed`` is any seeded method's; the other options are DF-RISE's and DF-CAM's own."""
+    values = {("df-rise", "n_masks"): masks, ("df-rise", "keep"): keep, ("df-rise", "mode"): mode, ("df-rise", "mask"): mask_kind,
+              (None, "seed"): seed, ("df-rise", "estimator"): estimator, ("df-cam", "rectify"): rectify,
+              ("df-cam", "target"): target, ("df-cam", "weighting"): weighting, ("df-cam", "layer_scale"): layer_scale}
+    return _explain(method, values, step, layer, opacity, score, session)
+
+
+def _explain(method, values: dict, step, layer, opacity, score, session):
+    try:
+        run = current(session)[0]
+        if method not in SALIENCY_METHODS:
+            raise ValueError(f"method must be one of {list(SALIENCY_METHODS)}, got {method!r}.")
+        name = SALIENCY_METHODS[method]
+        options = method_options(name, values)
+        METHODS[name](**options)  # option checks (limits from the config) before any GPU work
+        if not 1 <= int(step) <= len(run.records):
+            raise ValueError(f"step must be between 1 and {len(run.records)}, got {step}.")
+        explanation, scores = gpu.explain_on_device(run.model_id, run.for_computing(), name, options, int(step), bool(score))
+    except ValueError as error:
+        raise refusal("/saliency", error) from error
+    saliency_map = explanation.saliency
+    layers = sorted(explanation.per_layer or {})
+    if layer and layer != ALL_LAYERS:
+        if layer not in (explanation.per_layer or {}):
+            raise refusal("/saliency", ValueError(f"Unknown layer {layer!r}; DF-CAM recorded {len(layers)} layers."))
+        saliency_map = explanation.per_layer[layer]
+    record = run.records[int(step) - 1]
+    gpu.decode(run.model_id, [record])
+    picture = views.for_display(views.step_picture(record, "prediction"), 320)
+    path = session.file(f"saliency-{name}-{step}.npy")
+    np.save(path, saliency_map)
+    data = {
+        "method": name, "step": explanation.step, "timestep": explanation.timestep, "options": explanation.options,
+        "seconds": round(explanation.seconds, 3), "denoiser_calls": explanation.denoiser_calls, "layers": layers,
+    }
+    shares = explanation.layer_shares or {}
+    if shares:
+        data["layer_shares"] = {name: round(share, 4) for name, share in shares.items()}
+    if scores:
+        data |= {k: scores[k] for k in ("insertion_auc", "deletion_auc", "insertion", "deletion", "distance")}
+    chart = plots.insertion_deletion_chart(scores) if scores else None
+    by_share = sorted(layers, key=lambda name: -shares.get(name, 0.0))  # the layers that carry most first
+    labelled = [(f"{name} ({shares[name]:.0%})" if name in shares else name, name) for name in by_share]
+    layer_choices = gr.update(choices=[(ALL_LAYERS, ALL_LAYERS), *labelled], value=layer or ALL_LAYERS)
+    return plots.overlay(picture, saliency_map, float(opacity)), chart, str(path), data, layer_choices
+
+
+def build(session: gr.State) -> SaliencyTab:
+    """The Saliency tab in the current Blocks context. The page sends the chosen method's controls;
+    ``/saliency`` keeps its arguments (``saliency``), taken from DF-RISE's and DF-CAM's controls."""
+    tab = SaliencyTab()
+    keys = [(name, field) for name, form in tab.forms.items() for field in form.controls]
+
+    def saliency_on_page(method, step, layer, opacity, score, *values):  # every form's controls, then the session
+        return _explain(method, dict(zip(keys, values[:-1])), step, layer, opacity, score, values[-1])
+
+    rise, cam = tab.forms["df-rise"].controls, tab.forms["df-cam"].controls
+    api_inputs = [tab.method, tab.step, rise["n_masks"], rise["keep"], rise["mode"], rise["mask"], rise["seed"], tab.layer,
+                  tab.opacity, tab.score, rise["estimator"], cam["rectify"], cam["target"], cam["weighting"], cam["layer_scale"]]
+    page_inputs = [tab.method, tab.step, tab.layer, tab.opacity, tab.score]
+    page_inputs += [control for form in tab.forms.values() for control in form.controls.values()]
+    serve_both(tab.explain, saliency, api_inputs + [session], tab.outputs(), "saliency", notice=tab.notice,
+               page_handler=saliency_on_page, page_inputs=page_inputs + [session], **gpu.queue())
+    names = list(tab.forms)
+    tab.method.change(lambda method: [gr.update(visible=SALIENCY_METHODS.get(method) == name) for name in names], tab.method,
+                      [form.group for form in tab.forms.values()], api_visibility="private")
+    return tab
