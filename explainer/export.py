@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config, views
+from . import config
+from .render import pictures, views
 from .run import RunData
 
 
@@ -19,9 +20,9 @@ def animation(run: RunData, path: Path, view: str = "prediction", frame_ms: int 
     """A GIF of the step pictures (``view``: prediction or noisy), the final image held at the end."""
     if not run.records:
         raise ValueError("The run has no steps to animate yet.")
-    frames = [views.for_display(views.step_picture(r, view), 256).convert("RGB") for r in run.records]
+    frames = [pictures.for_display(pictures.step_picture(r, view), 256).convert("RGB") for r in run.records]
     if run.final_image is not None:
-        frames.append(views.for_display(run.final_image, 256).convert("RGB"))
+        frames.append(pictures.for_display(run.final_image, 256).convert("RGB"))
     durations = [frame_ms] * (len(frames) - 1) + [frame_ms * 8]
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
     return Path(path)
@@ -40,7 +41,7 @@ def export_zip(run: RunData, path: Path) -> Path:
         for record in run.records:
             stem = f"step_{record.index:03d}"
             for view in ("prediction", "noisy"):
-                archive.writestr(f"{stem}/{view}.png", _png(views.step_picture(record, view)))
+                archive.writestr(f"{stem}/{view}.png", _png(pictures.step_picture(record, view)))
             archive.writestr(f"{stem}/attention.npy", _npy(record.attention))
             for index, (picture, label) in enumerate(views.word_overlays(run, record)):
                 archive.writestr(f"{stem}/attention_{index:02d}_{_safe(label)}.png", _png(picture))

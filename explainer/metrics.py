@@ -17,11 +17,10 @@ from scipy.stats import spearmanr
 from skimage.metrics import structural_similarity
 
 from .config import LIMITS
-from .images import decode
 from .methods.base import batches, check_choice, check_int
 from .replay import guided_prediction, step_from, step_inputs
 from .models import LoadedModel
-from .plots import normalise
+from .maps import normalise
 from .run import RunData
 
 DISTANCES = ("1-ssim", "mse")
@@ -158,13 +157,13 @@ def insertion_deletion_by_distance(
     insertion = blur_latents(latents) * (1 - revealed) + latents * revealed
     deletion = latents * (1 - revealed)
     states = torch.cat([insertion, deletion])  # (2 (H + 1), C, h, w)
-    target = decode(model, inputs.next_latents, output_type="np")[0]
+    target = model.decode(inputs.next_latents, output_type="np")[0]
     scores, chunks = {distance: [] for distance in distances}, batches(len(states), batch_size)
     for start, stop in chunks:
         with torch.no_grad():
             batch = states[start:stop]
             predicted_next = step_from(model, inputs, batch, guided_prediction(model, inputs, batch))
-        images = decode(model, predicted_next, output_type="np")
+        images = model.decode(predicted_next, output_type="np")
         for distance in distances:
             scores[distance] += _distance(images, target, distance)
     result: dict = {"denoiser_calls": len(chunks)}

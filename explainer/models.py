@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
+from PIL import Image
 
 from . import config
 from .families import Conditioning, Family
@@ -59,6 +60,28 @@ class LoadedModel:
     @property
     def dtype(self) -> torch.dtype:
         return self.denoiser.dtype
+
+    def preview(self, latents: torch.Tensor) -> Image.Image:
+        """Fast RGB preview of one latent (1, C, h, w) in the denoiser's scale, at the latent's own size
+        (w x h), by the linear map ``latent_rgb``: kept small, enlarging adds no information."""
+        latent = latents[0].float().cpu().numpy()  # (C, h, w)
+        channels = latent.shape[0]
+        rgb = np.einsum("chw,cd->hwd", latent, self.latent_rgb[:channels])
+        if len(self.latent_rgb) > channels:  # the bias row
+            rgb = rgb + self.latent_rgb[channels]
+        return Image.fromarray(((rgb.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8))
+
+    def decode(self, latents: torch.Tensor, output_type: str = "pil") -> list[Image.Image] | np.ndarray:
+        """Decode latents (B, C, h, w) in the denoiser's scale as the pipeline does: PIL pictures, or
+        with ``output_type="np"`` a float array (B, H, W, 3) in [0, 1]."""
+        return self.family.decode(self.pipe, latents, output_type)
+
+    def decode_in_batches(self, latents: list[torch.Tensor], batch_size: int = 8) -> list[Image.Image]:
+        """Decode many latents (each (1, C, h, w)), ``batch_size`` at a time (bounded memory at SD size)."""
+        pictures: list[Image.Image] = []
+        for start in range(0, len(latents), batch_size):
+            pictures += self.decode(torch.cat(latents[start : start + batch_size]))
+        return pictures
 
     def encode(self, prompt: str, negative_prompt: str = "", guided: bool = True) -> Conditioning:
         """The prompt's conditioning, in diffusers' batch order under guidance: [unconditional, conditional]."""

@@ -26,7 +26,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from . import config, images
+from . import config
 from .capture import AttentionRecorder, capture_attention
 from .models import LoadedModel
 from .replay import combine_guidance, guided, model_input
@@ -244,7 +244,7 @@ class InstrumentedRun:
                 latents = next_latents
                 yield record
         with torch.inference_mode():
-            final = images.decode(model, latents, output_type="np")[0]
+            final = model.decode(latents, output_type="np")[0]
         self.data.final_array = final
         self.data.final_image = Image.fromarray((final * 255).round().astype(np.uint8))
         self.data.reproduction = self.reproduction()
@@ -280,8 +280,8 @@ class InstrumentedRun:
             x0_hat=x0_hat.cpu(),
             noise_pred=noise_pred.float().cpu(),
             image_size=size,
-            preview_noisy=images.preview(latents, self.model.latent_rgb),
-            preview_prediction=images.preview(x0_hat, self.model.latent_rgb),
+            preview_noisy=self.model.preview(latents),
+            preview_prediction=self.model.preview(x0_hat),
             attention=attention,
             group_attention=groups,
         )
@@ -344,7 +344,7 @@ def decode_views(model: LoadedModel, records: list[StepRecord]) -> None:
     the run did not decode)."""
     missing = undecoded(records)
     if missing:
-        attach_views(missing, images.decode_in_batches(model, view_latents(missing)))
+        attach_views(missing, model.decode_in_batches(view_latents(missing)))
 
 
 def stream_runs(model: LoadedModel, settings: list[RunSettings]) -> Iterator[tuple[str, int, RunData | StepRecord]]:

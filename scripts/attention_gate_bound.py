@@ -18,9 +18,10 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import binary_dilation
 
-from explainer import config, views
+from explainer import config
 from explainer.metrics import iou, mask_on_grid
 from explainer.models import load_model
+from explainer.render import views
 from explainer.run import InstrumentedRun, RunSettings
 from explainer.shapes.quality import FIRST_SEED
 from explainer.shapes.truth import noun_map, shape_grid

@@ -13,12 +13,12 @@ from explainer import config
 from explainer.capture import capture_attention
 from explainer.methods import METHODS, CentreBaseline, DFCam, DFLime, DFRise, RandomBaseline, TokenRelevance, cam_layers
 from explainer.methods.cam import LAYER_SCALES, layer_map
-from explainer.methods.relevance import RelevanceState, cheap_token_scores, relevance_hooks, relevance_series
+from explainer.methods.relevance import RelevanceState, attention_scores, cheap_token_scores, relevance_hooks, relevance_series
 from explainer.methods.rise import default_similarity
 from explainer.metrics import insertion_deletion, inside_outside_ratio, spearman
+from explainer.render import pictures
 from explainer.replay import guided_prediction, step_from, step_inputs
 from explainer.run import InstrumentedRun, RunSettings
-from explainer.views import token_scores
 
 PROMPT = "a cat on a red circle"
 STEP = 3
@@ -109,7 +109,7 @@ def test_contract_shape_range_and_same_seed_same_map(tiny_model, tiny_run, name,
     assert first.options == expected
     assert first.upsampled((64, 48)).shape == (48, 64)
     picture = tiny_run.records[STEP - 1].preview_prediction
-    assert first.overlay(picture).size == picture.size
+    assert pictures.overlay(picture, first.saliency).size == picture.size
 
 
 @pytest.mark.parametrize("name, options", CASES, ids=IDS)
@@ -383,7 +383,7 @@ def test_batched_lime_equals_one_at_a_time(tiny_model, tiny_run):
 
 
 def test_cheap_scores_and_relevance_series(tiny_model, tiny_run):
-    assert cheap_token_scores(tiny_run, 2) == token_scores(tiny_run, tiny_run.records[1])
+    assert cheap_token_scores(tiny_run, 2) == attention_scores(tiny_run, tiny_run.records[1])
     series = relevance_series(tiny_model, tiny_run, steps=[1, 4])
     assert series["steps"] == [1, 4]
     assert list(series["scores"]) == [f"{i}:{w}" for i, w in enumerate(tiny_run.tokens.word_texts)]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from explainer import config, images
+from explainer import config
 from explainer.run import InstrumentedRun, RunSettings
 
 from test_app import DATA, PRED_A, STATUS, denoise_args
@@ -130,7 +130,7 @@ def test_decoding_in_batches_equals_decoding_one_by_one():
 
     model = load_model("tiny-random")
     latents = [torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(5)]
-    batched = images.decode_in_batches(model, latents, batch_size=2)
-    alone = [images.decode(model, latent)[0] for latent in latents]
+    batched = model.decode_in_batches(latents, batch_size=2)
+    alone = [model.decode(latent)[0] for latent in latents]
     for one, other in zip(batched, alone, strict=True):
         assert np.abs(np.asarray(one, np.int16) - np.asarray(other, np.int16)).max() <= 1

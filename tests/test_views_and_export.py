@@ -9,7 +9,8 @@ import pytest
 from matplotlib import font_manager
 from PIL import Image
 
-from explainer import config, export, plots, views
+from explainer import config, export
+from explainer.render import charts, pictures, views
 from explainer.models import LoadedModel
 from explainer.run import InstrumentedRun, RunSettings, stream_runs
 from ui.session import Session
@@ -25,8 +26,8 @@ def test_overlay_follows_the_papers_mix():
     image = Image.new("RGB", (4, 4), (0, 0, 0))
     saliency = np.zeros((4, 4), np.float32)
     saliency[0, 0] = 1.0
-    mixed = np.asarray(plots.overlay(image, saliency), dtype=np.float32) / 255
-    jet_top = np.asarray(plots._JET(1.0)[:3])
+    mixed = np.asarray(pictures.overlay(image, saliency), dtype=np.float32) / 255
+    jet_top = np.asarray(pictures._JET(1.0)[:3])
     # m = 1: all heat map; m = 0: the image untouched
     np.testing.assert_allclose(mixed[0, 0], jet_top, atol=1 / 255)
     assert mixed[3, 3].max() == 0
@@ -151,8 +152,8 @@ def test_closed_vocabulary_names_unknown_words(tiny_model):
 
 
 def test_noise_chart_marks_the_step_on_a_cached_drawing(run):
-    chart = plots.noise_level_chart(tuple(run.timesteps), tuple(run.noise_levels))
-    assert plots.noise_level_chart(tuple(run.timesteps), tuple(run.noise_levels)) is chart  # drawn once
+    chart = charts.noise_level_chart(tuple(run.timesteps), tuple(run.noise_levels))
+    assert charts.noise_level_chart(tuple(run.timesteps), tuple(run.noise_levels)) is chart  # drawn once
     first, last = np.asarray(chart.at(1).convert("RGB")), np.asarray(chart.at(4).convert("RGB"))
     x, y = (int(round(v)) for v in chart.pixels[0])
     assert tuple(first[y, x]) == (209, 73, 91) and tuple(last[y, x]) != (209, 73, 91)
@@ -160,8 +161,8 @@ def test_noise_chart_marks_the_step_on_a_cached_drawing(run):
 
 
 def test_streaming_concept_chart_paints_each_word_where_its_scores_are():
-    chart = plots.streaming_concept_chart(10, ("red", "circle"), "title")
-    assert plots.streaming_concept_chart(10, ("red", "circle"), "title") is chart  # drawn once per run shape
+    chart = charts.streaming_concept_chart(10, ("red", "circle"), "title")
+    assert charts.streaming_concept_chart(10, ("red", "circle"), "title") is chart  # drawn once per run shape
     picture = np.asarray(chart.draw({"red": [1.0, 1.0, 1.0], "circle": [0.0, 0.0]}).convert("RGB"))
     assert picture.shape[:2] == np.asarray(chart.base).shape
     for word, value, step in (("red", 1.0, 3), ("circle", 0.0, 2)):
@@ -188,11 +189,11 @@ def test_streamed_charts_are_palette_pictures_of_the_matplotlib_drawing():
     text is the only place with more colours than it holds)."""
     import io
 
-    chart = plots.streaming_concept_chart(10, ("red", "circle"), "title")
+    chart = charts.streaming_concept_chart(10, ("red", "circle"), "title")
     assert chart.base.mode == "P" and chart.draw({"red": [0.5] * 10}).mode == "P"
-    assert plots.noise_level_chart((999, 500, 1), (14.6, 1.0, 0.03)).at(2).mode == "P"
-    drawn = plots.concept_chart(list(range(1, 11)), {"red": list(np.linspace(0, 1, 10)), "circle": [0.5] * 10}, "title")
-    palette = plots.as_palette(drawn)
+    assert charts.noise_level_chart((999, 500, 1), (14.6, 1.0, 0.03)).at(2).mode == "P"
+    drawn = charts.concept_chart(list(range(1, 11)), {"red": list(np.linspace(0, 1, 10)), "circle": [0.5] * 10}, "title")
+    palette = charts.as_palette(drawn)
     error = np.abs(np.asarray(palette.convert("RGB")).astype(int) - np.asarray(drawn).astype(int)).max(axis=-1)
     assert (error == 0).mean() > 0.99 and error.max() <= 24
     sizes = []
@@ -211,9 +212,9 @@ def test_charts_drawn_in_many_threads_at_once_equal_the_same_charts_drawn_alone(
 
     series = {word: list(np.linspace(0, 1, 12) ** (i + 1)) for i, word in enumerate(("a", "red", "circle"))}
     kinds = {
-        "concepts": lambda: plots.concept_chart(list(range(1, 13)), series, "title"),
-        "bars": lambda: plots.token_bars({word: sum(values) for word, values in series.items()}, "totals"),
-        "curves": lambda: plots.insertion_deletion_chart(
+        "concepts": lambda: charts.concept_chart(list(range(1, 13)), series, "title"),
+        "bars": lambda: charts.token_bars({word: sum(values) for word, values in series.items()}, "totals"),
+        "curves": lambda: charts.insertion_deletion_chart(
             {"insertion": [1, 0.5, 0.2], "deletion": [0, 0.4, 0.9], "insertion_auc": 0.5, "deletion_auc": 0.4, "distance": "mse"}),
     }
     alone = {name: np.asarray(draw()) for name, draw in kinds.items()}
@@ -234,7 +235,7 @@ def test_charts_drawn_in_many_threads_at_once_equal_the_same_charts_drawn_alone(
     assert plt.get_fignums() == []  # nothing was left in pyplot's global registry
 
 
-@pytest.mark.skipif(not any(Path(p).name in plots.FALLBACK_FONT_FILES for p in font_manager.findSystemFonts()),
+@pytest.mark.skipif(not any(Path(p).name in charts.FALLBACK_FONT_FILES for p in font_manager.findSystemFonts()),
                     reason="needs the fonts of packages.txt: apt-get install fonts-droid-fallback fonts-nanum "
                            "(bash .ci/run installs them)")
 def test_charts_draw_words_in_other_scripts():
@@ -242,7 +243,27 @@ def test_charts_draw_words_in_other_scripts():
     words = {"0:猫": [0.0, 1.0], "1:고양이": [1.0, 0.0], "2:ねこ": [0.2, 0.3], "3:dog": [0.5, 0.5]}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plots.concept_chart([1, 2], words, "title")
-        plots.StreamingConceptChart(2, tuple(words), "title").draw(words)
-        plots.token_bars({word: sum(values) for word, values in words.items()}, "title")
+        charts.concept_chart([1, 2], words, "title")
+        charts.StreamingConceptChart(2, tuple(words), "title").draw(words)
+        charts.token_bars({word: sum(values) for word, values in words.items()}, "title")
     assert not [str(w.message) for w in caught if "missing from font" in str(w.message)]
+
+
+def test_methods_and_metrics_import_no_drawing_and_charts_change_no_global_setting():
+    """The methods and metrics run without the rendering package or matplotlib; importing and
+    drawing the charts leaves matplotlib's global settings as they were."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, matplotlib; before = dict(matplotlib.rcParams); del sys.modules['matplotlib']\n"
+        "for name in [m for m in sys.modules if m.startswith('matplotlib')]: del sys.modules[name]\n"
+        "import explainer.methods, explainer.metrics, explainer.replay, explainer.run\n"
+        "drawing = sorted(m for m in sys.modules if m.startswith(('matplotlib', 'explainer.render')))\n"
+        "from explainer.render import charts\n"
+        "charts.concept_chart([1, 2], {'0:a': [0.0, 1.0]}, 'title'); charts.token_bars({'0:a': 1.0}, 'title')\n"
+        "import matplotlib\n"
+        "print(drawing, dict(matplotlib.rcParams) == before)\n"
+    )
+    printed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert printed.strip().splitlines()[-1] == "[] True"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 import numpy as np
 
-from explainer import plots, views
+from explainer.render import pictures, views
 from explainer.run import RunData, StepRecord
 
 from . import gpu
@@ -45,7 +45,7 @@ class AttentionTab:
                 self.notice = notice_line()
             with gr.Column(scale=2):
                 self.overlay = gr.Image(label="Attention overlay", type="pil", height=360)
-                gr.Image(value=plots.colour_scale(), label="Colour scale: blue = least, red = most of this map (min-max)",
+                gr.Image(value=pictures.colour_scale(), label="Colour scale: blue = least, red = most of this map (min-max)",
                          height=60, interactive=False)
                 with gr.Row():
                     self.npy = gr.File(label="Raw map (.npy, latent grid)")
@@ -68,7 +68,7 @@ def attention(word, step, aggregation, start, end, groups, view, opacity, includ
     except ValueError as error:
         raise refusal("/attention", error) from error
     gpu.decode(run.model_id, [chosen[-1]])
-    picture = views.for_display(views.step_picture(chosen[-1], view), 320)
+    picture = pictures.for_display(pictures.step_picture(chosen[-1], view), 320)
     path = session.file(f"attention-{word}-{chosen[0].index}-{chosen[-1].index}.npy")
     np.save(path, saliency)
     summary = {
@@ -80,7 +80,7 @@ def attention(word, step, aggregation, start, end, groups, view, opacity, includ
         "max": float(saliency.max()),
         "shape": list(saliency.shape),
     }
-    return plots.overlay(picture, saliency, float(opacity)), str(path), summary
+    return pictures.overlay(picture, saliency, float(opacity)), str(path), summary
 
 
 def _steps_for(run: RunData, aggregation: str, step: int, start: int, end: int) -> list[StepRecord]:

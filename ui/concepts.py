@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from explainer import config, plots, views
+from explainer import config
 from explainer.methods import TokenRelevance
 from explainer.methods.base import RECTIFIERS
+from explainer.render import charts, pictures, views
 from explainer.run import RunData
 
 from . import gpu
@@ -70,7 +71,7 @@ def _concept_outputs(run: RunData, title: str):
     steps = list(range(1, len(run.records) + 1))
     totals = {label: float(sum(values)) for label, values in series.items()}
     data = {"steps": steps, "timesteps": run.timesteps, "score": "attention mass", "series": series, "totals": totals}
-    return plots.concept_chart(steps, series, f"Concept chart: {title}"), plots.token_bars(totals, f"Totals: {title}"), data
+    return charts.concept_chart(steps, series, f"Concept chart: {title}"), charts.token_bars(totals, f"Totals: {title}"), data
 
 
 def relevance(rectify, session):
@@ -86,8 +87,8 @@ def relevance(rectify, session):
     totals = {label: float(sum(values)) for label, values in series["scores"].items()}
     data = {"steps": series["steps"], "timesteps": run.timesteps, "score": "token relevance", "rectify": rectify,
             "series": series["scores"], "totals": totals}
-    chart = plots.concept_chart(series["steps"], series["scores"], "Concept chart: token relevance (gradient)", "relevance")
-    return chart, plots.token_bars(totals, "Relevance summed over steps"), data
+    chart = charts.concept_chart(series["steps"], series["scores"], "Concept chart: token relevance (gradient)", "relevance")
+    return chart, charts.token_bars(totals, "Relevance summed over steps"), data
 
 
 def compare_schedules(model_id, prompt, negative, seed, steps, guidance, width, height, lam):
@@ -103,9 +104,9 @@ def compare_schedules(model_id, prompt, negative, seed, steps, guidance, width, 
             continue
         outputs, data = [], {}
         for kind, run in zip(config.SCHEDULE_KINDS, up_to(now, step)):
-            picture = run.final_image or views.step_picture(run.records[-1], "prediction")
+            picture = run.final_image or pictures.step_picture(run.records[-1], "prediction")
             chart, bars, series = _concept_outputs(run, kind)
-            outputs += [views.for_display(picture, 256), chart, bars]
+            outputs += [pictures.for_display(picture, 256), chart, bars]
             data[kind] = series
         yield *outputs, data
 

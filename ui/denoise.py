@@ -9,8 +9,9 @@ from typing import Any
 
 import gradio as gr
 
-from explainer import config, export, plots, views
+from explainer import config, export
 from explainer.models import check_loadable, load_model
+from explainer.render import charts, pictures, views
 from explainer.run import RunData, RunSettings
 from explainer.schedules import parse_timestep_list
 
@@ -168,22 +169,23 @@ def step_view(runs: list[RunData], step: int, streaming: bool = False, since: in
         data["second_prompt"]["steps"] = [views.step_summary(second, r) for r in second.records[covered]]
     if numbers_only:
         return (*[gr.skip()] * 4, status, gr.skip(), gr.skip(), gr.skip(), data)
-    pictures = []
+    views_shown = []
     for which in (0, 1):
         if which < len(runs):
             other = runs[which].records[record.index - 1]
-            pictures += [views.for_display(views.step_picture(other, "prediction")), views.for_display(views.step_picture(other, "noisy"))]
+            views_shown += [pictures.for_display(pictures.step_picture(other, "prediction")),
+                            pictures.for_display(pictures.step_picture(other, "noisy"))]
         else:
-            pictures += [None, None]
-    chart = plots.noise_level_chart(tuple(first.timesteps), tuple(first.noise_levels)).at(record.index)
+            views_shown += [None, None]
+    chart = charts.noise_level_chart(tuple(first.timesteps), tuple(first.noise_levels)).at(record.index)
     total = len(first.timesteps)
     if streaming and record.index == 1:  # one point says nothing yet; the first update comes sooner
         concepts = gr.skip()
     elif streaming:  # painted on a chart drawn once per run shape: a matplotlib redraw costs ~200 ms
         series = views.concept_series(first)
-        concepts = plots.streaming_concept_chart(total, tuple(series), CONCEPT_CHART_TITLE).draw(series)
+        concepts = charts.streaming_concept_chart(total, tuple(series), CONCEPT_CHART_TITLE).draw(series)
     else:
-        concepts = plots.concept_chart(list(range(1, total + 1)), views.concept_series(first), CONCEPT_CHART_TITLE)
+        concepts = charts.concept_chart(list(range(1, total + 1)), views.concept_series(first), CONCEPT_CHART_TITLE)
     period = max(1, total // 5)
     unpictured = range(pictures_since or covered.start + 1, record.index + 1)
     if streaming and record.index != total and not any(i % period == 0 for i in unpictured):
@@ -191,7 +193,7 @@ def step_view(runs: list[RunData], step: int, streaming: bool = False, since: in
         overlays = gr.skip()
     else:
         overlays = views.word_overlays(first, record, max_side=settings.APP.overlay_gallery_side)
-    return (*pictures, status, chart, overlays, concepts, data)
+    return (*views_shown, status, chart, overlays, concepts, data)
 
 
 def denoise(model_id, prompt, prompt_b, negative, seed, steps, guidance, width, height, schedule, lam, custom, session):
@@ -216,17 +218,17 @@ def denoise(model_id, prompt, prompt_b, negative, seed, steps, guidance, width, 
             added = True
         if waiting:
             continue  # a newer step is done: this one's facts go out with it
-        pictures = step == len(now[0].timesteps) or budget.allows()
-        if not (pictures or budget.due()):
+        with_pictures = step == len(now[0].timesteps) or budget.allows()
+        if not (with_pictures or budget.due()):
             continue  # drawing would slow a CPU run, and the page had news a moment ago
         with budget.spending():
-            if pictures and not gpu.on_gpu():  # a CPU run decodes its last step only: the shown steps here
+            if with_pictures and not gpu.on_gpu():  # a CPU run decodes its last step only: the shown steps here
                 gpu.decode(model_id, [run.records[step - 1] for run in now])
-            view = step_view(up_to(now, step), step, streaming=True, since=last_sent + 1, numbers_only=not pictures,
+            view = step_view(up_to(now, step), step, streaming=True, since=last_sent + 1, numbers_only=not with_pictures,
                              pictures_since=last_pictured + 1)
             yield *view, session
         last_sent = step
-        last_pictured = step if pictures else last_pictured
+        last_pictured = step if with_pictures else last_pictured
 
 
 def after_run(session: Session | None) -> AfterRun:

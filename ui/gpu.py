@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import spaces
 
-from explainer import config, images, metrics
+from explainer import config, metrics
 from explainer.methods import METHODS, DFLime, DFRise, TokenRelevance, relevance_series
 from explainer.models import load_model, preferred_device, preload
 from explainer.run import RunData, RunSettings, StepRecord, attach_views, stream_runs, undecoded, view_latents
@@ -85,7 +85,7 @@ def decode_duration(model_id, latents) -> int:
 @spaces.GPU(duration=decode_duration)
 def decode_on_device(model_id: str, latents: list) -> list:
     """VAE-decode latents into pictures (the views of steps the run did not decode)."""
-    return images.decode_in_batches(load_model(model_id), latents)
+    return load_model(model_id).decode_in_batches(latents)
 
 
 def decode(model_id: str, records: list[StepRecord]) -> None:

@@ -10,9 +10,9 @@ import dataclasses
 import gradio as gr
 import numpy as np
 
-from explainer import plots, views
 from explainer.methods import METHODS
 from explainer.methods.options import described
+from explainer.render import charts, pictures
 
 from . import gpu, settings
 from .page import DEFAULT_SPEC, notice_line, refusal, serve_both, step_slider
@@ -139,7 +139,7 @@ def _explain(method, values: dict, step, layer, opacity, score, session):
         saliency_map = explanation.per_layer[layer]
     record = run.records[int(step) - 1]
     gpu.decode(run.model_id, [record])
-    picture = views.for_display(views.step_picture(record, "prediction"), 320)
+    picture = pictures.for_display(pictures.step_picture(record, "prediction"), 320)
     path = session.file(f"saliency-{name}-{step}.npy")
     np.save(path, saliency_map)
     data = {
@@ -151,11 +151,11 @@ def _explain(method, values: dict, step, layer, opacity, score, session):
         data["layer_shares"] = {name: round(share, 4) for name, share in shares.items()}
     if scores:
         data |= {k: scores[k] for k in ("insertion_auc", "deletion_auc", "insertion", "deletion", "distance")}
-    chart = plots.insertion_deletion_chart(scores) if scores else None
+    chart = charts.insertion_deletion_chart(scores) if scores else None
     by_share = sorted(layers, key=lambda name: -shares.get(name, 0.0))  # the layers that carry most first
     labelled = [(f"{name} ({shares[name]:.0%})" if name in shares else name, name) for name in by_share]
     layer_choices = gr.update(choices=[(ALL_LAYERS, ALL_LAYERS), *labelled], value=layer or ALL_LAYERS)
-    return plots.overlay(picture, saliency_map, float(opacity)), chart, str(path), data, layer_choices
+    return pictures.overlay(picture, saliency_map, float(opacity)), chart, str(path), data, layer_choices
 
 
 def build(session: gr.State) -> SaliencyTab:

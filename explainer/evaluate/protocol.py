@@ -8,9 +8,10 @@ from itertools import combinations
 
 import numpy as np
 
-from explainer import config, metrics, views
+from explainer import config, metrics
 from explainer.methods import METHODS
-from explainer.plots import normalise
+from explainer.maps import normalise
+from explainer.render import views
 from explainer.run import InstrumentedRun, RunData, RunSettings
 from explainer.shapes.truth import noun_iou, shape_grid
 from explainer.shapes.world import evaluation_prompts

@@ -13,7 +13,7 @@ from PIL import Image
 
 from explainer import metrics
 from explainer.evaluate.protocol import REFERENCE, Protocol
-from explainer.plots import figure_to_image, new_figure
+from explainer.render.charts import figure_to_image, new_figure
 
 
 def mean_interval(values) -> dict:

@@ -6,24 +6,22 @@ checks its inputs and times the work; each method's private ``_explain`` compute
 
 Example:
     >>> explanation = DFRise(n_masks=200).explain(model, run, step=15)
-    >>> explanation.overlay(record.prediction_view).save("rise.png")
+    >>> explanation.saliency.shape, explanation.denoiser_calls  # ((H_lat, W_lat), N / batch_size)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ..config import LIMITS
+from ..maps import normalise
 from ..models import LoadedModel
-from ..plots import normalise, overlay
 from ..run import RunData, check_int, check_number
 
 
@@ -40,7 +38,7 @@ class Explanation:
             (a pass may carry many inputs and both guidance halves).
         per_layer: DF-CAM's per-layer maps (H_lat, W_lat), keyed by module path.
         layer_shares: DF-CAM's share of each layer in the summed map (summing to 1), same keys.
-        token_scores: per-word scores in [0, 1], keyed ``"i:word"`` as ``views.token_scores``.
+        token_scores: per-word scores in [0, 1], keyed ``"i:word"`` as ``relevance.attention_scores``.
         token_maps: per-word maps (H_lat, W_lat) in [0, 1], same keys.
     """
 
@@ -62,10 +60,6 @@ class Explanation:
         tensor = torch.from_numpy(np.ascontiguousarray(self.saliency, dtype=np.float32))[None, None]
         resized = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)
         return resized[0, 0].clamp(0, 1).numpy()
-
-    def overlay(self, image: Image.Image, opacity: float = 1.0) -> Image.Image:
-        """The map over ``image`` in JET, mixed as ``(1 - m^0.8) I + m^0.8 H`` (docs/methods.md, Terms)."""
-        return overlay(image, self.saliency, opacity)
 
 
 # How the gradient methods turn a signed gradient x activation into a map: "relu" keeps the part that

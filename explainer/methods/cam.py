@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..plots import normalise
+from ..maps import normalise
 from ..replay import StepInputs, combine_guidance, raw_prediction, step_inputs
 from .base import RECTIFIERS, GradientMethod, check_choice
 from .options import option

@@ -37,7 +37,6 @@ from skimage.transform import resize
 from sklearn.linear_model import Ridge
 from sklearn.metrics import pairwise_distances
 
-from ..images import decode
 from ..replay import guided_prediction, step_from, step_inputs
 from .base import PerturbationMethod, batches, check_choice, check_int, check_number
 
@@ -53,7 +52,7 @@ OUTPUTS = ("step-error", "paper")
 
 def latent_picture(model, next_latents: torch.Tensor) -> np.ndarray:
     """The decoded x_{t-1} resized (anti-aliased) to the latent grid: float64 (h, w, 3) in [0, 1]."""
-    picture = decode(model, next_latents, output_type="np")[0]  # (H, W, 3) in [0, 1]
+    picture = model.decode(next_latents, output_type="np")[0]  # (H, W, 3) in [0, 1]
     return resize(picture, tuple(next_latents.shape[-2:]), anti_aliasing=True).astype(np.float64)
 
 

@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from ..capture import classic_attention
-from ..plots import normalise
+from ..maps import normalise
 from ..replay import raw_prediction, step_inputs
 from ..run import RunData
-from ..views import token_scores as _cheap_scores
 from .base import RECTIFIERS, GradientMethod
 
 
@@ -248,9 +247,22 @@ class TokenRelevance(GradientMethod):
         return r_iq
 
 
+def attention_scores(run: RunData, record) -> dict[str, float]:
+    """The cheap concept score at one step (docs/methods.md, Token relevance): each word's share of the
+    recorded cross-attention (its pieces' rows summed), min-max normalised across the words; it
+    streams during a run."""
+    words = run.tokens.words
+    if not words:
+        return {}
+    masses = np.array([record.attention[list(w.positions)].astype(np.float32).sum() for w in words])
+    span = masses.max() - masses.min()
+    normalised = (masses - masses.min()) / span if span > 0 else np.zeros_like(masses)
+    return {f"{i}:{w.text}": float(v) for i, (w, v) in enumerate(zip(words, normalised))}
+
+
 def cheap_token_scores(run: RunData, step: int) -> dict[str, float]:
-    """The cheap score from the recorded attention (``views.token_scores``; docs/methods.md, Token relevance): streams during a run."""
-    return _cheap_scores(run, run.records[step - 1])
+    """``attention_scores`` of step ``step`` (1-based)."""
+    return attention_scores(run, run.records[step - 1])
 
 
 def relevance_series(model, run: RunData, steps: list[int] | None = None, method: TokenRelevance | None = None) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from explainer import views
+from explainer.render import views
 from explainer.metrics import iou, mask_on_grid
 from explainer.run import InstrumentedRun, RunData, RunSettings
 from explainer.shapes.checker import generated_shape_mask

@@ -1,4 +1,5 @@
-"""Pictures of what was computed: map overlays (docs/methods.md, Terms) and the noise-level chart."""
+"""Charts of what was computed: the noise level, the concept charts, token bars and the
+insertion and deletion curves (matplotlib, outside pyplot)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ from matplotlib import font_manager
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
-
-_JET = matplotlib.colormaps["jet"]
 
 # Fonts for the glyphs DejaVu Sans lacks: prompts in Chinese, Japanese or Korean would otherwise
 # show as boxes in the charts' legends. The Space installs them (packages.txt), as does CI.
@@ -33,33 +32,16 @@ def _fallback_font_families() -> list[str]:
     return list(dict.fromkeys(entry.name for entry in manager.ttflist if Path(entry.fname).name in FALLBACK_FONT_FILES))
 
 
-# Set once at import, never while drawing (rcParams are global). Matplotlib falls back glyph by
-# glyph along the font.family list (a generic family such as "sans-serif" counts as one font), so
-# Latin text keeps its font; only families found are added (a missing one warns at every text).
-matplotlib.rcParams["font.family"] = list(dict.fromkeys([*matplotlib.rcParams["font.family"], *_fallback_font_families()]))
+@functools.cache
+def _word_families() -> tuple[str, ...]:
+    return tuple(dict.fromkeys([*matplotlib.rcParams["font.family"], *_fallback_font_families()]))
 
 
-def normalise(saliency: np.ndarray) -> np.ndarray:
-    """Min-max to [0, 1] in float32; a constant map becomes all zeros."""
-    saliency = np.asarray(saliency, dtype=np.float32)
-    low, high = float(saliency.min()), float(saliency.max())
-    if high - low < 1e-12:
-        return np.zeros_like(saliency)
-    return (saliency - low) / (high - low)
-
-
-def overlay(image: Image.Image, saliency: np.ndarray, opacity: float = 1.0) -> Image.Image:
-    """JET overlay as in the paper: ``(1 - m^0.8) I + m^0.8 H`` with ``m`` the map in [0, 1].
-
-    The map is min-max normalised, resized bilinearly to the image, and ``opacity`` scales the mix.
-    """
-    m = normalise(saliency)
-    m = np.asarray(Image.fromarray(m).resize(image.size, Image.Resampling.BILINEAR), dtype=np.float32).clip(0, 1)
-    weight = (m**0.8 * opacity)[..., None]
-    heat = _JET(m)[..., :3]
-    base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    mixed = (1 - weight) * base + weight * heat
-    return Image.fromarray((mixed * 255).round().astype(np.uint8))
+def word_font(size: float) -> font_manager.FontProperties:
+    """The font of text that shows the prompt's words (legends, bar labels): matplotlib's default
+    family, then the fallbacks for the scripts it lacks, glyph by glyph. Given per text, so that
+    importing or drawing never changes matplotlib's global settings."""
+    return font_manager.FontProperties(family=list(_word_families()), size=size)
 
 
 def new_figure(figsize: tuple[float, float], dpi: int = 100, rows: int = 1, columns: int = 1):
@@ -156,7 +138,7 @@ def _style_concept_axis(axis, title: str, score_name: str) -> None:
     axis.tick_params(labelsize=7)
     axis.grid(alpha=0.3)
     if axis.get_lines():
-        axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        axis.legend(prop=word_font(7), loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
 
 
 @functools.lru_cache(maxsize=64)
@@ -208,18 +190,12 @@ def token_bars(totals: dict[str, float], title: str) -> Image.Image:
     figure, axis = new_figure((4.2, 2.8))
     labels = list(totals)
     axis.barh(range(len(labels)), list(totals.values()), color="#4a6fa5")
-    axis.set_yticks(range(len(labels)), labels, fontsize=7)
+    axis.set_yticks(range(len(labels)), labels, fontproperties=word_font(7))
     axis.invert_yaxis()
     axis.set_title(title, fontsize=9)
     axis.set_xlabel("score summed over steps", fontsize=8)
     axis.tick_params(labelsize=7)
     return figure_to_image(figure)
-
-
-def colour_scale(width: int = 320, height: int = 18) -> Image.Image:
-    """The JET colour bar used by every overlay: blue = least, red = most of that map."""
-    ramp = np.tile(np.linspace(0, 1, width, dtype=np.float32), (height, 1))
-    return Image.fromarray((_JET(ramp)[..., :3] * 255).astype(np.uint8))
 
 
 def insertion_deletion_chart(scores: dict) -> Image.Image:

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from .plots import overlay
-from .run import RunData, StepRecord
+from ..methods.relevance import attention_scores
+from ..run import RunData, StepRecord
+from .pictures import for_display, overlay, step_picture
 
 START, END, PADDING = "<start>", "<end>", "<padding>"
 
@@ -85,36 +86,6 @@ def _resize(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(image.resize((size[1], size[0]), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
-def token_scores(run: RunData, record: StepRecord) -> dict[str, float]:
-    """The cheap concept score (docs/methods.md, Token relevance): each word's attention mass, min-max normalised across words."""
-    words = run.tokens.words
-    if not words:
-        return {}
-    masses = np.array([record.attention[list(w.positions)].astype(np.float32).sum() for w in words])
-    span = masses.max() - masses.min()
-    normalised = (masses - masses.min()) / span if span > 0 else np.zeros_like(masses)
-    return {f"{i}:{w.text}": float(v) for i, (w, v) in enumerate(zip(words, normalised))}
-
-
-def step_picture(record: StepRecord, view: str = "prediction") -> Image.Image:
-    """The step's picture at the image's size: the VAE view when decoded at that step, else the fast preview."""
-    if view not in ("prediction", "noisy"):
-        raise ValueError(f"view must be 'prediction' or 'noisy', got {view!r}.")
-    decoded = record.prediction_view if view == "prediction" else record.noisy_view
-    if decoded is not None:
-        return decoded
-    small = record.preview_prediction if view == "prediction" else record.preview_noisy
-    return small.resize(record.image_size, Image.Resampling.BILINEAR)
-
-
-def for_display(image: Image.Image, min_side: int = 320) -> Image.Image:
-    """Enlarge small pictures (the embedded model makes 64x64) with crisp pixels for the screen."""
-    scale = -(-min_side // min(image.size))
-    if scale <= 1:
-        return image
-    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
-
-
 def word_overlays(
     run: RunData,
     record: StepRecord,
@@ -137,7 +108,7 @@ def word_overlays(
 
 def concept_series(run: RunData) -> dict[str, list[float]]:
     """The cheap concept score of every word at every recorded step (one list per word)."""
-    per_step = [token_scores(run, record) for record in run.records]
+    per_step = [attention_scores(run, record) for record in run.records]
     return {label: [scores[label] for scores in per_step] for label in (per_step[0] if per_step else {})}
 
 
@@ -157,5 +128,5 @@ def step_summary(run: RunData, record: StepRecord) -> dict:
         "next_timestep": record.next_timestep,
         "sigma": record.sigma,
         "alpha_bar": record.alpha_bar,
-        "token_scores": token_scores(run, record),
+        "token_scores": attention_scores(run, record),
     }
