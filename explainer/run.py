@@ -200,16 +200,6 @@ class InstrumentedRun:
             messages=[m for m in (tokens.truncation_message,) if m],
         )
 
-    # Shortcuts to what the run produced.
-    tokens = property(lambda self: self.data.tokens)
-    timesteps = property(lambda self: self.data.timesteps)
-    records = property(lambda self: self.data.records)
-    messages = property(lambda self: self.data.messages)
-    latent_size = property(lambda self: self.data.latent_size)
-    noise_levels = property(lambda self: self.data.noise_levels)
-    final_array = property(lambda self: self.data.final_array)
-    final_image = property(lambda self: self.data.final_image)
-
     @property
     def guided(self) -> bool:
         return guided(self.settings.guidance)
@@ -221,13 +211,13 @@ class InstrumentedRun:
         with torch.inference_mode():
             conditioning = model.encode(settings.prompt, settings.negative_prompt, self.guided)
             generator = torch.Generator("cpu").manual_seed(settings.seed)
-            shape = (1, model.family.latent_channels(model.pipe), *self.latent_size)
+            shape = (1, model.family.latent_channels(model.pipe), *self.data.latent_size)
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
             latents = latents * self.scheduler.init_noise_sigma
         recorder = AttentionRecorder(
             model.family,
-            self.latent_size,
-            kept_positions=self.tokens.stored_positions,
+            self.data.latent_size,
+            kept_positions=self.data.tokens.stored_positions,
             conditional_index=1 if self.guided else 0,
             batch_size=2 if self.guided else 1,
             per_group=settings.per_group,
@@ -266,13 +256,13 @@ class InstrumentedRun:
         attention, groups = recorder.finish_step()
         alpha_bar, sigma = self.model.family.noise_levels(self.scheduler, timestep)
         x0_hat = self.model.family.clean_estimate(self.scheduler, latents, noise_pred, timestep)
-        total = len(self.timesteps)
+        total = len(self.data.timesteps)
         size = (self.settings.width, self.settings.height)
         record = StepRecord(
             index=index + 1,
             total=total,
             timestep=timestep,
-            next_timestep=self.timesteps[index + 1] if index + 1 < total else None,
+            next_timestep=self.data.timesteps[index + 1] if index + 1 < total else None,
             alpha_bar=alpha_bar,
             sigma=sigma,
             latents=latents.float().cpu(),
@@ -296,13 +286,13 @@ class InstrumentedRun:
         import transformers
 
         settings = self.settings.to_dict()
-        settings["timesteps"] = self.timesteps
+        settings["timesteps"] = self.data.timesteps
         return {
             "settings": settings,
             "model_id": self.model.id,
             "model_source": self._model_source(),
             "scheduler": {"class": type(self.scheduler).__name__, "config": dict(self.scheduler.config)},
-            "tokens": self.tokens.to_dict(),
+            "tokens": self.data.tokens.to_dict(),
             "device": str(self.model.device),
             "dtype": str(self.model.dtype),
             "versions": {
@@ -312,7 +302,7 @@ class InstrumentedRun:
                 "transformers": transformers.__version__,
                 "numpy": np.__version__,
             },
-            "messages": self.messages,
+            "messages": self.data.messages,
         }
 
     def _model_source(self) -> str:

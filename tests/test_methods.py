@@ -656,7 +656,7 @@ def test_gradient_methods_and_a_run_in_two_threads_do_not_interfere(tiny_model, 
     for thread in threads:
         thread.join()
     assert len(found) == 6 and all(np.allclose(saliency, expected, atol=1e-5) for saliency in found)
-    assert [torch.equal(a.next_latents, b.next_latents) for a, b in zip(alone.records, runs[0].records)] == [True] * 6
+    assert [torch.equal(a.next_latents, b.next_latents) for a, b in zip(alone.records, runs[0].data.records)] == [True] * 6
     assert tiny_model.pipe.unet.attn_processors == processors
 
 
@@ -671,6 +671,7 @@ MEANING_PROMPTS = [("a red circle on the left", "circle"), ("a big blue square a
 MEANING_STEPS, LATE_STEPS = 20, range(16, 21)  # the last quarter of the steps
 MEANING_METHODS = {"df-rise": lambda shape: DFRise(n_masks=500, batch_size=100), "df-cam": lambda shape: DFCam()}
 MEANING_METHODS["relevance"] = lambda shape: TokenRelevance(word=shape)
+MEANING_METHODS["df-lime"] = lambda shape: DFLime(n_samples=500, batch_size=100)  # half the default's samples, for time
 
 
 def shape_on_latent_grid(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -114,7 +114,7 @@ def test_a_cpu_run_decodes_only_the_steps_it_shows_and_a_scrubbed_step_on_demand
     assert f"step {step} of 8" in scrubbed[STATUS] and records[step - 1].prediction_view is not None
     model = load_model("tiny-random")
     settings = RunSettings.from_dict(session.run(0).settings.to_dict() | {"vae_decode_every": 1})
-    every_step = InstrumentedRun(model, settings).run_all().records[step - 1]
+    every_step = InstrumentedRun(model, settings).run_all().data.records[step - 1]
     for view in ("prediction_view", "noisy_view"):
         np.testing.assert_array_equal(np.asarray(getattr(records[step - 1], view)), np.asarray(getattr(every_step, view)))
 

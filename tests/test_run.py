@@ -19,6 +19,7 @@ def settings(**changes):
 
 
 def assert_same_records(first, second):
+    first, second = first.data, second.data  # what each InstrumentedRun produced
     assert len(first.records) == len(second.records)
     for a, b in zip(first.records, second.records):
         assert a.timestep == b.timestep
@@ -51,14 +52,14 @@ def test_final_image_equals_the_plain_pipeline(tiny_model, scheduler_name, sched
         ).images[0]
     finally:
         pipe.scheduler = original
-    assert np.abs(expected - run.final_array).max() <= 1e-4
+    assert np.abs(expected - run.data.final_array).max() <= 1e-4
 
 
 @pytest.mark.parametrize("guidance", [5.0, 1.0])
 def test_attention_sums_to_one_over_tokens(tiny_model, guidance):
     run = InstrumentedRun(tiny_model, settings(guidance=guidance)).run_all()
-    for record in run.records:
-        assert record.attention.shape == (run.tokens.stored_positions + 1, 8, 8)
+    for record in run.data.records:
+        assert record.attention.shape == (run.data.tokens.stored_positions + 1, 8, 8)
         assert record.attention.dtype == np.float16
         totals = record.attention.astype(np.float32).sum(0)
         assert np.abs(totals - 1).max() <= 1e-3
@@ -72,10 +73,10 @@ def test_custom_timesteps_are_visited_and_each_step_lands_on_the_next(tiny_model
         run = InstrumentedRun(tiny_model, settings(schedule=wanted, scheduler="ddim")).run_all()
     finally:
         hook.remove()
-    assert seen == wanted == run.timesteps == [r.timestep for r in run.records]
-    assert [r.next_timestep for r in run.records] == wanted[1:] + [None]
+    assert seen == wanted == run.data.timesteps == [r.timestep for r in run.data.records]
+    assert [r.next_timestep for r in run.data.records] == wanted[1:] + [None]
     alphas = run.scheduler.alphas_cumprod
-    for record in run.records:
+    for record in run.data.records:
         # DDIM update from t_k to t_{k+1} (the clean latent after the last step)
         next_alpha = 1.0 if record.next_timestep is None else float(alphas[record.next_timestep])
         eps = record.noise_pred
@@ -87,8 +88,8 @@ def test_dpm_solver_follows_a_custom_list(tiny_model):
     wanted = schedule_timesteps("latter", 6, lam=10)
     run = InstrumentedRun(tiny_model, settings(schedule="latter", lam=10)).run_all()
     assert isinstance(run.scheduler, DPMSolverMultistepScheduler)
-    assert run.timesteps == wanted
-    first = run.records[0]  # the multistep solver's first step is first order: DDIM
+    assert run.data.timesteps == wanted
+    first = run.data.records[0]  # the multistep solver's first step is first order: DDIM
     next_alpha = float(run.scheduler.alphas_cumprod[wanted[1]])
     expected = next_alpha**0.5 * first.x0_hat + (1 - next_alpha) ** 0.5 * first.noise_pred
     torch.testing.assert_close(first.next_latents, expected, atol=1e-4, rtol=1e-4)
@@ -98,7 +99,7 @@ def test_ddim_uniform_uses_ddim(tiny_model):
     run = InstrumentedRun(tiny_model, settings(scheduler="ddim")).run_all()
     assert isinstance(run.scheduler, DDIMScheduler) and not run.scheduler.config.clip_sample
     alphas = run.scheduler.alphas_cumprod
-    for record in run.records[:-1]:  # DDIM's own update, x0 never clipped (latents are not images)
+    for record in run.data.records[:-1]:  # DDIM's own update, x0 never clipped (latents are not images)
         next_alpha = float(alphas[record.next_timestep])
         expected = next_alpha**0.5 * record.x0_hat + (1 - next_alpha) ** 0.5 * record.noise_pred
         torch.testing.assert_close(record.next_latents, expected, atol=1e-4, rtol=1e-4)
@@ -136,21 +137,21 @@ def test_records_carry_views_and_layers_on_request(tiny_model):
     run = InstrumentedRun(tiny_model, settings(per_group=True, vae_decode_every=3)).run_all()
     layers = FAMILIES["sd1"].cross_attention_sites(tiny_model.pipe.unet)
     assert sorted(k for keys in run.data.attention_groups.values() for k in keys) == sorted(layers)
-    for record in run.records:
+    for record in run.data.records:
         assert record.preview_noisy.size == (8, 8) and record.preview_prediction.size == (8, 8)  # latent grid
         assert record.image_size == (64, 64)
         assert set(record.group_attention) == set(run.data.attention_groups)
         assert record.latents.device.type == "cpu" and record.latents.shape == (1, 4, 8, 8)
-    decoded = [r.index for r in run.records if r.prediction_view is not None]
+    decoded = [r.index for r in run.data.records if r.prediction_view is not None]
     assert decoded == [3, 6]
-    assert run.records[0].label == "step 1 of 6, t = 999"
-    assert run.records[-1].sigma < run.records[0].sigma
+    assert run.data.records[0].label == "step 1 of 6, t = 999"
+    assert run.data.records[-1].sigma < run.data.records[0].sigma
 
 
 def test_reproduction_record_reruns_identically(tiny_model):
     run = InstrumentedRun(tiny_model, settings(seed=-1)).run_all()
     saved = run.reproduction()
-    assert saved["settings"]["seed"] >= 0 and saved["settings"]["timesteps"] == run.timesteps
+    assert saved["settings"]["seed"] >= 0 and saved["settings"]["timesteps"] == run.data.timesteps
     assert {"torch", "diffusers", "transformers", "numpy", "python"} <= set(saved["versions"])
     again = InstrumentedRun(tiny_model, RunSettings.from_dict(saved["settings"])).run_all()
     assert_same_records(run, again)
@@ -158,7 +159,7 @@ def test_reproduction_record_reruns_identically(tiny_model):
 
 def test_long_prompt_reports_truncation(tiny_model):
     run = InstrumentedRun(tiny_model, settings(prompt="word " * 40))
-    assert any("cut" in message for message in run.messages)
+    assert any("cut" in message for message in run.data.messages)
 
 
 @pytest.mark.parametrize(

@@ -86,7 +86,7 @@ def test_export_zip_reproduces_the_run(run, tmp_path, tiny_model):
         maps = np.load(__import__("io").BytesIO(opened.read("step_002/attention.npy")))
     assert {"final.png", "step_001/prediction.png", "step_004/noisy.png", "step_003/attention_01_cat.png"} <= names
     np.testing.assert_array_equal(maps, run.records[1].attention)
-    again = InstrumentedRun(tiny_model, RunSettings.from_dict(saved["reproduction"]["settings"])).run_all()
+    again = InstrumentedRun(tiny_model, RunSettings.from_dict(saved["reproduction"]["settings"])).run_all().data
     np.testing.assert_array_equal(again.final_array, run.final_array)
 
 
