@@ -154,7 +154,7 @@ class Limits:
     max_side: int = 1024
     side_multiple: int = 8
     max_guidance: float = 30.0
-    max_lam: float = 500.0
+    max_concentration: float = 500.0
     max_prompt_chars: int = 1000
     max_seed: int = 2**63 - 1
     max_masks: int = 4000  # DF-RISE
@@ -178,7 +178,7 @@ class Defaults:
 
     seed: int = 1
     schedule: str = "uniform"
-    lam: float = 60.0
+    concentration: float = 60.0
     scheduler: str = "dpm++"
     negative_prompt: str = ""
 

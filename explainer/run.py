@@ -50,7 +50,7 @@ class RunSettings:
     width: int = 512
     height: int = 512
     schedule: str | list[int] = config.DEFAULTS.schedule
-    lam: float = config.DEFAULTS.lam
+    concentration: float = config.DEFAULTS.concentration
     scheduler: str = config.DEFAULTS.scheduler
     per_group: bool = False  # also keep each layer group's maps (block and resolution; docs/methods.md, Cross-attention maps)
     vae_decode_every: int = 1
@@ -60,6 +60,8 @@ class RunSettings:
 
     @classmethod
     def from_dict(cls, data: dict) -> RunSettings:
+        """Settings from ``to_dict``'s output; an export made before 2026-11-30 names the concentration "lam"."""
+        data = {"concentration": data["lam"], **data} if "lam" in data else data
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
     def validated(self, limits: config.Limits = config.LIMITS) -> RunSettings:
@@ -76,7 +78,7 @@ class RunSettings:
             if value % limits.side_multiple:
                 raise ValueError(f"{name} must be a multiple of {limits.side_multiple}, got {value}.")
         check_number("guidance", self.guidance, 0.0, limits.max_guidance)
-        check_number("lam", self.lam, 0.0, limits.max_lam)
+        check_number("concentration", self.concentration, 0.0, limits.max_concentration)
         check_int("vae_decode_every", self.vae_decode_every, 0, limits.max_steps)
         if self.scheduler not in config.SCHEDULERS:
             raise ValueError(f"scheduler must be one of {config.SCHEDULERS}, got {self.scheduler!r}.")
@@ -85,7 +87,7 @@ class RunSettings:
             seed = random.SystemRandom().randrange(2**31)
         check_int("seed", seed, 0, limits.max_seed, hint=" (-1 means random)")
         schedule = self.schedule if isinstance(self.schedule, str) else list(self.schedule)
-        schedule_timesteps(schedule, self.steps, self.lam)  # raises on a bad schedule
+        schedule_timesteps(schedule, self.steps, self.concentration)  # raises on a bad schedule
         if not isinstance(schedule, str):
             steps = len(schedule)
             check_int("number of explicit timesteps", steps, 1, limits.max_steps)

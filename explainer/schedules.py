@@ -1,6 +1,6 @@
 """Time-step schedules: uniform, early and latter (the paper's "exponential scheduler"; docs/methods.md, Schedules).
 
-``timesteps("early", 30, lam=60)`` gives the list of timesteps a run visits, from noisy to clean.
+``timesteps("early", 30, concentration=60)`` gives the list of timesteps a run visits, from noisy to clean.
 ``uniform`` is left to the scheduler (``None``), since its own ``set_timesteps(n)`` defines it.
 """
 
@@ -17,7 +17,7 @@ TRAIN_TIMESTEPS = 1000
 def timesteps(
     kind: str | Sequence[int],
     steps: int,
-    lam: float = 60.0,
+    concentration: float = 60.0,
     train_timesteps: int = TRAIN_TIMESTEPS,
 ) -> list[int] | None:
     """The timesteps of a schedule, strictly decreasing, or None for the scheduler's own uniform one.
@@ -26,14 +26,14 @@ def timesteps(
         kind: ``"uniform"``, ``"early"`` (dense where noise is high), ``"latter"`` (dense where
             noise is low), or an explicit list of integer timesteps.
         steps: the number of denoising steps ``n`` (ignored for an explicit list).
-        lam: concentration ``lambda >= 0``; 0 gives uniform.
+        concentration: concentration ``lambda >= 0``; 0 gives uniform.
         train_timesteps: ``T``, the scheduler's ``num_train_timesteps``.
 
     Returns:
         A list of ``n`` ints in ``[0, T-1]``, strictly decreasing, or ``None`` for uniform.
 
     Example:
-        >>> timesteps("early", 5, lam=2)[:2]
+        >>> timesteps("early", 5, concentration=2)[:2]
         [999, 981]
     """
     if not isinstance(kind, str):
@@ -42,21 +42,21 @@ def timesteps(
         raise ValueError(f"schedule must be one of {SCHEDULE_KINDS} or a list of timesteps, got {kind!r}.")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}.")
-    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"lam (schedule concentration) must be a finite number >= 0, got {lam!r}.")
-    if kind == "uniform" or lam == 0:
+    if not (isinstance(concentration, (int, float)) and math.isfinite(concentration) and concentration >= 0):
+        raise ValueError(f"concentration (the schedule's lambda) must be a finite number >= 0, got {concentration!r}.")
+    if kind == "uniform" or concentration == 0:
         return None
     total = train_timesteps
-    base = total ** (1.0 / (steps + lam))
-    powers = [math.floor(base ** (i + 1 + lam)) for i in range(steps)]
+    base = total ** (1.0 / (steps + concentration))
+    powers = [math.floor(base ** (i + 1 + concentration)) for i in range(steps)]
     if kind == "early":
         values = [total - 1] + [total - p for p in powers][:-1]
     else:  # latter
         values = sorted((min(p, total - 1) for p in powers), reverse=True)
     if any(a <= b for a, b in zip(values, values[1:])):
         raise ValueError(
-            f"The {kind!r} schedule with steps={steps} and lam={lam} repeats timesteps ({values}); "
-            "use fewer steps or a smaller lam."
+            f"The {kind!r} schedule with steps={steps} and concentration={concentration} repeats timesteps ({values}); "
+            "use fewer steps or a smaller concentration."
         )
     return values
 

@@ -23,7 +23,7 @@ def client(url):
 def denoise_args(prompt="a cat on a red circle", steps=4, **changes):
     args = dict(
         model_id="tiny-random", prompt=prompt, prompt_b="", negative="", seed=1, steps=steps, guidance=5.0,
-        width=64, height=64, schedule="uniform", lam=60, custom="",
+        width=64, height=64, schedule="uniform", concentration=60, custom="",
     )
     args.update(changes)
     return list(args.values())

@@ -38,7 +38,7 @@ DENOISE_ROWS = [
     ("timesteps not decreasing", {"schedule": "custom", "custom": "100, 500"}, "strictly decreasing"),
     ("timesteps out of range", {"schedule": "custom", "custom": "1500, 10"}, "out of range"),
     ("timesteps not numbers", {"schedule": "custom", "custom": "999, soon"}, "comma-separated integers"),
-    ("λ negative", {"lam": -1}, "less than minimum value 0"),
+    ("λ negative", {"concentration": -1}, "less than minimum value 0"),
 ]
 
 

@@ -40,11 +40,11 @@ def test_same_inputs_give_identical_records(tiny_model):
 )
 def test_final_image_equals_the_plain_pipeline(tiny_model, scheduler_name, schedule):
     """Capture must not change the generation."""
-    run = InstrumentedRun(tiny_model, settings(scheduler=scheduler_name, schedule=schedule, lam=10)).run_all()
+    run = InstrumentedRun(tiny_model, settings(scheduler=scheduler_name, schedule=schedule, concentration=10)).run_all()
     pipe = tiny_model.pipe
     original = pipe.scheduler
     pipe.scheduler = type(run.scheduler).from_config(run.scheduler.config)
-    custom = schedule_timesteps(schedule, 6, lam=10)
+    custom = schedule_timesteps(schedule, 6, concentration=10)
     try:
         kwargs = {"num_inference_steps": 6} if custom is None else {"timesteps": custom}
         expected = pipe(
@@ -85,8 +85,8 @@ def test_custom_timesteps_are_visited_and_each_step_lands_on_the_next(tiny_model
 
 
 def test_dpm_solver_follows_a_custom_list(tiny_model):
-    wanted = schedule_timesteps("latter", 6, lam=10)
-    run = InstrumentedRun(tiny_model, settings(schedule="latter", lam=10)).run_all()
+    wanted = schedule_timesteps("latter", 6, concentration=10)
+    run = InstrumentedRun(tiny_model, settings(schedule="latter", concentration=10)).run_all()
     assert isinstance(run.scheduler, DPMSolverMultistepScheduler)
     assert run.data.timesteps == wanted
     first = run.data.records[0]  # the multistep solver's first step is first order: DDIM
@@ -174,7 +174,7 @@ def test_long_prompt_reports_truncation(tiny_model):
         ({"guidance": float("nan")}, "guidance must be a finite number"),
         ({"guidance": -5}, "guidance"),
         ({"seed": 2**64}, "seed must be an integer"),
-        ({"lam": -1.0}, "lam"),
+        ({"concentration": -1.0}, "concentration"),
         ({"schedule": []}, "must not be empty"),
         ({"schedule": [10, 500]}, "strictly decreasing"),
         ({"scheduler": "euler"}, "scheduler must be one of"),
@@ -206,3 +206,10 @@ def test_noise_level_is_finite_at_zero_terminal_snr():
 
     assert noise_level(0.25) == pytest.approx(3**0.5)
     assert noise_level(0.0) == pytest.approx(4096, rel=1e-6)  # floored as diffusers' DPM-Solver++ does
+
+
+def test_settings_of_an_older_export_still_load():
+    """Exports made before the schedule's λ was named "concentration" call it "lam"."""
+    old = RunSettings(prompt="a cat", concentration=12.0).to_dict()
+    old["lam"] = old.pop("concentration")
+    assert RunSettings.from_dict(old).concentration == 12.0

@@ -6,28 +6,28 @@ import pytest
 from explainer.schedules import check_explicit, parse_timestep_list, timesteps
 
 
-def spec_early(n, lam):
+def spec_early(n, concentration):
     """docs/methods.md, Schedules, written out independently of the library."""
-    a = 1000 ** (1 / (n + lam))
-    t = [1000 - math.floor(a ** (i + 1 + lam)) for i in range(n)]
+    a = 1000 ** (1 / (n + concentration))
+    t = [1000 - math.floor(a ** (i + 1 + concentration)) for i in range(n)]
     return [999] + t[:-1]
 
 
-def spec_latter(n, lam):
-    a = 1000 ** (1 / (n + lam))
-    t = sorted((math.floor(a ** (i + 1 + lam)) for i in range(n)), reverse=True)
+def spec_latter(n, concentration):
+    a = 1000 ** (1 / (n + concentration))
+    t = sorted((math.floor(a ** (i + 1 + concentration)) for i in range(n)), reverse=True)
     return [999 if v == 1000 else v for v in t]
 
 
 def test_uniform_is_left_to_the_scheduler():
     assert timesteps("uniform", 30) is None
-    assert timesteps("early", 30, lam=0) is None
+    assert timesteps("early", 30, concentration=0) is None
 
 
-@pytest.mark.parametrize("n, lam", [(30, 60), (20, 60), (5, 2), (10, 20)])
-def test_early_and_latter_follow_the_spec(n, lam):
-    assert timesteps("early", n, lam) == spec_early(n, lam)
-    assert timesteps("latter", n, lam) == spec_latter(n, lam)
+@pytest.mark.parametrize("n, concentration", [(30, 60), (20, 60), (5, 2), (10, 20)])
+def test_early_and_latter_follow_the_spec(n, concentration):
+    assert timesteps("early", n, concentration) == spec_early(n, concentration)
+    assert timesteps("latter", n, concentration) == spec_latter(n, concentration)
 
 
 def test_paper_defaults_concentrate_where_expected():
@@ -44,7 +44,7 @@ def test_paper_defaults_concentrate_where_expected():
 
 def test_repeated_timesteps_are_refused():
     with pytest.raises(ValueError, match="repeats timesteps"):
-        timesteps("early", 100, lam=60)
+        timesteps("early", 100, concentration=60)
 
 
 @pytest.mark.parametrize(
@@ -56,11 +56,11 @@ def test_explicit_lists_are_checked(values, message):
         check_explicit(values)
 
 
-def test_bad_kind_and_lam():
+def test_bad_kind_and_concentration():
     with pytest.raises(ValueError, match="schedule must be one of"):
         timesteps("cosine", 10)
-    with pytest.raises(ValueError, match="lam"):
-        timesteps("early", 10, lam=-1)
+    with pytest.raises(ValueError, match="concentration"):
+        timesteps("early", 10, concentration=-1)
 
 
 def test_parse_text_list():

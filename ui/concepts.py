@@ -91,11 +91,11 @@ def relevance(rectify, session):
     return chart, charts.token_bars(totals, "Relevance summed over steps"), data
 
 
-def compare_schedules(model_id, prompt, negative, seed, steps, guidance, width, height, lam):
+def compare_schedules(model_id, prompt, negative, seed, steps, guidance, width, height, concentration):
     """The same prompt and seed under the uniform, early and latter schedules, side by side
     (the paper's Fig. 6 and 11): three final images, three concept charts, three bar charts, JSON."""
     try:
-        runs = [run_settings(model_id, prompt, negative, seed, steps, guidance, width, height, kind, lam, "")
+        runs = [run_settings(model_id, prompt, negative, seed, steps, guidance, width, height, kind, concentration, "")
                 for kind in config.SCHEDULE_KINDS]
     except ValueError as error:
         raise refusal("/compare_schedules", error) from error
@@ -118,7 +118,7 @@ def build(session: gr.State, run: DenoiseTab) -> ConceptsTab:
     outputs = [tab.chart, tab.bars, tab.data]
     serve_both(tab.refresh, concepts, [session], outputs, "concepts", notice=tab.notice)
     serve_both(tab.relevance, relevance, [tab.rectify, session], outputs, "relevance", notice=tab.notice, **gpu.queue())
-    compare_inputs = [run.model_id, run.prompt, run.negative, run.seed, run.steps, run.guidance, run.width, run.height, run.lam]
+    compare_inputs = [run.model_id, run.prompt, run.negative, run.seed, run.steps, run.guidance, run.width, run.height, run.concentration]
     serve_both(tab.compare, compare_schedules, compare_inputs, tab.grid + [tab.compare_data], "compare_schedules",
                notice=tab.compare_notice, **gpu.queue())
     return tab

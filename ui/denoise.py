@@ -47,7 +47,7 @@ class DenoiseTab:
                         sides = dict(minimum=LIMITS.min_side, maximum=LIMITS.max_side, step=LIMITS.side_multiple)
                         self.width = gr.Slider(value=DEFAULT_SPEC.width, label="Width", **sides)
                         self.height = gr.Slider(value=DEFAULT_SPEC.height, label="Height", **sides)
-                    self.lam = gr.Slider(0, settings.APP.lam_slider_max, value=config.DEFAULTS.lam, step=1, label="λ (schedule concentration)")
+                    self.concentration = gr.Slider(0, settings.APP.concentration_slider_max, value=config.DEFAULTS.concentration, step=1, label="λ (schedule concentration)")
                     self.custom = gr.Textbox(label="Custom timesteps (schedule = custom)", placeholder="999, 800, 600, 400, 200, 50")
                     gr.Markdown(f"Limits: up to {LIMITS.max_steps} steps, sides {LIMITS.min_side}–{LIMITS.max_side} px in multiples of {LIMITS.side_multiple}.")
                 self.run = gr.Button("Run", variant="primary")
@@ -74,7 +74,7 @@ class DenoiseTab:
     def run_inputs(self) -> list:
         """``denoise``'s inputs but the session, in its order."""
         return [self.model_id, self.prompt, self.prompt_b, self.negative, self.seed, self.steps, self.guidance, self.width,
-                self.height, self.schedule, self.lam, self.custom]
+                self.height, self.schedule, self.concentration, self.custom]
 
     def step_outputs(self, concept_chart) -> list:
         """``step_view``'s outputs, in its order; the concept chart is the Concepts tab's."""
@@ -101,12 +101,12 @@ class AfterRun:
 AFTER_RUN_OUTPUTS = len(dataclasses.fields(AfterRun))
 
 
-def run_settings(model_id, prompt, negative, seed, steps, guidance, width, height, schedule, lam, custom) -> RunSettings:
+def run_settings(model_id, prompt, negative, seed, steps, guidance, width, height, schedule, concentration, custom) -> RunSettings:
     """A run's settings from the tab's controls, checked (ValueError names what is wrong)."""
     chosen = parse_timestep_list(custom) if schedule == "custom" else schedule
     return RunSettings(
         prompt=prompt or "", negative_prompt=negative or "", seed=int(seed), steps=int(steps), guidance=float(guidance),
-        width=int(width), height=int(height), schedule=chosen, lam=float(lam), per_group=True,
+        width=int(width), height=int(height), schedule=chosen, concentration=float(concentration), per_group=True,
         vae_decode_every=config.run_decode_every(config.model_spec(model_id), gpu.on_gpu()),
     ).validated()
 
@@ -196,14 +196,14 @@ def step_view(runs: list[RunData], step: int, streaming: bool = False, since: in
     return (*views_shown, status, chart, overlays, concepts, data)
 
 
-def denoise(model_id, prompt, prompt_b, negative, seed, steps, guidance, width, height, schedule, lam, custom, session):
+def denoise(model_id, prompt, prompt_b, negative, seed, steps, guidance, width, height, schedule, concentration, custom, session):
     """Run the model and stream its steps: for each prompt the prediction view and the noisy view,
     then a status line, the noise-level chart, one attention overlay per word, the concept chart and
     the step's data as JSON (timestep, sigma, per-word scores; "steps": the same for every step
     since the last update, so none is lost when the page falls behind). A second prompt runs from
     the same noise."""
     try:
-        first = run_settings(model_id, prompt, negative, seed, steps, guidance, width, height, schedule, lam, custom)
+        first = run_settings(model_id, prompt, negative, seed, steps, guidance, width, height, schedule, concentration, custom)
         runs = [first] + ([RunSettings.from_dict(first.to_dict() | {"prompt": prompt_b})] if (prompt_b or "").strip() else [])
         runs = [one.validated() for one in runs]
     except ValueError as error:

@@ -24,7 +24,7 @@ class AppSettings:
     queue_poll_s: float = 0.02  # how often Gradio's queue looks for new events while it has room
     progress_poll_s: float = 0.1  # ... and for progress to send
     overlay_gallery_side: int = 256  # the Denoise tab's word overlays are drawn at most this side (px)
-    lam_slider_max: float = 200.0  # the λ slider's range (the library allows up to LIMITS.max_lam)
+    concentration_slider_max: float = 200.0  # the λ slider's range (the library allows up to LIMITS.max_concentration)
     rise_masks: int = 200  # DF-RISE masks the Saliency tab starts from (the paper's 500 takes 2.5x as long)
     explained_fraction: float = 0.75  # the Saliency tab starts at this fraction of the run's steps
 

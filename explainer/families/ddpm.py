@@ -60,7 +60,7 @@ def make_scheduler(base_config, settings, device):
     DDIM derives each previous timestep from ``T / n``, so it cannot follow a custom list; for
     those, DPM-Solver++ of order 1 is used instead, which is the same update as DDIM (eta = 0).
     """
-    custom = schedule_timesteps(settings.schedule, settings.steps, settings.lam, base_config.num_train_timesteps)
+    custom = schedule_timesteps(settings.schedule, settings.steps, settings.concentration, base_config.num_train_timesteps)
     if settings.scheduler == "ddim" and custom is None:
         scheduler = DDIMScheduler.from_config(base_config, clip_sample=False)  # latents are not images: never clip x0
     else:
