@@ -57,9 +57,8 @@ def _guidance_energy(output: torch.Tensor) -> torch.Tensor:
 # by pushing it up or down), so Grad-CAM's ReLU keeps whatever pushes it up, whatever is drawn there.
 # "guidance" is 1/2 ||eps_c - eps_u||^2, how much the prompt changes the prediction (the term classifier-
 # free guidance scales): like a classifier's class score, it grows with the evidence for the prompt,
-# and negating the output leaves it unchanged. It is the default: on 12 held-out prompts, with the paper's
-# Grad-CAM weights and min-max, its maps favour the drawn shape in 48 of 60 late-step cases against the
-# sum's 28 (scripts/meaning_checks.py).
+# and negating the output leaves it unchanged (why it is the default: docs/evaluation.md, "What the
+# gradient methods explain").
 TARGETS = {"guidance": _guidance_energy, "sum": _sum}
 
 
@@ -112,10 +111,8 @@ class DFCam(GradientMethod):
             ``WEIGHTINGS``.
         layer_scale: "target" (default: the layers add up in the target's units, each by how much of it
             it carries) or "min-max" (the paper's: each layer's map min-max normalised before the sum);
-            see ``LAYER_SCALES``. Measured on the shapes model (scripts/meaning_checks.py, 60 held-out
-            late-step cases): the defaults favour the drawn shape in 60 of 60 (inside/outside median
-            8.66) and change on a randomised UNet in 60 of 60 (Spearman at most 0.36); the paper's
-            rules (target="sum", weighting="grad-cam", layer_scale="min-max") 28 and 60.
+            see ``LAYER_SCALES`` (why the defaults: docs/evaluation.md, "How DF-CAM weighs and adds
+            its layers"); the paper's rules are target="sum", weighting="grad-cam", layer_scale="min-max".
         rectify: "relu" (default, the paper's) or "abs", applied to each layer's weighted sum; "abs"
             keeps what lowers the target too (see ``base.RECTIFIERS``).
     Returns (from ``explain``):

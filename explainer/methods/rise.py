@@ -77,11 +77,8 @@ def negative_squared_error(real: torch.Tensor, other: torch.Tensor) -> torch.Ten
     return -local_mean((real - other) ** 2).mean(1)
 
 
-# How a masked input's result is scored against the real x_{t-1} at each latent pixel. Measured on the
-# embedded model (scripts/rise_similarity.py: 12 held-out prompts, steps 16-20, 500 masks, next-latent
-# mode, contrast estimator; docs/results/rise-similarity.txt): inside/outside the drawn shape > 1.5 in
-# 60 of 60 cases with "squared-error" (median 10.2; 12 of 12 at the last step) against 45 of 60 with
-# "structure" (1 of 12 at the last step), Spearman with a randomised model at most 0.09 (0.14).
+# How a masked input's result is scored against the real x_{t-1} at each latent pixel (why the default:
+# docs/evaluation.md, "DF-RISE at the last step").
 SIMILARITIES = {"squared-error": negative_squared_error, "structure": structure_term}
 
 
@@ -127,26 +124,17 @@ class DFRise(PerturbationMethod):
             only the prediction differs; "paper": compare it with the masked noise prediction,
             as the public code does.
         estimator: how the per-mask maps become one map, per latent pixel x:
-            "sum": ``sum_n M_n(x) S_n(x)``, the paper's. S is nearly constant (about
-            0.99 in next-latent mode), so this map is mostly how often x happened to be kept, which
-            does not depend on the model.
-            "mean": the sum divided by the masks' weight at x, RISE's E[S(x) | x kept]. Still
-            carries each pixel's own baseline (some pixels are predicted well whatever is kept).
-            "contrast" (default): E[S(x) | x kept] - E[S(x) | x dropped], how much keeping x
-            improves the match at x; the baseline cancels. Measured on the embedded model
-            (scripts/rise_estimators.py, next-latent mode, 500 masks): inside/outside the drawn
-            shape 3.51 (median; sum 1.35, mean 1.49), Spearman with a randomised model 0.12 at
-            most (sum 1.00, mean 0.96), insertion / deletion AUC 0.127 / 0.781 (sum 0.354 / 0.485).
+            "sum": ``sum_n M_n(x) S_n(x)``, the paper's; "mean": the sum divided by the masks'
+            weight at x, RISE's E[S(x) | x kept]; "contrast" (default): E[S(x) | x kept] -
+            E[S(x) | x dropped], how much keeping x improves the match at x (why: docs/evaluation.md,
+            "How DF-RISE combines its masks").
         similarity: how a masked result S_n is scored against the real x_{t-1} at each latent pixel
             (``SIMILARITIES``): "squared-error", minus the local mean squared difference (the
             default in next-latent mode with the contrast estimator, where like is compared with
             like and only differences of scores count), or "structure", the SSIM structure term
             (the paper's; the default otherwise: paper mode's noise prediction can
             only be compared with a latent by a scale-free score, and "sum" and "mean" need a score
-            with a zero). The structure term divides by the local contrast, so in a flat region a
-            small difference counts as a large one: at the last step, which changes the latent
-            about as much everywhere, its maps favour the flat background (measured: the comment
-            at ``SIMILARITIES``).
+            with a zero).
         seed: seed of the mask generator (same seed, same masks, same map).
         batch_size: masks per denoiser forward pass.
     Returns (from ``explain``):
