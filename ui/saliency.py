@@ -1,7 +1,7 @@
 """The Saliency tab: where the model recovers the image at a step of the latest run, by a method or
 a baseline, scored by insertion and deletion. Each method's options are drawn from its dataclass
-fields (``explainer.methods.options``) and shown while that method is chosen; a new method needs
-only its entry in ``SALIENCY_METHODS``."""
+fields (``explainer.methods.options``) and shown while that method is chosen; a new method (in
+``explainer.methods.METHODS``) appears here by itself."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from . import gpu, settings
 from .page import DEFAULT_SPEC, notice_line, refusal, serve_both, step_slider
 from .session import current
 
-SALIENCY_METHODS = {"DF-RISE": "df-rise", "DF-CAM": "df-cam", "DF-LIME": "df-lime", "random baseline": "random", "centred baseline": "centre"}
+SALIENCY_METHODS = {method.label: name for name, method in METHODS.items() if method.saliency_tab}  # label -> name
 ALL_LAYERS = "sum of all layers"
 
 

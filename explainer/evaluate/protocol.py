@@ -9,7 +9,7 @@ from itertools import combinations
 import numpy as np
 
 from explainer import config, metrics
-from explainer.methods import METHODS
+from explainer.methods import METHODS, variant
 from explainer.maps import normalise
 from explainer.render import views
 from explainer.run import InstrumentedRun, RunData, RunSettings
@@ -18,16 +18,8 @@ from explainer.shapes.world import evaluation_prompts
 
 MAP_METHODS = ("df-rise", "df-rise-structure", "df-rise-paper", "df-cam", "df-cam-paper", "df-cam-gradcam", "df-cam-hirescam",
                "df-cam-abs", "df-lime", "cross-attention", "relevance", "relevance-paper", "random", "centre")
-# Other options of a method, scored beside its defaults: the paper's rules where the defaults differ.
-VARIANTS = {
-    "df-rise-structure": ("df-rise", dict(similarity="structure")),  # the SSIM structure term in next-latent mode
-    "df-rise-paper": ("df-rise", dict(mode="paper", estimator="sum")),  # the paper's score and undivided sum
-    "df-cam-paper": ("df-cam", dict(target="sum", weighting="grad-cam", layer_scale="min-max")),  # the paper's rules
-    "df-cam-gradcam": ("df-cam", dict(weighting="grad-cam", layer_scale="min-max")),  # the paper's, guidance target
-    "df-cam-hirescam": ("df-cam", dict(weighting="hirescam")),  # the whole gradient at each pixel
-    "df-cam-abs": ("df-cam", dict(rectify="abs")),  # |each layer's weighted sum|
-    "relevance-paper": ("relevance", dict(rectify="relu")),  # clamp(G * A, min=0)
-}
+# Each a method variant (``explainer.methods.VARIANTS``: a method's defaults, or the paper's rules and
+# other options beside them), except "cross-attention", the recorded maps themselves.
 # A map that knows the answer, as an upper reference on the shapes world: the drawn shape's own pixels.
 REFERENCE = "shape-mask"
 # cheap enough at 3 phases
@@ -62,14 +54,13 @@ def make_map(name: str, protocol: Protocol, model, run: RunData, step: int) -> n
     if name == "cross-attention":  # raw attention of all prompt words, as recorded
         maps = [views.word_map(run, i, [run.records[step - 1]]) for i in range(len(run.tokens.words))]
         return normalise(np.sum(maps, axis=0)) if maps else np.zeros(run.latent_size, np.float32)
-    method_name, variant = VARIANTS.get(name, (name, {}))
-    options = {
+    chosen = variant(name)
+    sizes = {  # the protocol's sizes, under the variant's own options
         "df-rise": dict(n_masks=protocol.masks, batch_size=protocol.batch_size, mode="next-latent"),
         "df-lime": dict(n_samples=protocol.lime_samples, batch_size=protocol.batch_size),
         "random": dict(seed=run.settings.seed),
-    }.get(method_name, {})
-    method = METHODS[method_name](**(options | variant))
-    return method.explain(model, run, step).saliency
+    }.get(chosen.method, {})
+    return METHODS[chosen.method](**(sizes | chosen.options)).explain(model, run, step).saliency
 
 
 def evaluate_prompt(protocol: Protocol, model, index: int, prompt: str) -> dict:

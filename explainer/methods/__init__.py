@@ -15,6 +15,8 @@ METHODS: dict[str, type[Method]] = {
     method.name: method for method in (TokenRelevance, DFRise, DFCam, DFLime, RandomBaseline, CentreBaseline)
 }
 
+from .variants import VARIANTS, Variant, variant  # noqa: E402 (the registry reads METHODS)
+
 __all__ = [
     "METHODS",
     "CentreBaseline",
@@ -25,6 +27,9 @@ __all__ = [
     "Method",
     "RandomBaseline",
     "TokenRelevance",
+    "VARIANTS",
+    "Variant",
+    "variant",
     "cam_layers",
     "cheap_token_scores",
     "relevance_series",

@@ -78,7 +78,9 @@ def check_choice(name: str, value, choices: tuple) -> None:
 class Method:
     """Base of every method: options are dataclass fields, checked at creation and at each call."""
 
-    name = "method"
+    name = "method"  # the key of ``METHODS`` and ``VARIANTS``
+    label = "method"  # what a person reads
+    saliency_tab = True  # offered by the app's Saliency tab (a method with a tab of its own says False)
 
     def __post_init__(self) -> None:
         self._check_options()
@@ -161,6 +163,7 @@ class RandomBaseline(Method):
 
     seed: int = 0
     name = "random"
+    label = "random baseline"
 
     def _check_options(self) -> None:
         check_int("seed", self.seed, 0, LIMITS.max_seed)
@@ -177,6 +180,7 @@ class CentreBaseline(Method):
 
     sigma: float = 0.25
     name = "centre"
+    label = "centred baseline"
 
     def _check_options(self) -> None:
         check_number("sigma", self.sigma, 0.0, 10.0, open_low=True)

@@ -135,6 +135,7 @@ class DFCam(GradientMethod):
                           "explained quantity up; abs: either way (with grad-cam weights its maps stay much the same on a "
                           "model with random weights: they partly show the input)", choices=tuple(RECTIFIERS))
     name = "df-cam"
+    label = "DF-CAM"
 
     def _check_options(self) -> None:
         super()._check_options()

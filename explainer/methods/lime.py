@@ -152,6 +152,7 @@ class DFLime(PerturbationMethod):
     compactness: float = 10.0
     seed: int = 0
     name = "df-lime"
+    label = "DF-LIME"
 
     def _check_options(self) -> None:
         super()._check_options()

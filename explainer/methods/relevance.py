@@ -204,6 +204,8 @@ class TokenRelevance(GradientMethod):
     word: str | None = None
     rectify: str = "abs"
     name = "relevance"
+    label = "token relevance"
+    saliency_tab = False  # the Concepts tab's
 
     def _check_options(self) -> None:
         super()._check_options()

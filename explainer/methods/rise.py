@@ -152,6 +152,7 @@ class DFRise(PerturbationMethod):
     similarity: str | None = None  # None: default_similarity(mode, estimator)
     seed: int = option(0, "Mask seed")
     name = "df-rise"
+    label = "DF-RISE"
 
     def __post_init__(self) -> None:
         if self.similarity is None:
