@@ -19,6 +19,7 @@ from pathlib import Path
 
 from explainer import config, metrics
 from explainer.evaluate.protocol import MAP_METHODS, Protocol, default_prompts, evaluate_prompt
+from explainer.methods import VARIANTS
 from explainer.evaluate.tables import format_table, summarise, write_results
 from explainer.models import load_model
 
@@ -37,7 +38,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--distances", nargs="+", choices=metrics.DISTANCES, default=["1-ssim", "mse"],
                         help="the first is the main table's; the others are scored from the same states at no cost")
-    parser.add_argument("--methods", nargs="+", choices=MAP_METHODS, default=list(MAP_METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(dict.fromkeys([*MAP_METHODS, *VARIANTS])), default=list(MAP_METHODS),
+                        help="method variants (explainer.methods.VARIANTS) and cross-attention; default: the table's")
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
     args = parser.parse_args(argv)
     from accelerate import PartialState
