@@ -23,6 +23,7 @@ from ..config import LIMITS
 from ..maps import normalise
 from ..models import LoadedModel
 from ..run import RunData, check_int, check_number
+from .options import option
 
 
 @dataclass
@@ -161,7 +162,7 @@ def batches(total: int, size: int):
 class RandomBaseline(Method):
     """A uniform random map (seeded): the baseline every method must beat (docs/methods.md, Baselines)."""
 
-    seed: int = 0
+    seed: int = option(0, "Seed", "Same seed, same map.")
     name = "random"
     label = "random baseline"
 
