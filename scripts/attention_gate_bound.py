@@ -13,19 +13,23 @@ farther away, for all layers and for each layer group.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from scipy.ndimage import binary_dilation
 
-from explainer import config
-from explainer.metrics import iou, mask_on_grid
-from explainer.models import load_model
-from explainer.render import views
-from explainer.run import InstrumentedRun, RunSettings
-from explainer.shapes.quality import FIRST_SEED
-from explainer.shapes.truth import noun_map, shape_grid
-from explainer.shapes.world import evaluation_prompts, generate_scene
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: python scripts/attention_gate_bound.py
+
+from explainer import config  # noqa: E402
+from explainer.metrics import iou, mask_on_grid  # noqa: E402
+from explainer.models import load_model  # noqa: E402
+from explainer.render import views  # noqa: E402
+from explainer.run import InstrumentedRun, RunSettings  # noqa: E402
+from explainer.shapes.quality import FIRST_SEED  # noqa: E402
+from explainer.shapes.truth import noun_map, shape_grid  # noqa: E402
+from explainer.shapes.world import evaluation_prompts, generate_scene  # noqa: E402
 
 EIGHT_NEIGHBOURS = np.ones((3, 3), bool)
 

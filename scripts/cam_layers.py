@@ -13,15 +13,18 @@ the shape (> 1: the layer favours the edges), and the layer's median share of th
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 
-from explainer.methods import DFCam
-from explainer.methods.cam import LAYER_SCALES, TARGETS, WEIGHTINGS
-from explainer.metrics import inside_outside_ratio
-from explainer.models import load_model
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: python scripts/cam_layers.py
 
-from meaning_checks import LATE, STEPS, shape_runs
+from explainer.methods import DFCam  # noqa: E402
+from explainer.methods.cam import LAYER_SCALES, TARGETS, WEIGHTINGS  # noqa: E402
+from explainer.metrics import inside_outside_ratio  # noqa: E402
+from explainer.models import load_model  # noqa: E402
+from explainer.shapes.cases import LATE, STEPS, shape_runs  # noqa: E402
 
 SUMMED = "sum (DF-CAM)"
 

@@ -11,15 +11,19 @@ border-first map lose to the centre by as much as the oracle differs from random
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 import json
 
 import numpy as np
 
-from explainer import metrics
-from explainer.evaluate.protocol import REFERENCE, Protocol, default_prompts, make_map
-from explainer.models import load_model
-from explainer.run import InstrumentedRun, RunSettings
-from explainer.shapes.truth import shape_grid
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: python scripts/centre_bias.py
+
+from explainer import metrics  # noqa: E402
+from explainer.evaluate.protocol import REFERENCE, Protocol, default_prompts, make_map  # noqa: E402
+from explainer.models import load_model  # noqa: E402
+from explainer.run import InstrumentedRun, RunSettings  # noqa: E402
+from explainer.shapes.truth import shape_grid  # noqa: E402
 
 
 def gaussian(size: int, row: float, col: float, sigma: float = 0.25) -> np.ndarray:

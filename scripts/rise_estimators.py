@@ -13,15 +13,19 @@ compares the similarities).
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 
-from explainer import config, metrics
-from explainer.evaluate.protocol import default_prompts
-from explainer.methods import DFRise
-from explainer.models import load_model
-from explainer.run import InstrumentedRun, RunSettings
-from explainer.shapes.truth import shape_grid
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: python scripts/rise_estimators.py
+
+from explainer import config, metrics  # noqa: E402
+from explainer.evaluate.protocol import default_prompts  # noqa: E402
+from explainer.methods import DFRise  # noqa: E402
+from explainer.models import load_model  # noqa: E402
+from explainer.run import InstrumentedRun, RunSettings  # noqa: E402
+from explainer.shapes.truth import shape_grid  # noqa: E402
 
 FIXED_PROMPTS = ["a red circle on the left", "a big blue square at the top"]
 

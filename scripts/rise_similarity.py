@@ -15,18 +15,21 @@ Spearman with the same map on a randomised UNet < 0.5). Four scores share the ma
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from explainer.methods import DFRise
-from explainer.methods.base import batches
-from explainer.replay import guided_prediction, step_from, step_inputs
-from explainer.methods.rise import negative_squared_error, structure_term
-from explainer.metrics import inside_outside_ratio, spearman
-from explainer.models import load_model
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: python scripts/rise_similarity.py
 
-from meaning_checks import LATE, shape_runs
+from explainer.methods import DFRise  # noqa: E402
+from explainer.methods.base import batches  # noqa: E402
+from explainer.replay import guided_prediction, step_from, step_inputs  # noqa: E402
+from explainer.methods.rise import negative_squared_error, structure_term  # noqa: E402
+from explainer.metrics import inside_outside_ratio, spearman  # noqa: E402
+from explainer.models import load_model  # noqa: E402
+from explainer.shapes.cases import LATE, shape_runs  # noqa: E402
 
 SCORES = {
     "structure, run": (structure_term, "run"),
