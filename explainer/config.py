@@ -81,6 +81,14 @@ SHAPES_PROMPTS = (
     "an orange square on the right",
 )
 
+def _stable_diffusion_1(repo_id: str, label: str) -> ModelSpec:
+    """A Stable Diffusion 1.x checkpoint of the Hub, with the paper's settings as its defaults."""
+    return ModelSpec(
+        id=repo_id, source=repo_id, label=label, hub=True, needs_gpu=True, width=512, height=512, steps=30,
+        guidance=7.5, vae_decode_every=5, gpu_seconds_per_step=0.12, latent_rgb=SD_V1_LATENT_RGB, examples=PAPER_PROMPTS,
+    )
+
+
 EMBEDDED_MODEL_ID = "embedded/shapes-ldm"
 TINY_RANDOM_MODEL_ID = "tiny-random"
 
@@ -110,36 +118,8 @@ MODELS: dict[str, ModelSpec] = {
             guidance=5.0,
             examples=("a cat playing soccer",),
         ),
-        ModelSpec(
-            id="CompVis/stable-diffusion-v1-4",
-            source="CompVis/stable-diffusion-v1-4",
-            label="Stable Diffusion v1.4 (the paper's model, GPU)",
-            hub=True,
-            needs_gpu=True,
-            width=512,
-            height=512,
-            steps=30,
-            guidance=7.5,
-            vae_decode_every=5,
-            gpu_seconds_per_step=0.12,
-            latent_rgb=SD_V1_LATENT_RGB,
-            examples=PAPER_PROMPTS,
-        ),
-        ModelSpec(
-            id="stable-diffusion-v1-5/stable-diffusion-v1-5",
-            source="stable-diffusion-v1-5/stable-diffusion-v1-5",
-            label="Stable Diffusion v1.5 (GPU)",
-            hub=True,
-            needs_gpu=True,
-            width=512,
-            height=512,
-            steps=30,
-            guidance=7.5,
-            vae_decode_every=5,
-            gpu_seconds_per_step=0.12,
-            latent_rgb=SD_V1_LATENT_RGB,
-            examples=PAPER_PROMPTS,
-        ),
+        _stable_diffusion_1("CompVis/stable-diffusion-v1-4", "Stable Diffusion v1.4 (the paper's model, GPU)"),
+        _stable_diffusion_1("stable-diffusion-v1-5/stable-diffusion-v1-5", "Stable Diffusion v1.5 (GPU)"),
     )
 }
 
