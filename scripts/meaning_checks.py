@@ -3,7 +3,7 @@ prompt, each method's inside/outside ratio (the drawn shape's latent pixels agai
 the last quarter of the steps, and its Spearman correlation with the same method on the model with
 re-initialised UNet weights (Adebayo et al., 2018). Criteria: ratio > 1.5, Spearman < 0.5.
 
-    python scripts/meaning_checks.py --prompts 12   (about 30 min on the 2-core CPU, every variant)
+    python scripts/meaning_checks.py --prompts 12   (every variant; DF-LIME's two rows take the longest)
     python scripts/meaning_checks.py --methods df-cam "df-cam (paper)"   (those rows only; the
         others' rows are kept from --out)
 
@@ -16,31 +16,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from explainer.evaluate import shape_grid
-from explainer.methods import DFCam, DFRise, TokenRelevance
-from explainer.metrics import inside_outside_ratio, spearman
-from explainer.models import load_model
-from explainer.run import InstrumentedRun, RunSettings
-from explainer.shapes.world import SHAPES, evaluation_prompts
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: python scripts/meaning_checks.py
 
-STEPS, LATE = 20, range(16, 21)
-METHODS = {
-    "df-rise": lambda noun: DFRise(n_masks=500, batch_size=100),
-    "df-cam": lambda noun: DFCam(),
-    "relevance": lambda noun: TokenRelevance(word=noun),
-    # the paper's rules where the defaults differ, and other options (cam.TARGETS, cam.WEIGHTINGS,
-    # cam.LAYER_SCALES, base.RECTIFIERS), for comparison
-    "df-rise (structure)": lambda noun: DFRise(n_masks=500, batch_size=100, similarity="structure"),
-    "df-cam (paper)": lambda noun: DFCam(target="sum", weighting="grad-cam", layer_scale="min-max"),
-    "df-cam (grad-cam)": lambda noun: DFCam(weighting="grad-cam", layer_scale="min-max"),
-    "df-cam (hirescam)": lambda noun: DFCam(weighting="hirescam"),
-    "df-cam (abs)": lambda noun: DFCam(rectify="abs"),
-    "relevance (relu)": lambda noun: TokenRelevance(word=noun, rectify="relu"),
+from explainer.methods import VARIANTS  # noqa: E402
+from explainer.metrics import inside_outside_ratio, spearman  # noqa: E402
+from explainer.models import load_model  # noqa: E402
+from explainer.shapes.cases import LATE, shape_runs  # noqa: E402
+from explainer.shapes.world import SHAPES  # noqa: E402
+
+# Each row (its label in the results) and the method variant it checks (explainer.methods.VARIANTS):
+# the defaults, then the paper's rules where they differ and other options, for comparison.
+CHECKED = {
+    "df-rise": "df-rise", "df-cam": "df-cam", "relevance": "relevance", "df-lime": "df-lime",
+    "df-rise (structure)": "df-rise-structure", "df-cam (paper)": "df-cam-paper", "df-cam (grad-cam)": "df-cam-gradcam",
+    "df-cam (hirescam)": "df-cam-hirescam", "df-cam (abs)": "df-cam-abs", "relevance (relu)": "relevance-paper",
+    "df-lime (paper)": "df-lime-paper",
 }
+SIZES = {"df-rise": {"n_masks": 500, "batch_size": 100}, "df-lime": {"batch_size": 100}}  # the checks' sizes
+
+
+def checked_method(label: str, noun: str):
+    """The method of row ``label``; token relevance explains the shape's own word."""
+    chosen = VARIANTS[CHECKED[label]]
+    return chosen.build(**SIZES.get(chosen.method, {}), **({"word": noun} if chosen.method == "relevance" else {}))
+
 
 # Not a method: a reference of what step k itself does, the size of x_{t-1} - x_t at each latent pixel.
 # Where the step's own change does not favour the shape, a faithful map of that step need not either.
@@ -52,28 +56,10 @@ def step_change(run, step: int) -> np.ndarray:
     return (record.next_latents.float() - record.latents.float())[0].norm(dim=0).numpy()
 
 
-def single_shape_prompts(count: int) -> list[str]:
-    prompts = [prompt for prompt, *_ in evaluation_prompts(4 * count) if " and " not in prompt]
-    return prompts[:count]
-
-
-def shape_runs(model, count: int, seed: int):
-    """(prompt, run, shape) for the first ``count`` held-out single-shape prompts, ``shape`` the drawn
-    shape on the latent grid; prompts whose run draws no shape are skipped with a line saying so."""
-    for prompt in single_shape_prompts(count):
-        settings = RunSettings(prompt=prompt, steps=STEPS, guidance=5.0, width=64, height=64, seed=seed)
-        run = InstrumentedRun(model, settings).run_all().data
-        shape = shape_grid(run)
-        if not shape.any():
-            print(f"{prompt!r}: no shape drawn, skipped", flush=True)
-            continue
-        yield prompt, run, shape
-
-
 def summarise(rows: list[dict]) -> dict:
     """Per method: how many (prompt, step) pairs pass each criterion, in all and step by step."""
     summary = {}
-    for name in [*METHODS, STEP_CHANGE]:
+    for name in [*CHECKED, STEP_CHANGE]:
         mine = [r for r in rows if r["method"] == name]
         if not mine:
             continue
@@ -95,19 +81,19 @@ def main(argv=None) -> None:
     parser.add_argument("--prompts", type=int, default=12)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default="docs/results/meaning-checks.json")
-    names = [*METHODS, STEP_CHANGE]
+    names = [*CHECKED, STEP_CHANGE]
     parser.add_argument("--methods", nargs="+", choices=names, default=names)
     args = parser.parse_args(argv)
-    methods = {name: METHODS[name] for name in args.methods if name in METHODS}
+    methods = [name for name in args.methods if name in CHECKED]
     model = load_model()
     random_model = model.randomised()
     rows = []
     for prompt, run, mask in shape_runs(model, args.prompts, args.seed):
         noun = next(word for word in prompt.replace(",", " ").split() if word in SHAPES)
-        for name, make in methods.items():
+        for name in methods:
             for step in LATE:
-                trained = make(noun).explain(model, run, step).saliency
-                shuffled = make(noun).explain(random_model, run, step).saliency
+                trained = checked_method(name, noun).explain(model, run, step).saliency
+                shuffled = checked_method(name, noun).explain(random_model, run, step).saliency
                 row = dict(prompt=prompt, method=name, step=step, ratio=inside_outside_ratio(trained, mask),
                            spearman=spearman(trained, shuffled), shape_pixels=int(mask.sum()))
                 rows.append(row)

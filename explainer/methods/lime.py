@@ -1,4 +1,4 @@
-"""DF-LIME: the paper's LIME baseline on one denoising step (SPEC §6).
+"""DF-LIME: the paper's LIME baseline on one denoising step (docs/methods.md, DF-LIME).
 
 Superpixels come from the decoded x_{t-1} shrunk to the latent grid: scikit-image's quickshift with
 the paper's parameters where it finds segments there, SLIC where it does not (``segmentation``);
@@ -7,20 +7,8 @@ the guided denoiser, and a number per perturbation is the model's output (``outp
 how close the DDIM step from the real x_t with the perturbed latent's prediction comes to the real
 x_{t-1}, in the paper the channel mean of the x_{t-1} stepped from the perturbed latent. A weighted
 ridge regression (scikit-learn) of the outputs on the on/off vectors gives each segment a weight,
-and the map paints each segment with its weight.
-
-Why a second segmenter: quickshift links each pixel to a denser one within about three kernel
-widths, so with the paper's kernel of 4 a grid of 16x16 or less (the embedded model's, the tiny
-test model's 8x8) is one window and one segment; a LIME of one segment has nothing to weigh, and
-its map would be flat. SLIC places ``n_segments`` seeds on a grid and grows them by colour and
-distance, so it gives segments on any grid.
-
-Why another output: the step from the perturbed latent carries the perturbation itself, since the
-DDIM update keeps a multiple of its input x_t; a segment switched off changes that x_{t-1} whatever
-the denoiser does, so the paper's weights mostly measure x_t's own values there, which a
-re-initialised denoiser leaves as they are (the model randomisation check of
-scripts/meaning_checks.py). Stepping from the real x_t, as DF-RISE's next-latent mode does, leaves
-only the prediction to differ.
+and the map paints each segment with its weight. Why a second segmenter and another output:
+docs/evaluation.md, "DF-LIME on a small latent grid".
 
 Example:
     >>> explanation = DFLime(n_samples=1000).explain(model, run, step=15)
@@ -37,10 +25,12 @@ from skimage.transform import resize
 from sklearn.linear_model import Ridge
 from sklearn.metrics import pairwise_distances
 
+from ..config import LIMITS
 from ..replay import guided_prediction, step_from, step_inputs
 from .base import PerturbationMethod, batches, check_choice, check_int, check_number
+from .options import option
 
-# "quickshift": the paper's (SPEC §6); "slic": SLIC superpixels; "auto": quickshift where it finds at
+# "quickshift": the paper's; "slic": SLIC superpixels; "auto": quickshift where it finds at
 # least MIN_SEGMENTS segments, else SLIC.
 SEGMENTATIONS = ("auto", "quickshift", "slic")
 MIN_SEGMENTS = 2  # fewer leave LIME nothing to weigh: refused rather than painted as a flat map
@@ -109,7 +99,7 @@ def superpixels(
 
 @dataclass(kw_only=True)
 class DFLime(PerturbationMethod):
-    """DF-LIME saliency of one step (SPEC §6).
+    """DF-LIME saliency of one step (docs/methods.md, DF-LIME).
 
     Args:
         n_samples: random on/off vectors (paper: 1000); the first one is all on, as in LIME.
@@ -140,23 +130,26 @@ class DFLime(PerturbationMethod):
         ValueError: the segmentation has fewer than 2 segments (``superpixels``).
     """
 
-    n_samples: int = 1000
+    n_samples: int = option(1000, "Samples (paper: 1000)", "On/off vectors, each one denoiser input.")
     kernel_width: float = 0.25
     ridge_alpha: float = 1.0
-    output: str = "step-error"
+    output: str = option("step-error", "Model output", "step-error: how close the step from the real x_t with the "
+                         "perturbed prediction comes to the real next step (default); paper: the channel mean of the "
+                         "step from the perturbed latent.", choices=OUTPUTS)
     kernel_size: float = 4
     max_dist: float = 200
     ratio: float = 0.2
-    segmentation: str = "auto"
+    segmentation: str = option("auto", "Superpixels", "auto: the paper's quickshift where it finds segments, else "
+                               "SLIC (default); quickshift: the paper's; slic: SLIC.", choices=SEGMENTATIONS)
     n_segments: int = 50
     compactness: float = 10.0
-    seed: int = 0
+    seed: int = option(0, "Seed", "Same seed, same on/off vectors.")
     name = "df-lime"
     label = "DF-LIME"
 
     def _check_options(self) -> None:
         super()._check_options()
-        check_int("n_samples", self.n_samples, 2, 100_000)
+        check_int("n_samples", self.n_samples, 2, LIMITS.max_lime_samples)
         check_number("kernel_width", self.kernel_width, 0.0, 100.0, open_low=True)
         check_number("ridge_alpha", self.ridge_alpha, 0.0, 1e6)
         check_choice("output", self.output, OUTPUTS)
