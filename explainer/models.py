@@ -137,12 +137,8 @@ def share_cpu_cores(concurrent_runs: int) -> int:
     """On a CPU, give each of ``concurrent_runs`` runs its share of the cores as PyTorch threads;
     returns the count set (nothing is changed on a GPU, where it returns 0).
 
-    More threads than that only oversubscribe the cores when runs overlap. And a server runs its
-    work in many threads: while one live thread holds an OpenMP team, libgomp runs another
-    thread's parallel regions 2-3x slower (its ``do_spin`` cuts the spin-wait short once it
-    manages more threads than cores; pytorch#37259). One thread per run makes no team: on 2
-    cores the embedded model's run takes 0.8 s in any thread, against 0.55 s alone with 2
-    threads but 1.1 s beside another team.
+    More threads only oversubscribe the cores when runs overlap (why, measured: docs/design.md,
+    "Threads and cores on a CPU server").
     """
     if preferred_device()[0].type != "cpu":
         return 0

@@ -54,8 +54,7 @@ class DenoiseTab:
                 self.examples = gr.Dataset(components=[self.prompt], samples=[[p] for p in DEFAULT_SPEC.examples], label="Examples")
             with gr.Column(scale=2):
                 self.status = gr.Markdown("Press **Run** to start.")
-                # Streamed pictures are PNG: encoding them costs a third of WebP's on a CPU (measured: 65
-                # pictures of one run, 0.18 s against 0.55 s), and they are small.
+                # Streamed pictures are PNG: cheaper to encode than WebP on a CPU (docs/design.md), and small.
                 with gr.Row():
                     self.pred_a = gr.Image(label="Prediction view: the clean image the model predicts now", type="pil", format="png", height=300)
                     self.noisy_a = gr.Image(label="Noisy view: the current latent x_t, decoded", type="pil", format="png", height=300)
