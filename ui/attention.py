@@ -11,7 +11,7 @@ from explainer.run import RunData, StepRecord
 
 from . import gpu
 from .page import DEFAULT_SPEC, notice_line, refusal, serve_both, step_slider
-from .session import current
+from .session import check_step, current
 
 AGGREGATIONS = ["this step", "range of steps", "all steps"]
 
@@ -84,10 +84,8 @@ def attention(word, step, aggregation, start, end, groups, view, opacity, includ
 
 
 def _steps_for(run: RunData, aggregation: str, step: int, start: int, end: int) -> list[StepRecord]:
-    total = len(run.records)
     for name, value in (("step", step), ("range start", start), ("range end", end)):
-        if not 1 <= value <= total:
-            raise ValueError(f"{name} must be between 1 and {total}, got {value}.")
+        check_step(run, value, name)
     if aggregation == "this step":
         return [run.records[step - 1]]
     if aggregation == "range of steps":

@@ -17,7 +17,7 @@ from explainer.schedules import parse_timestep_list
 
 from . import gpu, settings
 from .page import DEFAULT_MODEL, DEFAULT_SPEC, model_choices, on_page, refusal, serve_both, step_slider
-from .session import Session, current
+from .session import Session, check_step, current
 from .streaming import UpdateBudget, run_ahead
 
 LIMITS = config.LIMITS
@@ -263,8 +263,7 @@ def show_step(session: Session | None, step: int):
     """Scrub back to a recorded step without recomputing."""
     try:
         runs = current(session)
-        if not 1 <= int(step) <= len(runs[0].records):
-            raise ValueError(f"step must be between 1 and {len(runs[0].records)}, got {step}.")
+        check_step(runs[0], step)
     except ValueError as error:
         raise refusal("scrub", error) from error
     gpu.decode(runs[0].model_id, [run.records[int(step) - 1] for run in runs])  # a step the run did not decode

@@ -20,7 +20,7 @@ DEFAULT_MODEL = config.default_model_id()
 DEFAULT_SPEC = config.MODELS[DEFAULT_MODEL]
 
 
-def refusal(endpoint: str, error: Exception) -> gr.Error:
+def refusal(endpoint: str, error: Exception | str) -> gr.Error:
     """A refused request: one log line (the caller's input, not a fault of the app: no traceback)
     and the error that carries the message to the page or the API caller."""
     log.warning("refused %s: %s", endpoint, error)

@@ -16,7 +16,7 @@ from explainer.render import charts, pictures
 
 from . import gpu, settings
 from .page import DEFAULT_SPEC, notice_line, refusal, serve_both, step_slider
-from .session import current
+from .session import check_step, current
 
 SALIENCY_METHODS = {method.label: name for name, method in METHODS.items() if method.saliency_tab}  # label -> name
 ALL_LAYERS = "sum of all layers"
@@ -126,8 +126,7 @@ def _explain(method, values: dict, step, layer, opacity, score, session):
         name = SALIENCY_METHODS[method]
         options = method_options(name, values)
         METHODS[name](**options)  # option checks (limits from the config) before any GPU work
-        if not 1 <= int(step) <= len(run.records):
-            raise ValueError(f"step must be between 1 and {len(run.records)}, got {step}.")
+        check_step(run, step)
         explanation, scores = gpu.explain_on_device(run.model_id, run.for_computing(), name, options, int(step), bool(score))
     except ValueError as error:
         raise refusal("/saliency", error) from error

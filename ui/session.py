@@ -66,6 +66,14 @@ def current(session: Session | None) -> list[RunData]:
     return session.latest()
 
 
+def check_step(run: RunData, value, name: str = "step") -> int:
+    """``value`` as a step of ``run`` (1-based); a ValueError naming ``name``, the run's own range
+    and the value otherwise (the page's sliders know only their first maximum)."""
+    if not 1 <= int(value) <= len(run.records):
+        raise ValueError(f"{name} must be between 1 and {len(run.records)}, got {value}.")
+    return int(value)
+
+
 def close(session: Session | None) -> None:
     """Remove a finished session's files (the session state's delete callback)."""
     if session is not None:
