@@ -49,11 +49,14 @@ def main(url: str, folder: str) -> None:
         page.get_by_text('"layer_shares"').wait_for(timeout=180_000)
         page.wait_for_timeout(1000)
         page.screenshot(path=out / "saliency-df-cam.png", full_page=True)
-        for tab in ("Export", "About"):
-            if page.get_by_role("tab", name=tab).count():
-                page.get_by_role("tab", name=tab).click()
-                page.wait_for_timeout(800)
-                page.screenshot(path=out / f"{tab.lower()}.png", full_page=True)
+        page.get_by_role("tab", name="Export").click()
+        page.get_by_role("button", name="Export the latest run").click()
+        page.get_by_text(".zip").first.wait_for(timeout=120_000)  # the archive, named by prompt and seed
+        page.wait_for_timeout(800)
+        page.screenshot(path=out / "export.png", full_page=True)
+        page.get_by_role("tab", name="About").click()
+        page.wait_for_timeout(800)
+        page.screenshot(path=out / "about.png", full_page=True)
         browser.close()
 
 
