@@ -134,3 +134,34 @@ def test_decoding_in_batches_equals_decoding_one_by_one():
     alone = [model.decode(latent)[0] for latent in latents]
     for one, other in zip(batched, alone, strict=True):
         assert np.abs(np.asarray(one, np.int16) - np.asarray(other, np.int16)).max() <= 1
+
+
+def test_a_shared_cached_picture_is_never_read_half_written(tmp_path):
+    """Visitors who get the same picture at once share its cached file: saving it again while it
+    is downloaded must not truncate it (CI once failed on that: "peer closed connection")."""
+    import threading
+    import time
+
+    from gradio import processing_utils
+    from PIL import Image
+
+    import app  # noqa: F401  (building the page puts the atomic cache in place)
+
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8))
+    path = processing_utils.save_pil_to_cache(picture, str(tmp_path))
+    size, short_reads, stop = len(open(path, "rb").read()), [], time.time() + 1.0
+
+    def save():
+        while time.time() < stop:
+            assert processing_utils.save_pil_to_cache(picture, str(tmp_path)) == path
+
+    def read():
+        while time.time() < stop:
+            with open(path, "rb") as file:
+                if len(file.read()) != size:
+                    short_reads.append(1)
+
+    threads = [threading.Thread(target=work) for work in (save, save, read, read)]
+    [thread.start() for thread in threads]
+    [thread.join() for thread in threads]
+    assert not short_reads, f"{len(short_reads)} reads found the picture half written"

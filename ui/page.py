@@ -10,8 +10,12 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
+import tempfile
+from pathlib import Path
 
 import gradio as gr
+from gradio import processing_utils
 
 from explainer import config
 
@@ -27,9 +31,39 @@ def refusal(endpoint: str, error: Exception | str) -> gr.Error:
     return gr.Error(str(error), print_exception=False)
 
 
+def save_picture_atomically(img, cache_dir: str, name: str = "image", format: str = "webp") -> str:
+    """Gradio's ``save_pil_to_cache``, but a picture's file is renamed into place, never rewritten.
+
+    The cache is addressed by content, so visitors who get the same picture at once (the same
+    noise-level chart, say) share one file; Gradio rewrites it in place on every save, and a
+    download running meanwhile reads a truncated file (the client sees "peer closed connection").
+    """
+    data = processing_utils.encode_pil_to_bytes(img, format)
+    folder = Path(cache_dir) / processing_utils.hash_bytes(data)
+    folder.mkdir(exist_ok=True, parents=True)
+    target = (folder / f"{name}.{format}").resolve()
+    if target.exists():  # complete: only a rename puts it there
+        os.utime(target)  # the cache deletes by age; this copy is handed out again
+        return str(target)
+    handle, staging = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(staging, target)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return str(target)
+
+
 class XRayBlocks(gr.Blocks):
     """gr.Blocks whose refusals by Gradio itself (a slider's bound, a choice not in a list) are one
-    log line each, as the app's own are, instead of a traceback."""
+    log line each, as the app's own are, instead of a traceback, and whose pictures are cached
+    with ``save_picture_atomically`` (for every Blocks in the process: the cache is Gradio's)."""
+
+    def __init__(self, *args, **kwargs):
+        processing_utils.save_pil_to_cache = save_picture_atomically
+        super().__init__(*args, **kwargs)
 
     async def process_api(self, block_fn, *args, **kwargs):
         try:
