@@ -64,3 +64,41 @@ def make_noise_schedulers(prediction_type: str = "v_prediction", zero_terminal_s
     dpm = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
                                       **({} if zero_terminal_snr else {"steps_offset": 1}))
     return ddpm, dpm
+
+
+# --- the second embedded model: an MM-DiT built as Stable Diffusion 3 is (why: assets/shapes-mmdit/README.md)
+MMDIT_TEXT_WIDTH = 32  # each of the two CLIP encoders; their penultimate states side by side fill joint_attention_dim
+
+
+def make_mmdit(patch_size: int = 1, layers: int = 6, heads: int = 4, head_dim: int = 32):
+    """An SD3Transformer2DModel at the shapes world's size: 16x16x4 latents, one token per latent
+    cell at patch size 1 (so joint-attention maps have the UNet's finest grid, 16x16)."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=16, patch_size=patch_size, in_channels=4, out_channels=4, num_layers=layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=2 * MMDIT_TEXT_WIDTH,
+        caption_projection_dim=heads * head_dim, pooled_projection_dim=2 * MMDIT_TEXT_WIDTH,
+        pos_embed_max_size=16 // patch_size,
+    )
+
+
+def make_projected_text_encoder(tokenizer):
+    """A CLIPTextModelWithProjection (SD3 takes two: their pooled outputs form the pooled projection)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=MMDIT_TEXT_WIDTH, intermediate_size=4 * MMDIT_TEXT_WIDTH,
+        num_hidden_layers=3, num_attention_heads=2, projection_dim=MMDIT_TEXT_WIDTH,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config)
+
+
+def make_flow_scheduler(shift: float = 1.0):
+    """Rectified flow, x_t = (1 - sigma) x0 + sigma noise, sampled by Euler steps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)

@@ -84,7 +84,8 @@ def export_pipeline(args, work: Path):
     log(f"pipeline saved to {out}: {info}")
 
 
-def save_loss_curve(losses: list[float], path: Path, ground_losses: list[float] | None = None) -> None:
+def save_loss_curve(losses: list[float], path: Path, ground_losses: list[float] | None = None,
+                    ylabel: str = "loss (v-prediction, weighted)") -> None:
     """The denoising loss of every UNet step the checkpoint remembers; the ground phase's
     grounding loss, where there is one, on its own axis (its steps are the last ones)."""
     import matplotlib
@@ -98,8 +99,8 @@ def save_loss_curve(losses: list[float], path: Path, ground_losses: list[float] 
     fig, ax = plt.subplots(figsize=(5, 3), dpi=80)
     ax.plot(values, alpha=0.25, lw=0.5, label="per step")
     ax.plot(np.arange(window - 1, len(values)), smooth, label=f"mean of {window}")
-    ax.set_xlabel("UNet step, every phase the checkpoint remembers (batch 64)")
-    ax.set_ylabel("loss (v-prediction, weighted)")
+    ax.set_xlabel("training step, every phase the checkpoint remembers (batch 64)")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, min(1.0, float(values.max())))
     handles = ax.get_legend_handles_labels()
     if ground_losses:
