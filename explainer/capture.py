@@ -1,19 +1,21 @@
-"""Cross-attention capture through diffusers attention processors (docs/methods.md, Cross-attention maps).
+"""Cross- and joint-attention capture through diffusers attention processors (docs/methods.md,
+Cross-attention maps; Stable Diffusion 3).
 
 ``with capture_attention(model) as sites:`` swaps in processors that can record on the attention
 sites the model's family names, and restores the originals on exit, also after an exception. The
 processors themselves hold no run state: a run passes its own ``AttentionRecorder`` to the
-denoiser call (``cross_attention_kwargs={"recorder": r}``), so two runs in two threads on one
-pipeline never see each other's maps. Without a recorder the processors run the original code.
-Self-attention keeps its fused kernel; only cross-attention sites compute their probabilities
-explicitly (their key length is the text length: small). One processor class per attention kind.
+denoiser call (``family.predict(..., recorder=r)``), so two runs in two threads on one pipeline
+never see each other's maps. Without a recorder the processors run the original code.
+Self-attention keeps its fused kernel; only the sites compute their probabilities explicitly: a
+UNet's cross-attention (its key length is the text length: small) or an MM-DiT's joint attention
+over [image; text] tokens. One processor class per attention kind.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -39,6 +41,8 @@ class AttentionRecorder:
             e.g. "up 16×16"; docs/methods.md, Cross-attention maps) at its own resolution, pooled to at most
             ``max_group_side``. Averaging layers before or after upsampling gives the same map
             (bilinear resizing is linear), so subset views need no per-layer maps.
+        sites: every recorded site in forward order (``family.cross_attention_sites``), for
+            families whose groups depend on the depth (an MM-DiT's thirds of its blocks).
     """
 
     def __init__(
@@ -50,6 +54,7 @@ class AttentionRecorder:
         batch_size: int,
         per_group: bool = False,
         max_group_side: int = LIMITS.max_group_map_side,
+        sites: Sequence[str] = (),
     ):
         self.family = family
         self.latent_size = latent_size
@@ -58,6 +63,7 @@ class AttentionRecorder:
         self.batch_size = batch_size
         self.per_group = per_group
         self.max_group_side = max_group_side
+        self.sites = tuple(sites)
         self.groups: dict[str, list[str]] = {}  # group label -> its layer keys, in forward order
         self._reset()
 
@@ -65,12 +71,30 @@ class AttentionRecorder:
         self._sum: torch.Tensor | None = None
         self._count = 0
         self._group_sums: dict[str, torch.Tensor] = {}
+        self._share_sum: torch.Tensor | None = None
+        self._share_count = 0
 
     def add(self, layer: str, probs: torch.Tensor, heads: int) -> None:
-        """Record ``probs`` of shape (batch * heads, N image tokens, L text tokens)."""
+        """Record cross-attention ``probs`` of shape (batch * heads, N image tokens, L text tokens)."""
         _, tokens, text_length = probs.shape
         # (batch, heads, N, L) -> conditional prompt, mean over heads -> (N, L)
-        probs = probs.view(self.batch_size, heads, tokens, text_length)[self.conditional_index].float().mean(0)
+        self._add_maps(layer, probs.view(self.batch_size, heads, tokens, text_length)[self.conditional_index].float().mean(0))
+
+    def add_joint(self, layer: str, probs: torch.Tensor, heads: int, image_tokens: int) -> None:
+        """Record joint-attention ``probs`` (batch * heads, N + L, N + L), image tokens first: the
+        image queries' attention to the text keys, renormalised over the text keys (each image
+        token's distribution over the text, as cross-attention gives), and the text share, the
+        part of each image query's attention that goes to the text at all."""
+        total = probs.shape[-1]
+        probs = probs.view(self.batch_size, heads, total, total)[self.conditional_index]
+        to_text = probs[:, :image_tokens, image_tokens:].float()  # (heads, N, L)
+        share = to_text.sum(-1)  # (heads, N)
+        self._add_maps(layer, (to_text / share.clamp(min=torch.finfo(torch.float32).tiny)[..., None]).mean(0))
+        self._add_share(share.mean(0))
+
+    def _add_maps(self, layer: str, probs: torch.Tensor) -> None:
+        """Add one layer's conditional, head-averaged maps (N, L), each image token's row summing to 1."""
+        tokens = probs.shape[0]
         kept = self.kept_positions
         reduced = torch.cat([probs[:, :kept], probs[:, kept:].sum(1, keepdim=True)], dim=1)  # (N, kept + 1)
         height, width = self.family.layer_grid(tokens, self.latent_size)
@@ -83,20 +107,37 @@ class AttentionRecorder:
         self._sum = maps if self._sum is None else self._sum + maps
         self._count += 1
 
+    def _add_share(self, share: torch.Tensor) -> None:
+        """Add one layer's text share per image token (N,), on the latent grid."""
+        height, width = self.family.layer_grid(share.shape[0], self.latent_size)
+        share = share.reshape(1, 1, height, width)
+        if (height, width) != self.latent_size:
+            share = F.interpolate(share, size=self.latent_size, mode="bilinear", align_corners=False)
+        self._share_sum = share[0, 0] if self._share_sum is None else self._share_sum + share[0, 0]
+        self._share_count += 1
+
     def _add_to_group(self, layer: str, maps: torch.Tensor) -> None:
-        label = self.family.layer_group(layer, maps.shape[1:])
+        label = self.family.layer_group(layer, maps.shape[1:], self.sites)
         members = self.groups.setdefault(label, [])
         if layer not in members:
             members.append(layer)
         total = self._group_sums.get(label)
         self._group_sums[label] = maps if total is None else total + maps
 
+    def text_share(self) -> np.ndarray | None:
+        """The step's text share so far, averaged over the joint-attention layers: float16
+        (H_lat, W_lat) in [0, 1]; None where no joint attention was recorded (cross-attention gives
+        all of its mass to the text). Read it before ``finish_step``, which starts the next step."""
+        if self._share_sum is None:
+            return None
+        return (self._share_sum / self._share_count).to(torch.float16).cpu().numpy()
+
     def finish_step(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The step's layer-averaged maps (kept + 1, H_lat, W_lat) and the per-group maps, float16."""
         if self._sum is None:
             raise RuntimeError(
                 "No cross-attention was captured in this step: is the denoiser inside `capture_attention`, "
-                "and was the recorder passed as cross_attention_kwargs={'recorder': ...}?"
+                "and was the recorder passed to the denoiser call (family.predict(..., recorder=...))?"
             )
         mean = (self._sum / self._count).to(torch.float16).cpu().numpy()
         groups = {label: self._group_mean(label, total) for label, total in self._group_sums.items()}
@@ -166,8 +207,79 @@ class CrossAttentionRecordingProcessor:
         )
 
 
+def joint_attention(attn, hidden_states, encoder_hidden_states=None, on_probs=None):
+    """diffusers' ``JointAttnProcessor2_0`` maths with an explicit softmax(QK^T / sqrt(d)): SD 3's
+    attention over [image tokens; text tokens] (or over the image tokens alone, as SD 3.5's second
+    attention of a block). Returns what that processor returns: (image output, text output) when
+    there is text, else the image output.
+
+    ``on_probs(probs)`` sees the probabilities in float32, shape (batch * heads, N + L, N + L) with
+    the N image tokens first (N x N without text), before they weight the values.
+    """
+    batch, image_tokens, _ = hidden_states.shape
+    heads = attn.heads
+
+    def split(x):  # (batch, tokens, heads * dim) -> (batch, heads, tokens, dim)
+        return x.view(batch, x.shape[1], heads, -1).transpose(1, 2)
+
+    query, key, value = (split(projection(hidden_states)) for projection in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    if encoder_hidden_states is not None:
+        text_query, text_key, text_value = (
+            split(projection(encoder_hidden_states)) for projection in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        )
+        if attn.norm_added_q is not None:
+            text_query = attn.norm_added_q(text_query)
+        if attn.norm_added_k is not None:
+            text_key = attn.norm_added_k(text_key)
+        query, key, value = (torch.cat(pair, dim=2) for pair in ((query, text_query), (key, text_key), (value, text_value)))
+    scale = query.shape[-1] ** -0.5  # scaled_dot_product_attention's default
+    scores = torch.matmul(query * scale, key.transpose(-1, -2)).flatten(0, 1)  # (batch * heads, N + L, N + L)
+    probs = scores.softmax(dim=-1, dtype=torch.float32)
+    if on_probs is not None:
+        on_probs(probs)  # the tensor that weighs the values, so gradients reach it
+    weights = probs.view(batch, heads, *probs.shape[1:]).to(value.dtype)
+    hidden_states = torch.matmul(weights, value).transpose(1, 2).reshape(batch, -1, heads * value.shape[-1])
+    if encoder_hidden_states is None:
+        return attn.to_out[1](attn.to_out[0](hidden_states))
+    hidden_states, text_states = hidden_states[:, :image_tokens], hidden_states[:, image_tokens:]
+    if not attn.context_pre_only:
+        text_states = attn.to_add_out(text_states)
+    return attn.to_out[1](attn.to_out[0](hidden_states)), text_states
+
+
+class JointAttentionRecordingProcessor:
+    """For joint attention (an MM-DiT block, ``attn.add_q_proj`` present): runs the original processor,
+    or, given a recorder, computes the attention explicitly and records the image-to-text block."""
+
+    def __init__(self, layer: str, original):
+        self.layer = layer
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, recorder=None, **kwargs):
+        if recorder is None or encoder_hidden_states is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        image_tokens = hidden_states.shape[1]
+        return joint_attention(
+            attn, hidden_states, encoder_hidden_states,
+            on_probs=lambda probs: recorder.add_joint(self.layer, probs, attn.heads, image_tokens),
+        )
+
+
+def recording_processor(layer: str, module, original):
+    """The recording processor for one site: joint attention where the module projects the text
+    itself (``add_q_proj``), else cross-attention."""
+    if getattr(module, "add_q_proj", None) is not None:
+        return JointAttentionRecordingProcessor(layer, original)
+    return CrossAttentionRecordingProcessor(layer, original)
+
+
 class RecorderPassthrough:
-    """Wraps a self-attention processor so it accepts (and ignores) ``recorder``: fused kernel kept."""
+    """Wraps a processor that records nothing (self-attention) so it accepts and ignores ``recorder``:
+    fused kernel kept."""
 
     def __init__(self, original):
         self.original = original
@@ -198,19 +310,22 @@ def capture_attention(model) -> Iterator[list[str]]:
 
     Example:
         >>> with capture_attention(model) as sites:
-        ...     model.family.predict(pipe, x, t, conditioning, cross_attention_kwargs={"recorder": recorder})
+        ...     model.family.predict(pipe, x, t, conditioning, recorder=recorder)
     """
     denoiser = model.denoiser
     layers = model.family.cross_attention_sites(denoiser)
     if not layers:
-        raise ValueError("This denoiser has no cross-attention layers to capture.")
+        raise ValueError("This denoiser has no cross- or joint-attention layers to capture.")
     with _INSTALL_LOCK:
         installation = _INSTALLED.get(denoiser)
         if installation is None:
             originals = denoiser.attn_processors
             denoiser.set_attn_processor(
                 {
-                    key: CrossAttentionRecordingProcessor(key, proc) if key in layers else RecorderPassthrough(proc)
+                    key: (
+                        recording_processor(key, denoiser.get_submodule(key.removesuffix(".processor")), proc)
+                        if key in layers else RecorderPassthrough(proc)
+                    )
                     for key, proc in originals.items()
                 }
             )

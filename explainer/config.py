@@ -33,6 +33,9 @@ class ModelSpec:
         latent_rgb: optional fixed (channels [+ 1 bias row]) x 3 latent -> RGB map for the fast
             preview; fitted from the family's decoder at load time when absent.
         examples: prompts shown as examples for this model.
+        max_sequence_length: the T5 tokens of a family that has a T5 encoder (SD 3; without the
+            encoder, that many zero tokens); None: the pipeline's own default.
+        gated: the Hub asks for a token of an account that accepted the model's licence.
     """
 
     id: str
@@ -50,6 +53,8 @@ class ModelSpec:
     latent_rgb: tuple[tuple[float, float, float], ...] | None = None
     examples: tuple[str, ...] = ()
     family: str = "sd1"
+    max_sequence_length: int | None = None
+    gated: bool = False
 
 
 # Approximate latent -> RGB map of the SD v1 VAE (widely used for live previews).
@@ -91,6 +96,7 @@ def _stable_diffusion_1(repo_id: str, label: str) -> ModelSpec:
 
 EMBEDDED_MODEL_ID = "embedded/shapes-ldm"
 TINY_RANDOM_MODEL_ID = "tiny-random"
+TINY_SD3_MODEL_ID = "tiny-sd3"
 
 MODELS: dict[str, ModelSpec] = {
     spec.id: spec
@@ -118,8 +124,37 @@ MODELS: dict[str, ModelSpec] = {
             guidance=5.0,
             examples=("a cat playing soccer",),
         ),
+        ModelSpec(
+            id=TINY_SD3_MODEL_ID,
+            source="",  # built from configs by explainer.families.sd3_tiny, random weights
+            label="Tiny random SD 3 model (for tests; pictures mean nothing)",
+            hub=False,
+            width=64,
+            height=64,
+            steps=10,
+            guidance=5.0,
+            examples=("a cat playing soccer",),
+            family="sd3",
+            max_sequence_length=8,  # zero T5 tokens: the tiny model has no T5 encoder
+        ),
         _stable_diffusion_1("CompVis/stable-diffusion-v1-4", "Stable Diffusion v1.4 (the paper's model, GPU)"),
         _stable_diffusion_1("stable-diffusion-v1-5/stable-diffusion-v1-5", "Stable Diffusion v1.5 (GPU)"),
+        ModelSpec(
+            id="stabilityai/stable-diffusion-3.5-medium",
+            source="stabilityai/stable-diffusion-3.5-medium",
+            label="Stable Diffusion 3.5 Medium (MM-DiT, flow matching; GPU, gated)",
+            hub=True,
+            needs_gpu=True,
+            gated=True,
+            family="sd3",
+            width=1024,
+            height=1024,
+            steps=40,  # the model card's diffusers example: 40 steps, guidance 4.5
+            guidance=4.5,
+            vae_decode_every=5,
+            gpu_seconds_per_step=0.25,  # an estimate, not measured
+            examples=PAPER_PROMPTS,
+        ),
     )
 }
 

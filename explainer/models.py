@@ -6,11 +6,14 @@ CUDA with float16 where a GPU is present, else CPU with float32. Only ids in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
 import threading
 import weakref
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +30,8 @@ from .tokens import PromptTokens
 # A fast (Rust) tokenizer keeps its padding and truncation settings as state that every call
 # rewrites: two threads tokenizing at once can swap settings, and a prompt padded to 77 tokens
 # comes back unpadded (8 tokens), so a run silently gets other text embeddings. Every use of
-# a shared tokenizer goes through its lock (LoadedModel.encode / .tokenize).
+# a shared tokenizer goes through its lock (LoadedModel.encode / .tokenize), every tokenizer of
+# the pipeline (SD 3 has three) taken in one global order.
 _TOKENIZER_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _TOKENIZER_LOCKS_GUARD = threading.Lock()
 
@@ -36,6 +40,17 @@ def tokenizer_lock(tokenizer) -> threading.Lock:
     """The one lock of this tokenizer object (shared by every pipeline that holds it)."""
     with _TOKENIZER_LOCKS_GUARD:
         return _TOKENIZER_LOCKS.setdefault(tokenizer, threading.Lock())
+
+
+@contextmanager
+def tokenizers_locked(pipe) -> Iterator[None]:
+    """Hold the lock of every tokenizer of ``pipe`` (components named ``tokenizer*``), each once,
+    taken in the order of the objects' ids so that two pipelines sharing tokenizers cannot deadlock."""
+    tokenizers = {id(t): t for name, t in pipe.components.items() if name.startswith("tokenizer") and t is not None}
+    with ExitStack() as stack:
+        for key in sorted(tokenizers):
+            stack.enter_context(tokenizer_lock(tokenizers[key]))
+        yield
 
 
 @dataclass
@@ -85,12 +100,13 @@ class LoadedModel:
 
     def encode(self, prompt: str, negative_prompt: str = "", guided: bool = True) -> Conditioning:
         """The prompt's conditioning, in diffusers' batch order under guidance: [unconditional, conditional]."""
-        with tokenizer_lock(self.pipe.tokenizer):
-            return self.family.encode(self.pipe, prompt, negative_prompt, guided)
+        length = self.spec.max_sequence_length if self.spec is not None else None
+        with tokenizers_locked(self.pipe):
+            return self.family.encode(self.pipe, prompt, negative_prompt, guided, max_sequence_length=length)
 
     def tokenize(self, prompt: str) -> PromptTokens:
         """The prompt's tokens and words (see ``Family.tokenize``), safe beside other threads."""
-        with tokenizer_lock(self.pipe.tokenizer):
+        with tokenizers_locked(self.pipe):
             return self.family.tokenize(self.pipe, prompt)
 
     def check_prompt(self, prompt: str) -> None:
@@ -120,11 +136,13 @@ class LoadedModel:
 
     def randomised(self, seed: int = 0) -> LoadedModel:
         """The same pipeline with the denoiser's weights re-initialised (seeded): the model randomisation
-        test of Adebayo et al. (2018), where an explanation that does not change is not explaining."""
+        test of Adebayo et al. (2018), where an explanation that does not change is not explaining.
+        It keeps this model's spec (how it encodes prompts); its preview map is fitted again."""
         torch.manual_seed(seed)
         denoiser = type(self.denoiser).from_config(self.denoiser.config).eval()
         pipe = self.family.rebuilt(self.pipe, denoiser)
-        return LoadedModel.from_pipeline(pipe, model_id=self.id + "-randomised", family=self.family.name)
+        randomised = LoadedModel.from_pipeline(pipe, model_id=self.id + "-randomised", family=self.family.name)
+        return dataclasses.replace(randomised, spec=self.spec)
 
 
 def preferred_device() -> tuple[torch.device, torch.dtype]:
@@ -189,7 +207,11 @@ def check_loadable(spec: config.ModelSpec) -> None:
 def _what_to_do_instead(spec: config.ModelSpec) -> str:
     others = [s.label for s in config.MODELS.values() if not (s.hub or s.needs_gpu) and s.id != spec.id]
     where = f"choose {others[0]!r}, which runs on this machine, " if others else ""
-    return f"To explain a model here, {where}or use {spec.label} where a GPU and the Hub are available (the Space)."
+    advice = f"To explain a model here, {where}or use {spec.label} where a GPU and the Hub are available (the Space)."
+    if spec.gated:
+        advice += (f" {spec.source} is gated on the Hugging Face Hub: loading it needs a Hugging Face token (HF_TOKEN) "
+                   "of an account that has accepted its licence and been given access.")
+    return advice
 
 
 def preload(model_ids) -> dict[str, str]:
@@ -216,4 +238,8 @@ def _build_pipeline(spec: config.ModelSpec):
         from .families.sd1_tiny import tiny_pipeline
 
         return tiny_pipeline().to(device=device, dtype=dtype)
+    if spec.id == config.TINY_SD3_MODEL_ID:
+        from .families.sd3_tiny import tiny_sd3_pipeline
+
+        return tiny_sd3_pipeline().to(device=device, dtype=dtype)
     return family_named(spec.family).load(spec.source, device, dtype, local_files_only=not spec.hub)

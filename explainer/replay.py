@@ -34,9 +34,12 @@ def combine_guidance(output: torch.Tensor, guidance: float) -> torch.Tensor:
 
 def model_input(scheduler, latents: torch.Tensor, timestep, halves: int) -> torch.Tensor:
     """The denoiser's input for latents (B, C, h, w): repeated once per guidance half (dim 0, halves
-    outermost) and scaled as the scheduler asks (1 for DDIM and DPM-Solver++; not for Euler)."""
+    outermost) and scaled as the scheduler asks (1 for DDIM and DPM-Solver++; not for Euler). A
+    scheduler without ``scale_model_input`` (flow matching's Euler) takes x_sigma unscaled, as its
+    pipeline feeds it."""
     expanded = torch.cat([latents] * halves) if halves > 1 else latents
-    return scheduler.scale_model_input(expanded, timestep)
+    scale = getattr(scheduler, "scale_model_input", None)
+    return expanded if scale is None else scale(expanded, timestep)
 
 
 @dataclass
@@ -46,8 +49,8 @@ class StepInputs:
 
     latents: torch.Tensor  # x_t, (1, C, h, w)
     next_latents: torch.Tensor  # the real x_{t-1}, (1, C, h, w)
-    timestep: int
-    next_timestep: int | None
+    timestep: int | float  # as the scheduler holds it (flow matching: 1000 sigma)
+    next_timestep: int | float | None
     conditioning: Conditioning
     guidance: float
     scheduler: object
@@ -80,18 +83,19 @@ def step_inputs(model: LoadedModel, run, step: int) -> StepInputs:
 
 
 def raw_prediction(model: LoadedModel, inputs: StepInputs, latents: torch.Tensor,
-                   conditioning: Conditioning | None = None, **kwargs) -> torch.Tensor:
+                   conditioning: Conditioning | None = None, recorder=None) -> torch.Tensor:
     """The denoiser's output for latents (B, C, h, w), one block of B rows per guidance half of
     ``conditioning`` (default: the step's): (halves * B, C, h, w), nothing combined."""
     conditioning = conditioning or inputs.conditioning
     timestep = torch.tensor(inputs.timestep, device=latents.device)
     latent_input = model_input(inputs.scheduler, latents, timestep, conditioning.halves)
-    return model.family.predict(model.pipe, latent_input, timestep, conditioning.repeated(latents.shape[0]), **kwargs)
+    return model.family.predict(model.pipe, latent_input, timestep, conditioning.repeated(latents.shape[0]),
+                               recorder=recorder)
 
 
-def guided_prediction(model: LoadedModel, inputs: StepInputs, latents: torch.Tensor, **kwargs) -> torch.Tensor:
+def guided_prediction(model: LoadedModel, inputs: StepInputs, latents: torch.Tensor, recorder=None) -> torch.Tensor:
     """The guided denoiser output for a batch of latents (B, C, h, w) at the step's timestep and text."""
-    return combine_guidance(raw_prediction(model, inputs, latents, **kwargs), inputs.guidance)
+    return combine_guidance(raw_prediction(model, inputs, latents, recorder=recorder), inputs.guidance)
 
 
 def step_from(model: LoadedModel, inputs: StepInputs, latents: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:

@@ -114,20 +114,22 @@ def check_number(name: str, value, low: float, high: float, open_low: bool = Fal
 class StepRecord:
     """What the model did at step ``index`` (1-based) of ``total``: from ``x_t`` to ``x_{t-1}``.
 
-    Latents are CPU float32 tensors (1, C, h, w) in the denoiser's scale. ``attention`` is float16
+    ``timestep`` is what the denoiser saw: an int for DDPM families, a float (1000 sigma) for flow
+    matching. Latents are CPU float32 tensors (1, C, h, w) in the denoiser's scale. ``attention`` is float16
     (P + 1, h, w): rows 0..P-1 are token positions 0 (start) to the end token, the last row is all
     padding positions summed; rows sum to 1 at every latent pixel. ``group_attention`` holds each
     layer group's mean map (same rows) at the group's own resolution, at most
     ``LIMITS.max_group_map_side`` a side, when the run asked for them (``RunData.attention_groups``
-    names each group's layers).
+    names each group's layers). ``text_share`` (joint attention only, float16 (h, w) in [0, 1]): the
+    part of each image token's attention that went to the text, averaged over heads and layers.
     """
 
     index: int
     total: int
-    timestep: int
-    next_timestep: int | None  # None: the last step, which lands on the clean latent
-    alpha_bar: float
-    sigma: float  # noise level sqrt((1 - alpha_bar) / alpha_bar)
+    timestep: int | float
+    next_timestep: int | float | None  # None: the last step, which lands on the clean latent
+    alpha_bar: float  # x0's squared coefficient in x_t
+    sigma: float  # the family's noise level: sqrt((1 - alpha_bar) / alpha_bar) (DDPM), sigma of (1 - sigma) x0 + sigma eps (flow)
     latents: torch.Tensor
     next_latents: torch.Tensor
     x0_hat: torch.Tensor
@@ -139,10 +141,11 @@ class StepRecord:
     noisy_view: Image.Image | None = None
     prediction_view: Image.Image | None = None
     group_attention: dict[str, np.ndarray] = field(default_factory=dict)
+    text_share: np.ndarray | None = None
 
     @property
     def label(self) -> str:
-        return f"step {self.index} of {self.total}, t = {self.timestep}"
+        return f"step {self.index} of {self.total}, t = {self.timestep:.4g}"
 
 
 @dataclass
@@ -155,8 +158,8 @@ class RunData:
     settings: RunSettings
     model_id: str
     tokens: PromptTokens
-    timesteps: list[int]
-    noise_levels: list[float]  # sigma_t at every timestep, known before the run starts
+    timesteps: list[int | float]  # as the denoiser sees them (ints: DDPM; floats, 1000 sigma: flow matching)
+    noise_levels: list[float]  # the family's sigma at every timestep, known before the run starts
     latent_size: tuple[int, int]
     messages: list[str] = field(default_factory=list)
     records: list[StepRecord] = field(default_factory=list)
@@ -191,7 +194,7 @@ class InstrumentedRun:
         self.settings = settings.validated()
         self.scheduler = model.family.scheduler(model.pipe, self.settings)
         tokens = model.tokenize(self.settings.prompt)
-        timesteps = [int(t) for t in self.scheduler.timesteps]
+        timesteps = [t.item() for t in self.scheduler.timesteps]
         self.data = RunData(
             settings=self.settings,
             model_id=model.id,
@@ -215,7 +218,7 @@ class InstrumentedRun:
             generator = torch.Generator("cpu").manual_seed(settings.seed)
             shape = (1, model.family.latent_channels(model.pipe), *self.data.latent_size)
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-            latents = latents * self.scheduler.init_noise_sigma
+            latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow matching starts at the noise
         recorder = AttentionRecorder(
             model.family,
             self.data.latent_size,
@@ -223,15 +226,16 @@ class InstrumentedRun:
             conditional_index=1 if self.guided else 0,
             batch_size=2 if self.guided else 1,
             per_group=settings.per_group,
+            sites=model.family.cross_attention_sites(model.denoiser),
         )
         self.data.attention_groups = recorder.groups  # filled by the first step
-        extra_step_kwargs = model.pipe.prepare_extra_step_kwargs(generator, 0.0)
         with capture_attention(model):
             for index, timestep in enumerate(self.scheduler.timesteps):
                 with torch.inference_mode():
                     noise_pred = self._denoise(latents, timestep, conditioning, recorder)
-                    next_latents = self.scheduler.step(noise_pred, timestep, latents, **extra_step_kwargs).prev_sample
-                record = self._record(index, int(timestep), latents, next_latents, noise_pred, recorder)
+                    # deterministic: DDIM's eta defaults to 0; no solver used here draws noise
+                    next_latents = self.scheduler.step(noise_pred, timestep, latents).prev_sample
+                record = self._record(index, timestep.item(), latents, next_latents, noise_pred, recorder)
                 self.data.records.append(record)
                 latents = next_latents
                 yield record
@@ -249,12 +253,11 @@ class InstrumentedRun:
 
     def _denoise(self, latents, timestep, conditioning, recorder) -> torch.Tensor:
         latent_input = model_input(self.scheduler, latents, timestep, conditioning.halves)
-        output = self.model.family.predict(
-            self.model.pipe, latent_input, timestep, conditioning, cross_attention_kwargs={"recorder": recorder}
-        )
+        output = self.model.family.predict(self.model.pipe, latent_input, timestep, conditioning, recorder=recorder)
         return combine_guidance(output, self.settings.guidance)
 
     def _record(self, index, timestep, latents, next_latents, noise_pred, recorder) -> StepRecord:
+        text_share = recorder.text_share()
         attention, groups = recorder.finish_step()
         alpha_bar, sigma = self.model.family.noise_levels(self.scheduler, timestep)
         x0_hat = self.model.family.clean_estimate(self.scheduler, latents, noise_pred, timestep)
@@ -276,6 +279,7 @@ class InstrumentedRun:
             preview_prediction=self.model.preview(x0_hat),
             attention=attention,
             group_attention=groups,
+            text_share=text_share,
         )
         every = self.settings.vae_decode_every
         if (every and (index + 1) % every == 0) or index + 1 == total:

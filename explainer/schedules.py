@@ -2,6 +2,7 @@
 
 ``timesteps("early", 30, concentration=60)`` gives the list of timesteps a run visits, from noisy to clean.
 ``uniform`` is left to the scheduler (``None``), since its own ``set_timesteps(n)`` defines it.
+``flow_sigmas`` maps the same schedules onto flow matching's noise levels (before the model's shift).
 """
 
 from __future__ import annotations
@@ -59,6 +60,28 @@ def timesteps(
             "use fewer steps or a smaller concentration."
         )
     return values
+
+
+def flow_sigmas(
+    kind: str | Sequence[int],
+    steps: int,
+    concentration: float = 60.0,
+    train_timesteps: int = TRAIN_TIMESTEPS,
+) -> list[float] | None:
+    """A schedule on flow matching's noise levels sigma, before the model's own shift, strictly
+    decreasing in (0, 1], or None for the scheduler's own uniform one.
+
+    The paper's timesteps index the T training steps 0..T-1; a flow-matching scheduler trains on
+    sigma = 1/T .. 1 (diffusers' t = 1..T). Index t is sigma = (t + 1) / T, so T - 1, where every
+    schedule starts, is sigma = 1, the pure noise a run starts from. The scheduler then shifts these
+    sigmas as it shifts its own uniform ones (SD 3: s sigma / (1 + (s - 1) sigma)).
+
+    Example:
+        >>> flow_sigmas("early", 5, concentration=2)[:2]
+        [1.0, 0.982]
+    """
+    values = timesteps(kind, steps, concentration, train_timesteps)
+    return None if values is None else [(value + 1) / train_timesteps for value in values]
 
 
 def check_explicit(values: Sequence[int], train_timesteps: int = TRAIN_TIMESTEPS) -> list[int]:

@@ -6,8 +6,9 @@
 
 from .base import Conditioning, Family
 from .sd1 import StableDiffusion1
+from .sd3 import StableDiffusion3
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (StableDiffusion1(),)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (StableDiffusion1(), StableDiffusion3())}
 
 
 def family(name: str) -> Family:
@@ -17,4 +18,4 @@ def family(name: str) -> Family:
     return FAMILIES[name]
 
 
-__all__ = ["FAMILIES", "Conditioning", "Family", "StableDiffusion1", "family"]
+__all__ = ["FAMILIES", "Conditioning", "Family", "StableDiffusion1", "StableDiffusion3", "family"]

@@ -9,6 +9,7 @@ noise-schedule table.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ class Conditioning:
     dim 0 in diffusers' order: [unconditional, conditional] when guided, else [conditional].
 
     ``tensors`` are keyword arguments of the family's denoiser call, by name (SD 1.x:
-    ``encoder_hidden_states``, (halves, L, D)).
+    ``encoder_hidden_states``, (halves, L, D); SD 3 also ``pooled_projections``, (halves, P)).
     """
 
     tensors: dict[str, torch.Tensor]
@@ -78,31 +79,42 @@ class Family:
         """The whole words the tokenizer knows as one token (a closed-vocabulary model's check)."""
         raise NotImplementedError
 
-    def encode(self, pipe, prompt: str, negative_prompt: str, guided: bool) -> Conditioning:
+    def encode(self, pipe, prompt: str, negative_prompt: str, guided: bool,
+               max_sequence_length: int | None = None) -> Conditioning:
+        """The prompt's conditioning. ``max_sequence_length``: the T5 tokens of a family that has them
+        (``ModelSpec.max_sequence_length``; None: the pipeline's default); other families ignore it."""
         raise NotImplementedError
 
     # --- denoising
     def scheduler(self, pipe, settings):
-        """A fresh scheduler for one run, on the run's timesteps (schedulers keep per-run state)."""
+        """A fresh scheduler for one run, on the run's timesteps (schedulers keep per-run state). Its
+        ``timesteps`` are what the denoiser sees: ints for DDPM families, floats (1000 sigma) for
+        flow matching."""
         raise NotImplementedError
 
-    def noise_levels(self, scheduler, timestep: int | None) -> tuple[float, float]:
-        """(alpha_bar, sigma) at ``timestep``; ``None``, after the last step, is the clean latent."""
+    def noise_levels(self, scheduler, timestep: int | float | None) -> tuple[float, float]:
+        """(alpha_bar, sigma) at ``timestep``; ``None``, after the last step, is the clean latent.
+
+        ``alpha_bar`` is the squared coefficient of x0 in x_t; ``sigma`` is the family's own noise
+        level (DDPM: sqrt((1 - alpha_bar) / alpha_bar); flow matching: the sigma of
+        x_t = (1 - sigma) x0 + sigma eps)."""
         raise NotImplementedError
 
-    def predict(self, pipe, latent_input: torch.Tensor, timestep, conditioning: Conditioning, **kwargs) -> torch.Tensor:
-        """The denoiser's raw output for a batch already expanded for guidance and scaled."""
+    def predict(self, pipe, latent_input: torch.Tensor, timestep, conditioning: Conditioning,
+                recorder=None) -> torch.Tensor:
+        """The denoiser's raw output for a batch already expanded for guidance and scaled; with a
+        ``recorder`` (``capture.AttentionRecorder``) the capture processors record into it."""
         raise NotImplementedError
 
-    def clean_estimate(self, scheduler, latents, output, timestep: int) -> torch.Tensor:
+    def clean_estimate(self, scheduler, latents, output, timestep: int | float) -> torch.Tensor:
         """x0_hat, the clean latent the model predicts from its (guided) ``output`` at ``latents``."""
         raise NotImplementedError
 
-    def noise_estimate(self, scheduler, latents, output, timestep: int) -> torch.Tensor:
+    def noise_estimate(self, scheduler, latents, output, timestep: int | float) -> torch.Tensor:
         """eps_hat, the noise the model sees in ``latents``."""
         raise NotImplementedError
 
-    def replay_step(self, scheduler, latents, output, timestep: int, next_timestep: int | None) -> torch.Tensor:
+    def replay_step(self, scheduler, latents, output, timestep: int | float, next_timestep: int | float | None) -> torch.Tensor:
         """x_{t-1} from an output at x_t by a first-order deterministic step (no solver history):
         how the methods and metrics step from a prediction they made themselves."""
         raise NotImplementedError
@@ -118,7 +130,8 @@ class Family:
 
     # --- attention and layers
     def cross_attention_sites(self, denoiser) -> list[str]:
-        """Processor keys of the attention layers whose keys are the text, in forward order."""
+        """Processor keys of the attention layers whose keys include the text (cross or joint
+        attention), in forward order."""
         raise NotImplementedError
 
     def attention_modules(self, denoiser) -> list[torch.nn.Module]:
@@ -129,12 +142,25 @@ class Family:
         """The (h, w) grid of a site with ``tokens`` image tokens."""
         raise NotImplementedError
 
-    def layer_group(self, site: str, grid: tuple[int, int]) -> str:
-        """The group a site belongs to (its block kind and resolution), e.g. "up 16×16"."""
+    def layer_group(self, site: str, grid: tuple[int, int], sites: Sequence[str] = ()) -> str:
+        """The group a site belongs to among ``sites`` (all of them, in forward order), e.g. "up 16×16"
+        (block kind and resolution) or "blocks 0–7" (a third of a transformer's blocks)."""
+        raise NotImplementedError
+
+    def explicit_attention(self, module, hidden_states, encoder_hidden_states, attention_mask, temb,
+                           on_probs: Callable[[torch.Tensor, str], None]):
+        """One of the denoiser's attention calls redone with an explicit softmax, returning what the
+        module returns. ``on_probs(probs, kind)`` sees the probabilities (batch * heads, rows, keys):
+        kind "self" (N, N), "cross" (N, L) or "joint" (N + L, N + L, image tokens first)."""
         raise NotImplementedError
 
     def explained_layers(self, denoiser) -> list[str]:
         """Module paths whose outputs DF-CAM explains, in forward order."""
+        raise NotImplementedError
+
+    def explained_output(self, output) -> torch.Tensor:
+        """The tensor of an explained layer's output that DF-CAM weighs (on the autograd graph): a
+        feature map (B, C, h, w), or image tokens (B, N, C) that lie on ``layer_grid``."""
         raise NotImplementedError
 
     def text_attention_modules(self, pipe) -> list[torch.nn.Module]:
@@ -145,7 +171,8 @@ class Family:
         """One text attention redone explicitly: (its output, its probabilities (B, heads, L, L))."""
         raise NotImplementedError
 
-    def encode_ids(self, pipe, ids: torch.Tensor) -> tuple[str, torch.Tensor]:
-        """The conditional text tensor of token ``ids`` (1, L) with gradients: (its name in the
-        ``Conditioning``, the tensor)."""
+    def encode_ids(self, pipe, ids: torch.Tensor, conditioning: Conditioning) -> Conditioning:
+        """``conditioning`` with its conditional half rebuilt, with gradients, from the token ``ids``
+        (1, L) of the first text encoder (the one ``text_attention_modules`` names); what other
+        encoders contribute is kept as ``conditioning`` holds it."""
         raise NotImplementedError

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
+from ..capture import classic_attention
 from . import clip, ddpm
 from .base import Conditioning, Family
 
@@ -49,7 +50,7 @@ class StableDiffusion1(Family):
     def vocabulary(self, pipe):
         return clip.whole_words(pipe.tokenizer)
 
-    def encode(self, pipe, prompt, negative_prompt, guided):
+    def encode(self, pipe, prompt, negative_prompt, guided, max_sequence_length=None):
         positive, negative = pipe.encode_prompt(
             prompt, pipe.unet.device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
             negative_prompt=negative_prompt or None,
@@ -63,7 +64,8 @@ class StableDiffusion1(Family):
         alpha_bar = ddpm.alpha_bar(scheduler, timestep)
         return alpha_bar, ddpm.noise_level(alpha_bar)
 
-    def predict(self, pipe, latent_input, timestep, conditioning, **kwargs):
+    def predict(self, pipe, latent_input, timestep, conditioning, recorder=None):
+        kwargs = {} if recorder is None else {"cross_attention_kwargs": {"recorder": recorder}}
         return pipe.unet(latent_input, timestep, **conditioning.tensors, return_dict=False, **kwargs)[0]
 
     def clean_estimate(self, scheduler, latents, output, timestep):
@@ -121,12 +123,23 @@ class StableDiffusion1(Family):
             raise ValueError(f"Cannot place {tokens} image tokens on a grid derived from latent size {latent_size}.")
         return height, width
 
-    def layer_group(self, site, grid):
+    def layer_group(self, site, grid, sites=()):
         block = site.split(".", 1)[0].removesuffix("_blocks").removesuffix("_block")  # down, mid, up
         return f"{block} {grid[0]}×{grid[1]}"
 
+    def explicit_attention(self, module, hidden_states, encoder_hidden_states, attention_mask, temb, on_probs):
+        kind = "self" if encoder_hidden_states is None else "cross"
+        return classic_attention(module, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                 on_probs=lambda probs: on_probs(probs, kind))
+
     def explained_layers(self, denoiser):
         return [name for name, _ in denoiser.named_modules() if _CAM_LAYER.match(name)]
+
+    def explained_output(self, output):
+        """A resnet or sampler returns the feature map; a Transformer2DModel a tuple or an output object."""
+        if isinstance(output, tuple):
+            return output[0]
+        return getattr(output, "sample", output)
 
     def text_attention_modules(self, pipe):
         return clip.text_attention_modules(pipe.text_encoder)
@@ -134,5 +147,5 @@ class StableDiffusion1(Family):
     def text_attention(self, module, hidden_states, attention_mask):
         return clip.text_attention(module, hidden_states, attention_mask)
 
-    def encode_ids(self, pipe, ids):
-        return _TEXT, pipe.text_encoder(ids)[0]
+    def encode_ids(self, pipe, ids, conditioning):
+        return conditioning.with_conditional(_TEXT, pipe.text_encoder(ids)[0].to(pipe.unet.dtype))

@@ -7,8 +7,9 @@ target's own units (default) or min-max normalised each (the paper's; see ``LAYE
 The target is what the step's prediction is explained for: by default how much the prompt changes
 it, ½‖ε_c − ε_u‖²; the paper's sum of the denoiser's output is ``target="sum"`` (see ``TARGETS``).
 Every layer the model's family names (``Family.explained_layers``; SD 1.x: each resnet, attention
-block, down- and upsampler of every down/mid/up block) keeps its activation in one forward pass;
-one ``torch.autograd.grad`` call gives every gradient.
+block, down- and upsampler of every down/mid/up block; SD 3: each transformer block, its image
+tokens laid on the patch grid) keeps its activation in one forward pass; one ``torch.autograd.grad``
+call gives every gradient.
 
 Example:
     >>> explanation = DFCam().explain(model, run, step=15)
@@ -35,11 +36,14 @@ def cam_layers(model) -> list[str]:
     return model.family.explained_layers(model.denoiser)
 
 
-def module_output(output) -> torch.Tensor:
-    """The feature map of a module's output (Transformer2DModel returns a tuple or an output object)."""
-    if isinstance(output, tuple):
-        return output[0]
-    return getattr(output, "sample", output)
+def feature_map(activation: torch.Tensor, family, size: tuple[int, int]) -> torch.Tensor:
+    """An explained layer's activation or gradient as a feature map (B, C, h, w): image tokens
+    (B, N, C) are laid on the family's layer grid for a latent grid of ``size``."""
+    if activation.ndim == 4:
+        return activation
+    batch, tokens, channels = activation.shape
+    height, width = family.layer_grid(tokens, size)
+    return activation.transpose(1, 2).reshape(batch, channels, height, width)
 
 
 def _sum(output: torch.Tensor) -> torch.Tensor:
@@ -163,7 +167,7 @@ class DFCam(GradientMethod):
         def keep(name):
             def hook(module, args, output):
                 if threading.get_ident() == thread:
-                    activations[name] = module_output(output)
+                    activations[name] = model.family.explained_output(output)
 
             return hook
 
@@ -176,9 +180,12 @@ class DFCam(GradientMethod):
         finally:
             for handle in handles:
                 handle.remove()
+
+        def as_map(tensor):
+            return run_halves(feature_map(tensor, model.family, size), inputs)
+
         raw = {
-            name: layer_map(run_halves(activations[name].detach(), inputs), run_halves(gradient, inputs), size,
-                            self.rectify, self.weighting).cpu().numpy()
+            name: layer_map(as_map(activations[name].detach()), as_map(gradient), size, self.rectify, self.weighting).cpu().numpy()
             for name, gradient in zip(names, gradients)
         }
         per_layer = {name: normalise(layer) for name, layer in raw.items()}

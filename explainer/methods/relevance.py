@@ -1,11 +1,12 @@
 """Token relevance: which prompt word the denoiser draws at step k (docs/methods.md, Token relevance; Chefer et al., ICCV 2021).
 
-One forward and one backward pass per step. The attention probabilities of every self- and
-cross-attention layer of the denoiser, and of every text-encoder layer, are computed explicitly
+One forward and one backward pass per step. The attention probabilities of every self-, cross- and
+joint-attention layer of the denoiser, and of every text-encoder layer, are computed explicitly
 with gradients; as each one's gradient G arrives in the backward pass, a tensor hook keeps only
 ``Abar = mean over heads of rectify(G * A)`` of the conditional prompt (|G * A| by default, the
 paper's ``clamp(G * A, min=0)`` with ``rectify="relu"``) and lets autograd free the rest. The
-bi-modal rules then run in forward order on the finest latent grid.
+bi-modal rules then run in forward order on the finest latent grid (a UNet), or the single-stream
+rule on the joint tokens of an MM-DiT (docs/methods.md, Stable Diffusion 3).
 
 The explicit attention comes from forward hooks that act only on calls from the explaining
 thread, not from swapped processors (why, and what the method holds in memory: docs/design.md,
@@ -26,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..capture import classic_attention
 from ..maps import normalise
 from ..replay import raw_prediction, step_inputs
 from ..run import RunData
@@ -40,7 +40,8 @@ class RelevanceState:
         self.conditional_index = conditional_index
         self.batch_size = batch_size
         self.rectify = RECTIFIERS[rectify]
-        self.denoiser_layers: list[dict] = []  # {"kind": "self" | "cross", "tokens": N_l, "abar": (N_l, K)}
+        # {"kind": "self" | "cross" | "joint", "tokens": N_l image tokens, "abar": (rows, keys)}
+        self.denoiser_layers: list[dict] = []
         self.text_layers: list[dict] = []  # {"abar": (L, L)}
         self.text_leaf: torch.Tensor | None = None
 
@@ -54,10 +55,12 @@ class RelevanceState:
 
         probs.register_hook(on_gradient)
 
-    def add_denoiser(self, probs: torch.Tensor, heads: int, cross: bool) -> None:
-        entry = {"kind": "cross" if cross else "self", "tokens": probs.shape[1], "abar": None}
+    def add_denoiser(self, probs: torch.Tensor, heads: int, kind: str, image_tokens: int | None = None) -> None:
+        """Keep a denoiser attention's probabilities (batch * heads, rows, keys): ``kind`` "self" (N, N),
+        "cross" (N, L) or "joint" (N + L, N + L, the ``image_tokens`` N first)."""
+        _, rows, keys = probs.shape
+        entry = {"kind": kind, "tokens": rows if image_tokens is None else image_tokens, "abar": None}
         self.denoiser_layers.append(entry)
-        _, rows, keys = probs.shape  # (batch * heads, N, N or L)
         self._keep(entry, probs, (self.batch_size, heads, rows, keys), self.conditional_index)
 
     def add_text(self, probs: torch.Tensor) -> None:
@@ -65,17 +68,15 @@ class RelevanceState:
         self.text_layers.append(entry)
         self._keep(entry, probs, tuple(probs.shape), 0)  # (1, heads, L, L): the conditional prompt alone
 
-    def attend(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
-        """Explicit-softmax attention (self or cross) that keeps its probabilities for the backward pass.
+    def attend(self, family, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        """One of the denoiser's ``Attention`` modules (``attn``) redone with the family's explicit
+        softmax on the inputs it was called with, keeping its probabilities for the backward pass."""
 
-        The maths of diffusers' classic ``AttnProcessor``, applied to one of the denoiser's ``Attention``
-        modules (``attn``) with the inputs it was called with.
-        """
-        cross = encoder_hidden_states is not None
-        return classic_attention(
-            attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-            on_probs=lambda probs: self.add_denoiser(probs, attn.heads, cross),
-        )
+        def keep(probs, kind):
+            image_tokens = hidden_states.shape[1] if kind == "joint" else None
+            self.add_denoiser(probs, attn.heads, kind, image_tokens)
+
+        return family.explicit_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb, keep)
 
 
 def _text_attention(model, module, hidden_states, attention_mask, state: RelevanceState, first: bool):
@@ -110,7 +111,7 @@ def relevance_hooks(model, state: RelevanceState):
         hidden_states = _argument(args, kwargs, 0, "hidden_states")
         encoder_hidden_states = _argument(args, kwargs, 1, "encoder_hidden_states")
         attention_mask = _argument(args, kwargs, 2, "attention_mask")
-        return state.attend(module, hidden_states, encoder_hidden_states, attention_mask, kwargs.get("temb"))
+        return state.attend(model.family, module, hidden_states, encoder_hidden_states, attention_mask, kwargs.get("temb"))
 
     def text_hook(first: bool):
         def hook(module, args, kwargs, output):
@@ -168,8 +169,11 @@ def relevance_matrices(state: RelevanceState, size: tuple[int, int], family) -> 
     device = state.text_layers[0]["abar"].device
     r_qq = torch.eye(length, device=device)
     for layer in state.text_layers:
-        r_qq = r_qq + layer["abar"] @ r_qq
+        if layer["abar"] is not None:  # None: no gradient reached the layer (its output was not used)
+            r_qq = r_qq + layer["abar"] @ r_qq
     r_qq_norm = without_identity_normalised(r_qq)
+    if any(layer["kind"] == "joint" for layer in state.denoiser_layers):
+        return joint_relevance(state.denoiser_layers, r_qq_norm, size, family), r_qq
     tokens = size[0] * size[1]
     r_ii = torch.eye(tokens, device=device)
     r_iq = torch.zeros(tokens, length, device=device)
@@ -184,6 +188,30 @@ def relevance_matrices(state: RelevanceState, size: tuple[int, int], family) -> 
             abar = resize_cross(layer["abar"], grid, size)
             r_iq = r_iq + without_identity_normalised(r_ii).T @ abar @ r_qq_norm
     return r_iq, r_qq
+
+
+def joint_relevance(layers: list[dict], r_qq_norm: torch.Tensor, size: tuple[int, int], family) -> torch.Tensor:
+    """R_iq (N, L) of an MM-DiT by the single-stream rule (*our choice*): R = I over the joint tokens
+    [image; text], ``R += Ā R`` for each joint attention and ``R_I += Ā R_I`` (image rows) for an
+    image-only one, in forward order. The image rows' text columns then go through the text
+    encoder, ``R_I,T norm(R_qq)`` (the first text positions are the encoder's; later ones, T5's,
+    are dropped), and the image axis is upsampled from the patch grid to the latent grid."""
+    joint = [layer for layer in layers if layer["kind"] == "joint"]
+    image_tokens, total = joint[0]["tokens"], joint[0]["abar"].shape[0]
+    if any(layer["tokens"] != image_tokens for layer in layers) or any(layer["abar"].shape[0] != total for layer in joint):
+        raise ValueError("The joint-attention layers do not share one token grid.")
+    relevance = torch.eye(total, device=joint[0]["abar"].device)
+    for layer in layers:
+        if layer["kind"] == "joint":
+            relevance = relevance + layer["abar"] @ relevance
+        elif layer["kind"] == "self":
+            image_rows = relevance[:image_tokens]
+            relevance = torch.cat([image_rows + layer["abar"] @ image_rows, relevance[image_tokens:]])
+        else:
+            raise ValueError(f"A {layer['kind']}-attention layer has no rule beside joint attention.")
+    length = r_qq_norm.shape[0]
+    r_iq = relevance[:image_tokens, image_tokens : image_tokens + length] @ r_qq_norm
+    return resize_cross(r_iq, family.layer_grid(image_tokens, size), size)
 
 
 @dataclass(kw_only=True)
@@ -239,8 +267,7 @@ class TokenRelevance(GradientMethod):
         state = RelevanceState(inputs.conditional_index, batch_size=inputs.conditioning.halves, rectify=self.rectify)
         ids = torch.tensor([run.tokens.ids], device=model.device)
         with relevance_hooks(model, state), torch.enable_grad():
-            name, conditional = model.family.encode_ids(model.pipe, ids)  # (1, L, D), through the hooked text attention
-            conditioning = inputs.conditioning.with_conditional(name, conditional.to(model.dtype))
+            conditioning = model.family.encode_ids(model.pipe, ids, inputs.conditioning)  # through the hooked text attention
             latents = inputs.latents.detach().requires_grad_(True)
             output = raw_prediction(model, inputs, latents, conditioning)
             torch.autograd.grad(output.sum(), [latents, state.text_leaf])  # the hooks keep each layer's Abar
