@@ -9,16 +9,18 @@ import gradio as gr
 
 from explainer import config
 from explainer.models import share_cpu_cores
-from ui import attention, concepts, denoise, export, gpu, saliency, settings
+from ui import attention, concepts, denoise, example, export, gpu, saliency, settings
 from ui.page import DEFAULT_MODEL, XRayBlocks
 from ui.session import OUTPUT_ROOT, close
 
 gpu.preload_models()
+example.start()
 
 
 def build_demo() -> gr.Blocks:
-    """The page: the Denoise, Attention, Concepts, Saliency, Export and About tabs, one visitor's
-    session shared by them, and the queue. Every named endpoint has a twin event for the page."""
+    """The page: the Denoise, Words, Concepts, Why here, Export & API and About tabs, one visitor's
+    session shared by them, and the queue; a finished example on the first view. Every named
+    endpoint has a twin event for the page."""
     with XRayBlocks(title="Diffusion X-Ray", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             "# Diffusion X-Ray\nWatch a text-to-image diffusion model turn noise into an image, step by step: "
@@ -33,18 +35,19 @@ def build_demo() -> gr.Blocks:
         session = gr.State(None, delete_callback=close)
         with gr.Tab("Denoise"):
             denoise_tab = denoise.build()
-        with gr.Tab("Attention"):
+        with gr.Tab("Words"):
             attention_tab = attention.build(session)
         with gr.Tab("Concepts"):
             concepts_tab = concepts.build(session, denoise_tab)
-        with gr.Tab("Saliency"):
+        with gr.Tab("Why here"):
             saliency_tab = saliency.build(session)
-        with gr.Tab("Export"):
+        with gr.Tab("Export & API"):
             export.build(session)
         with gr.Tab("About"):
             export.about()
         # the run fills the other tabs: wired once they exist
-        denoise.wire_run(denoise_tab, session, concepts=concepts_tab, attention=attention_tab, saliency=saliency_tab)
+        run_outputs = denoise.wire_run(denoise_tab, session, concepts=concepts_tab, attention=attention_tab, saliency=saliency_tab)
+        demo.load(example.first_view, session, run_outputs, api_visibility="private")  # the first view: a finished example
     demo.queue(max_size=settings.APP.max_queue, default_concurrency_limit=settings.APP.max_concurrent_runs)
     _poll_queue_less(demo)
     return demo
@@ -66,6 +69,7 @@ def serve() -> None:
     """Start the server as ``python app.py`` does."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     share_cpu_cores(settings.APP.max_concurrent_runs)  # a CPU server: each concurrent run gets its cores
+    example.ready(timeout=settings.APP.example_wait_s)  # the first visitor sees it at once
     demo.launch(allowed_paths=[str(OUTPUT_ROOT)])
 
 

@@ -35,13 +35,16 @@ def refused_only_on(update, notice: int) -> str:
 @pytest.fixture(scope="module")
 def session():
     """A finished run on the page: the last good results."""
-    from ui.denoise import AFTER_RUN_OUTPUTS
+    from ui.denoise import AFTER_RUN_OUTPUTS, CONCEPTS
 
     updates = list(page_event("denoise")(*denoise_args(steps=3), None))
     outputs = page_block("denoise").outputs
     assert {len(update) for update in updates} == {len(outputs)}
-    assert updates[-1][:-AFTER_RUN_OUTPUTS] == (SKIP,) * (len(outputs) - AFTER_RUN_OUTPUTS)  # then the run's end
-    return updates[-2][-AFTER_RUN_OUTPUTS - 1]  # the last step's update carries the session
+    # then the run's end: what it fills, and the last concept chart again (a streamed update to a tab
+    # never opened is lost on the page)
+    end = list(updates[-1][:-AFTER_RUN_OUTPUTS])
+    assert end.pop(CONCEPTS) is updates[-2][CONCEPTS] and end == [SKIP] * (len(outputs) - AFTER_RUN_OUTPUTS - 1)
+    return updates[-2][-AFTER_RUN_OUTPUTS - 2]  # the last step's update carries the session (then the second prompt's row)
 
 
 def test_a_refused_run_leaves_the_last_results_and_says_what_was_refused(session):
@@ -165,3 +168,66 @@ def test_a_shared_cached_picture_is_never_read_half_written(tmp_path):
     [thread.start() for thread in threads]
     [thread.join() for thread in threads]
     assert not short_reads, f"{len(short_reads)} reads found the picture half written"
+
+
+def test_the_second_prompts_pictures_show_only_when_a_second_prompt_is_given():
+    from ui.denoise import AFTER_RUN_OUTPUTS
+
+    for prompt_b, visible in (("", False), ("a dog", True)):
+        updates = list(page_event("denoise")(*denoise_args(steps=2, prompt_b=prompt_b), None))
+        row = [update[-AFTER_RUN_OUTPUTS - 1] for update in updates]
+        assert row[0] == gr.update(visible=visible) and all(value == SKIP for value in row[1:])
+
+
+def test_the_word_scale_toggle_redraws_the_shown_steps_overlays_and_the_colour_bar(session):
+    from ui.denoise import rescale_words, word_scale_bar
+
+    shared, shared_bar = rescale_words(session, 3, False)
+    own, own_bar = rescale_words(session, 3, True)
+    assert len(shared) == len(own) == len(session.latest()[0].tokens.word_texts)
+    assert shared_bar is word_scale_bar(False) and own_bar is word_scale_bar(True) and shared_bar is not own_bar
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for (a, _), (b, _) in zip(shared, own))
+    assert rescale_words(None, 3, True) == (SKIP, own_bar)  # before a run: only the bar
+
+
+def test_the_first_view_is_a_finished_example_in_a_session_of_its_own():
+    from ui import example
+    from ui.denoise import AFTER_RUN_OUTPUTS, PAGE_OUTPUTS, STATUS
+
+    example.start()
+    first = example.first_view(None)
+    assert len(first) == PAGE_OUTPUTS == len(page_block("denoise").outputs)
+    session = first[-AFTER_RUN_OUTPUTS - 2]
+    run = session.latest()[0]
+    assert run.done and len(run.records) == config.MODELS[config.default_model_id()].steps
+    assert first[0] is not None and first[6]  # the prediction and the word overlays
+    assert "An example run" in first[STATUS] and f"step {len(run.records)} of {len(run.records)}" in first[STATUS]
+    assert example.first_view(None)[-AFTER_RUN_OUTPUTS - 2] is not session  # each visitor their own
+    assert example.first_view(session) == (SKIP,) * PAGE_OUTPUTS  # a visitor who has run something keeps it
+
+
+def test_each_saliency_preset_is_a_valid_option_set_and_the_papers_follows_the_variants_registry():
+    from explainer.methods import METHODS
+    from explainer.methods.variants import VARIANTS
+    from ui.saliency import PAPER, RECOMMENDED, SALIENCY_METHODS, preset
+    from ui.settings import APP
+
+    for name in SALIENCY_METHODS.values():
+        for which in (RECOMMENDED, PAPER):
+            METHODS[name](**preset(name, which))  # the method's own checks accept it
+    assert preset("df-rise", RECOMMENDED)["n_masks"] == APP.rise_masks
+    paper_cam = preset("df-cam", PAPER)
+    assert all(paper_cam[key] == value for key, value in VARIANTS["df-cam-paper"].options.items())
+    assert preset("df-cam", RECOMMENDED)["target"] != paper_cam["target"]
+
+
+def test_the_saliency_summary_line_gives_the_numbers_that_matter_in_words():
+    from ui.saliency import summary_line
+
+    data = {"method": "df-rise", "step": 15, "timestep": 249, "seconds": 2.345, "denoiser_calls": 7,
+            "insertion_auc": 0.41234, "deletion_auc": 0.6789}
+    line = summary_line(data)
+    assert line.startswith("**DF-RISE** at step 15 (t = 249)")
+    assert "insertion AUC **0.412** (lower is better)" in line and "deletion AUC **0.679** (higher is better)" in line
+    assert line.endswith("2.3 s, 7 model calls")
+    assert "AUC" not in summary_line({k: v for k, v in data.items() if "auc" not in k})  # not scored

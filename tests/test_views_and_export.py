@@ -267,3 +267,36 @@ def test_methods_and_metrics_import_no_drawing_and_charts_change_no_global_setti
     )
     printed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert printed.strip().splitlines()[-1] == "[] True"
+
+
+def test_word_overlays_on_one_shared_scale_keep_a_weak_word_weak_and_say_each_words_peak(run):
+    record = run.records[-1]
+    maps = [views.word_map(run, i, [record]) for i in range(len(views.token_labels(run)))]
+    peaks = [float(values.max()) for values in maps]
+    weakest = int(np.argmin(peaks))
+    shared = views.word_overlays(run, record, shared_scale=True)
+    own = views.word_overlays(run, record, shared_scale=False)
+    assert [label for _, label in shared] == [f"{word} · peak {peak:.0%}" for word, peak in zip(views.token_labels(run), peaks)]
+    # the weakest word drawn on the shared scale is closer to the picture (less heat) than on its own
+    picture = np.asarray(pictures.for_display(pictures.step_picture(record, "prediction"), min_side=128), dtype=float)
+    heat = [np.abs(np.asarray(overlays[weakest][0], dtype=float) - picture).mean() for overlays in (shared, own)]
+    assert heat[0] < heat[1]
+    strongest = int(np.argmax(peaks))  # the strongest word reaches the top of the scale either way
+    np.testing.assert_array_equal(np.asarray(shared[strongest][0]), np.asarray(own[strongest][0]))
+
+
+def test_an_overlay_on_a_given_scale_clips_at_its_top_and_starts_at_zero():
+    image = Image.new("RGB", (2, 1), (0, 0, 0))
+    saliency = np.array([[0.0, 4.0]], np.float32)
+    on_scale = np.asarray(pictures.overlay(image, saliency, scale=2.0))
+    np.testing.assert_array_equal(on_scale[0, 0], [0, 0, 0])  # 0 is the bottom: no heat
+    np.testing.assert_array_equal(on_scale[0, 1], np.asarray(pictures.overlay(image, np.array([[0.0, 1.0]]), scale=1.0))[0, 1])
+
+
+def test_the_colour_bar_has_its_tick_labels_and_caption_in_readable_text():
+    bar = charts.colour_bar("a caption", ("least", "", "most"))
+    assert bar.size[0] >= 400 and 60 <= bar.size[1] <= 120
+    pixels = np.asarray(bar.convert("L"))
+    text_rows = (pixels < 100).sum(1) > 0  # dark text under the bar: the tick labels, then the caption
+    assert text_rows[bar.size[1] // 2:].sum() >= 20  # 11 px text, two lines
+    assert charts.colour_bar("a caption", ("least", "", "most")) is bar  # drawn once

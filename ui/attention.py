@@ -6,11 +6,11 @@ from __future__ import annotations
 import gradio as gr
 import numpy as np
 
-from explainer.render import pictures, views
+from explainer.render import charts, pictures, views
 from explainer.run import RunData, StepRecord
 
 from . import gpu
-from .page import DEFAULT_SPEC, notice_line, refusal, serve_both, step_slider
+from .page import DEFAULT_SPEC, MIN_MAX_TICKS, colour_bar, intro, notice_line, refusal, serve_both, step_slider
 from .session import check_step, current
 
 AGGREGATIONS = ["this step", "range of steps", "all steps"]
@@ -21,14 +21,13 @@ class AttentionTab:
     ``end`` and ``groups``."""
 
     def __init__(self):
+        intro("Pick a word of the prompt and see where the picture looks at it: at one step, over a range of steps, "
+              "or over the whole run, and in which of the model's layers.", "Words")
         with gr.Row():
             with gr.Column(scale=1):
                 self.word = gr.Dropdown(label="Word", choices=[], allow_custom_value=True)
-                self.include_special = gr.Checkbox(label="Show start / end / padding tokens", value=False)
-                gr.Markdown(
-                    "*The start token soaks up most attention everywhere (a 'sink'); the end and padding tokens "
-                    "carry a summary of the whole prompt. They are hidden by default.*"
-                )
+                self.include_special = gr.Checkbox(label="Show start / end / padding tokens", value=False,
+                                                   info="The start token takes much of the attention everywhere and says little.")
                 self.aggregation = gr.Radio(AGGREGATIONS, value="this step", label="Aggregate")
                 self.step = step_slider(DEFAULT_SPEC.steps)
                 with gr.Row():
@@ -44,12 +43,12 @@ class AttentionTab:
                 self.show = gr.Button("Show", variant="primary")
                 self.notice = notice_line()
             with gr.Column(scale=2):
-                self.overlay = gr.Image(label="Attention overlay", type="pil", height=360)
-                gr.Image(value=pictures.colour_scale(), label="Colour scale: blue = least, red = most of this map (min-max)",
-                         height=60, interactive=False)
-                with gr.Row():
-                    self.npy = gr.File(label="Raw map (.npy, latent grid)")
-                    self.summary = gr.JSON(label="Map data")
+                self.overlay = gr.Image(label="Where the picture looks at the word", type="pil", height=420, elem_id="word-map")
+                colour_bar(charts.colour_bar("this map, from its least to its most", MIN_MAX_TICKS))
+        with gr.Accordion("Data", open=False):
+            with gr.Row():
+                self.npy = gr.File(label="The map as numbers (.npy, one value per latent cell)")
+                self.summary = gr.JSON(label="The map's summary")
 
 
 def attention(word, step, aggregation, start, end, groups, view, opacity, include_special, which, session):

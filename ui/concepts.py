@@ -13,7 +13,7 @@ from explainer.run import RunData
 
 from . import gpu
 from .denoise import DenoiseTab, run_settings, stream, up_to
-from .page import notice_line, refusal, serve_both
+from .page import intro, notice_line, refusal, serve_both
 from .session import current
 
 RELEVANCE_RECTIFY_INFO = ("abs (default): gradient × attention counts whichever way it pushes the output; relu: the "
@@ -24,23 +24,17 @@ class ConceptsTab:
     """The Concepts tab's components, by name; the Denoise tab's step view draws ``chart`` too."""
 
     def __init__(self):
-        gr.Markdown(
-            "**Which concept is drawn at each step?** The *cheap score* is each word's share of the cross-attention "
-            "at that step; *token relevance* is the paper's measure, attention weighted by its gradient and carried "
-            "through every layer (Chefer et al.), by default in either direction (|gradient × attention|; *relu* is the "
-            "paper's positive part). Both are min-max normalised across the words at each step; "
-            "the chart's title says which one is shown."
-        )
+        intro("Which word of the prompt is the model drawing at each step? The chart follows every word through the run.",
+              "Concepts")
         with gr.Row():
-            self.refresh = gr.Button("Cheap score (recorded attention)")
-            self.relevance = gr.Button("Token relevance (gradient, one pass per step)")
+            self.refresh = gr.Button("Quick score (the run's attention)")
+            self.relevance = gr.Button("Token relevance (asks the model again, slower)")
             self.rectify = gr.Radio(list(RECTIFIERS), value=TokenRelevance.rectify, label="Relevance: gradient × attention kept as",
                                     info=RELEVANCE_RECTIFY_INFO)
         self.notice = notice_line()
         with gr.Row():
-            self.chart = gr.Image(label="Concept chart", type="pil", format="png", height=300)
-            self.bars = gr.Image(label="Summed over steps", type="pil", height=300)
-        self.data = gr.JSON(label="Scores per step", max_height=240)  # the chart shows it; the JSON is for copying
+            self.chart = gr.Image(label="Concept chart", show_label=False, type="pil", format="png", height=300, elem_id="concept-chart")
+            self.bars = gr.Image(label="Summed over steps", show_label=False, type="pil", height=300)
         gr.Markdown("### Compare schedules\nThe Denoise tab's prompt and seed under the three schedules (λ from its settings).")
         self.compare = gr.Button("Compare uniform / early / latter", variant="primary")
         self.compare_notice = notice_line()
@@ -49,12 +43,14 @@ class ConceptsTab:
             for kind in config.SCHEDULE_KINDS:
                 with gr.Column():
                     self.grid += [
-                        gr.Image(label=f"{kind}: image", type="pil", height=200),
+                        gr.Image(label=f"{kind}: image", type="pil", height=200, elem_id=f"{kind}-image"),
                         # the charts carry their own titles, which a label would cover at this height
-                        gr.Image(label=f"{kind}: concept chart", show_label=False, type="pil", height=200),
-                        gr.Image(label=f"{kind}: totals", show_label=False, type="pil", height=200),
+                        gr.Image(label=f"{kind}: concept chart", show_label=False, type="pil", height=340),
+                        gr.Image(label=f"{kind}: totals", show_label=False, type="pil", height=280),
                     ]
-        self.compare_data = gr.JSON(label="Scores per schedule", max_height=240)
+        with gr.Accordion("Data", open=False):  # the charts show it; the JSON is for copying
+            self.data = gr.JSON(label="Scores per step", max_height=240)
+            self.compare_data = gr.JSON(label="Scores per schedule", max_height=240)
 
 
 def concepts(session):
@@ -66,12 +62,14 @@ def concepts(session):
     return _concept_outputs(runs[0], "this run")
 
 
-def _concept_outputs(run: RunData, title: str):
+def _concept_outputs(run: RunData, title: str, on_time_axis: bool = False):
     series = views.concept_series(run)
     steps = list(range(1, len(run.records) + 1))
     totals = {label: float(sum(values)) for label, values in series.items()}
     data = {"steps": steps, "timesteps": run.timesteps, "score": "attention mass", "series": series, "totals": totals}
-    return charts.concept_chart(steps, series, f"Concept chart: {title}"), charts.token_bars(totals, f"Totals: {title}"), data
+    timesteps = run.timesteps[: len(steps)] if on_time_axis else None
+    chart = charts.concept_chart(steps, series, f"Concept chart: {title}", timesteps=timesteps)
+    return chart, charts.token_bars(totals, f"Totals: {title}"), data
 
 
 def relevance(rectify, session):
@@ -93,7 +91,8 @@ def relevance(rectify, session):
 
 def compare_schedules(model_id, prompt, negative, seed, steps, guidance, width, height, concentration):
     """The same prompt and seed under the uniform, early and latter schedules, side by side
-    (the paper's Fig. 6 and 11): three final images, three concept charts, three bar charts, JSON."""
+    (the paper's Fig. 6 and 11): three final images, three concept charts drawn against the
+    model's time (where each schedule's steps fall), three bar charts, JSON."""
     try:
         runs = [run_settings(model_id, prompt, negative, seed, steps, guidance, width, height, kind, concentration, "")
                 for kind in config.SCHEDULE_KINDS]
@@ -105,7 +104,7 @@ def compare_schedules(model_id, prompt, negative, seed, steps, guidance, width, 
         outputs, data = [], {}
         for kind, run in zip(config.SCHEDULE_KINDS, up_to(now, step)):
             picture = run.final_image or pictures.step_picture(run.records[-1], "prediction")
-            chart, bars, series = _concept_outputs(run, kind)
+            chart, bars, series = _concept_outputs(run, kind, on_time_axis=True)
             outputs += [pictures.for_display(picture, 256), chart, bars]
             data[kind] = series
         yield *outputs, data

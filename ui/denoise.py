@@ -16,13 +16,13 @@ from explainer.run import RunData, RunSettings
 from explainer.schedules import parse_timestep_list
 
 from . import gpu, settings
-from .page import DEFAULT_MODEL, DEFAULT_SPEC, model_choices, on_page, refusal, serve_both, step_slider
+from .page import DEFAULT_MODEL, DEFAULT_SPEC, colour_bar, intro, model_choices, on_page, refusal, serve_both, step_slider
 from .session import Session, check_step, current
 from .streaming import UpdateBudget, run_ahead
 
 LIMITS = config.LIMITS
-CONCEPT_CHART_TITLE = "Concept chart (cheap score)"
-STATUS = 4  # the status line's place among step_view's outputs
+CONCEPT_CHART_TITLE = "Concept chart (quick score)"
+STATUS, CONCEPTS = 4, 7  # the status line's and the concept chart's places among step_view's outputs
 
 
 class DenoiseTab:
@@ -30,6 +30,9 @@ class DenoiseTab:
     (``step_outputs``), the scrubber and the run's animation."""
 
     def __init__(self):
+        intro("Type a prompt and press **Run**: the model turns noise into a picture step by step. The first picture is "
+              "what it thinks the finished picture is, the second what it actually holds; under them, where each word is "
+              "looked at.", "Denoise")
         with gr.Row():
             with gr.Column(scale=1):
                 self.prompt = gr.Textbox(label="Prompt", value=DEFAULT_SPEC.examples[0], max_lines=3)
@@ -56,19 +59,25 @@ class DenoiseTab:
                 self.status = gr.Markdown("Press **Run** to start.")
                 # Streamed pictures are PNG: cheaper to encode than WebP on a CPU (docs/design.md), and small.
                 with gr.Row():
-                    self.pred_a = gr.Image(label="Prediction view: the clean image the model predicts now", type="pil", format="png", height=300)
-                    self.noisy_a = gr.Image(label="Noisy view: the current latent x_t, decoded", type="pil", format="png", height=300)
-                with gr.Row():
-                    self.pred_b = gr.Image(label="Second prompt: prediction view", type="pil", format="png", height=200)
-                    self.noisy_b = gr.Image(label="Second prompt: noisy view", type="pil", format="png", height=200)
-                self.slider = step_slider(1, "Step (scrub after the run)", interactive=False)
-                with gr.Row():
-                    self.chart = gr.Image(label="Noise level", show_label=False, type="pil", format="png", height=220)
-                    self.data = gr.JSON(label="This step's data")
+                    self.pred_a = gr.Image(label="What the model thinks the finished image is, now", type="pil", format="png", height=300)
+                    self.noisy_a = gr.Image(label="What it actually holds now: the noisy image", type="pil", format="png", height=300)
+                with gr.Row(visible=False) as self.second:  # shown when a second prompt is given
+                    self.pred_b = gr.Image(label="Second prompt: what the model thinks the image is", type="pil", format="png", height=220)
+                    self.noisy_b = gr.Image(label="Second prompt: the noisy image", type="pil", format="png", height=220)
+                self.slider = step_slider(1, "Step (drag or type one after the run)", interactive=False)
                 # JPEG: a heat-map overlay is smooth colour, which PNG encodes slowly (~9 ms against 0.1 ms for
                 # a 128 px overlay, one per word at every streamed overlay update) and 5-8x larger
-                self.overlays = gr.Gallery(label="Cross-attention per word at this step (first prompt)", columns=6, format="jpeg", height=220)
-                self.animation = gr.File(label="Animation of the run (GIF)")
+                self.overlays = gr.Gallery(label="Where each word of the prompt is looked at, at this step", columns=3,
+                                           format="jpeg", height="auto", object_fit="contain")
+                with gr.Row(equal_height=True):
+                    self.scale_bar = colour_bar(word_scale_bar(False), scale=4)
+                    self.own_scale = gr.Checkbox(label="Each word on its own scale", value=False, scale=1)
+                with gr.Row():
+                    self.chart = gr.Image(label="How much noise is left, step by step", show_label=False, type="pil",
+                                          format="png", height=220)
+                    self.animation = gr.Image(label="The whole run as an animation", type="filepath", height=220)
+                with gr.Accordion("Data", open=False):
+                    self.data = gr.JSON(label="This step's numbers")
 
     def run_inputs(self) -> list:
         """``denoise``'s inputs but the session, in its order."""
@@ -98,6 +107,14 @@ class AfterRun:
 
 
 AFTER_RUN_OUTPUTS = len(dataclasses.fields(AfterRun))
+STEP_OUTPUTS = 9  # step_view's
+PAGE_OUTPUTS = STEP_OUTPUTS + 2 + AFTER_RUN_OUTPUTS  # the Run button's on the page: with the session and the second prompt's row
+
+
+def word_scale_bar(own_scale: bool):
+    """The word overlays' colour bar for the chosen scale."""
+    peak = "each word's own peak" if own_scale else "the strongest word's peak at this step"
+    return charts.colour_bar(f"how much of a spot's attention goes to the word, relative to {peak}")
 
 
 def run_settings(model_id, prompt, negative, seed, steps, guidance, width, height, schedule, concentration, custom) -> RunSettings:
@@ -125,10 +142,11 @@ def stream(model_id: str, runs: list[RunSettings], endpoint: str):
         yield data, step, waiting
 
 
-def _collect(model_id: str, runs: list[RunSettings]):
-    """Yield (runs, step) each time every run has finished ``step``; the runs fill in place."""
+def _collect(model_id: str, runs: list[RunSettings], runner=None):
+    """Yield (runs, step) each time every run has finished ``step``; the runs fill in place.
+    ``runner`` does the work (default: ``gpu.run_on_device``)."""
     data: list[RunData] = []
-    for kind, index, item in gpu.run_on_device(model_id, [s.to_dict() for s in runs]):
+    for kind, index, item in (runner or gpu.run_on_device)(model_id, [s.to_dict() for s in runs]):
         if kind == "start":
             data.append(item)
         elif kind == "step":
@@ -147,12 +165,13 @@ def up_to(runs: list[RunData], step: int) -> list[RunData]:
 
 
 def step_view(runs: list[RunData], step: int, streaming: bool = False, since: int | None = None,
-              numbers_only: bool = False, pictures_since: int | None = None):
+              numbers_only: bool = False, pictures_since: int | None = None, own_scale: bool = False):
     """What the Denoise tab shows at one step (1-based) of the current runs. The JSON's "steps"
     lists the facts of every step from ``since`` (default: this one) to this one: while streaming,
     steps that a newer one overtook before the page was ready go out with it. ``numbers_only``
     leaves the pictures and charts as they are (a light update: status line and JSON);
-    ``pictures_since`` is the first step after the last update that had pictures (default: ``since``)."""
+    ``pictures_since`` is the first step after the last update that had pictures (default: ``since``);
+    ``own_scale`` draws each word's overlay on its own scale instead of one shared by all words."""
     first = runs[0]
     record = first.records[min(step, len(first.records)) - 1]
     status = f"**{record.label}** · noise level σ = {record.sigma:.3g}"
@@ -191,16 +210,17 @@ def step_view(runs: list[RunData], step: int, streaming: bool = False, since: in
         # one picture per word: while streaming they follow every fifth of the run (and the last step)
         overlays = gr.skip()
     else:
-        overlays = views.word_overlays(first, record, max_side=settings.APP.overlay_gallery_side)
+        overlays = views.word_overlays(first, record, max_side=settings.APP.overlay_gallery_side, shared_scale=not own_scale)
     return (*views_shown, status, chart, overlays, concepts, data)
 
 
-def denoise(model_id, prompt, prompt_b, negative, seed, steps, guidance, width, height, schedule, concentration, custom, session):
+def denoise(model_id, prompt, prompt_b, negative, seed, steps, guidance, width, height, schedule, concentration, custom, session,
+            own_scale=False):
     """Run the model and stream its steps: for each prompt the prediction view and the noisy view,
     then a status line, the noise-level chart, one attention overlay per word, the concept chart and
     the step's data as JSON (timestep, sigma, per-word scores; "steps": the same for every step
     since the last update, so none is lost when the page falls behind). A second prompt runs from
-    the same noise."""
+    the same noise. The word overlays share one scale unless ``own_scale`` (the page's toggle)."""
     try:
         first = run_settings(model_id, prompt, negative, seed, steps, guidance, width, height, schedule, concentration, custom)
         runs = [first] + ([RunSettings.from_dict(first.to_dict() | {"prompt": prompt_b})] if (prompt_b or "").strip() else [])
@@ -224,20 +244,22 @@ def denoise(model_id, prompt, prompt_b, negative, seed, steps, guidance, width, 
             if with_pictures and not gpu.on_gpu():  # a CPU run decodes its last step only: the shown steps here
                 gpu.decode(model_id, [run.records[step - 1] for run in now])
             view = step_view(up_to(now, step), step, streaming=True, since=last_sent + 1, numbers_only=not with_pictures,
-                             pictures_since=last_pictured + 1)
+                             pictures_since=last_pictured + 1, own_scale=own_scale)
             yield *view, session
         last_sent = step
         last_pictured = step if with_pictures else last_pictured
 
 
-def after_run(session: Session | None) -> AfterRun:
-    """Open the scrubber and fill the other tabs' choices from the finished run."""
+def after_run(session: Session | None, gif=None) -> AfterRun:
+    """Open the scrubber and fill the other tabs' choices from the finished run (its animation:
+    ``gif``, or made now in the session's folder)."""
     run = session.run(0)
     words = views.token_labels(run)
     steps = len(run.records)
     groups = list(views.layer_groups(run))
-    gpu.decode(run.model_id, run.records)  # every frame of the animation
-    gif = export.animation(run, session.file(f"{export.file_stem(run)}.gif"))
+    if gif is None:
+        gpu.decode(run.model_id, run.records)  # every frame of the animation
+        gif = export.animation(run, session.file(f"{export.file_stem(run)}.gif"))
     return AfterRun(
         scrubber=gr.update(maximum=steps, value=steps, interactive=True),
         word=gr.update(choices=words, value=words[min(len(words) - 1, 1)] if words else None),
@@ -251,15 +273,25 @@ def after_run(session: Session | None) -> AfterRun:
 
 
 def denoise_on_page(*inputs):
-    """The Run button: ``denoise``'s updates, then the finished run opens the scrubber and fills
-    the other tabs' choices (``after_run``'s outputs, which ``denoise``'s updates leave as they are)."""
-    update = ()
+    """The Run button: ``denoise``'s updates (its inputs, then the word-scale toggle), the second
+    prompt's panels shown only when there is one, then the finished run opens the scrubber and fills
+    the other tabs' choices (``after_run``'s outputs, which ``denoise``'s updates leave as they are).
+    The last concept chart goes out again with them: Gradio's page keeps a streamed update only for
+    the tabs opened so far, and the chart is on another tab."""
+    prompt_b = inputs[2]
+    second = gr.update(visible=bool((prompt_b or "").strip()))
+    update, concepts = (), gr.skip()
     for update in denoise(*inputs):  # the step view, then the session
-        yield *update, *[gr.skip()] * AFTER_RUN_OUTPUTS
-    yield *[gr.skip()] * len(update), *after_run(update[-1]).values()
+        yield *update, second, *[gr.skip()] * AFTER_RUN_OUTPUTS
+        second = gr.skip()
+        concepts = concepts if isinstance(update[CONCEPTS], dict) else update[CONCEPTS]  # a dict: skipped
+    last = [gr.skip()] * len(update)
+    if last:
+        last[CONCEPTS] = concepts
+    yield *last, gr.skip(), *after_run(update[-1]).values()
 
 
-def show_step(session: Session | None, step: int):
+def show_step(session: Session | None, step: int, own_scale: bool = False):
     """Scrub back to a recorded step without recomputing."""
     try:
         runs = current(session)
@@ -267,7 +299,19 @@ def show_step(session: Session | None, step: int):
     except ValueError as error:
         raise refusal("scrub", error) from error
     gpu.decode(runs[0].model_id, [run.records[int(step) - 1] for run in runs])  # a step the run did not decode
-    return step_view(runs, int(step))
+    return step_view(runs, int(step), own_scale=own_scale)
+
+
+def rescale_words(session: Session | None, step: int, own_scale: bool):
+    """The toggle between one scale for all words and each word's own: the shown step's overlays
+    redrawn (nothing before a run) and the colour bar that goes with them."""
+    runs = session.latest() if session is not None and session.groups else None
+    if not runs or not 1 <= int(step) <= len(runs[0].records):
+        return gr.skip(), word_scale_bar(own_scale)
+    record = runs[0].records[int(step) - 1]
+    gpu.decode(runs[0].model_id, [record])
+    overlays = views.word_overlays(runs[0], record, max_side=settings.APP.overlay_gallery_side, shared_scale=not own_scale)
+    return overlays, word_scale_bar(own_scale)
 
 
 def on_model_change(model_id):
@@ -290,14 +334,22 @@ def build() -> DenoiseTab:
     return tab
 
 
-def wire_run(tab: DenoiseTab, session: gr.State, concepts, attention, saliency) -> None:
+def wire_run(tab: DenoiseTab, session: gr.State, concepts, attention, saliency) -> list:
     """The Run button (page and ``/denoise``) and the scrubber, once the tabs they fill are built:
     the step view draws the Concepts tab's ``chart``; a finished run fills Attention's ``word``,
-    ``step``, ``start``, ``end`` and ``groups`` and Saliency's ``step`` (``AfterRun``)."""
+    ``step``, ``start``, ``end`` and ``groups`` and Saliency's ``step`` (``AfterRun``). Returns the Run
+    button's outputs on the page (``PAGE_OUTPUTS`` of them), which the example fills too."""
     outputs = tab.step_outputs(concepts.chart)
     filled = AfterRun(scrubber=tab.slider, word=attention.word, step=attention.step, start=attention.start, end=attention.end,
                       groups=attention.groups, animation=tab.animation, explained_step=saliency.step)
+    page_outputs = outputs + [session, tab.second] + filled.values()
     serve_both(tab.run, denoise, tab.run_inputs() + [session], outputs + [session], "denoise", notice=tab.status,
-               page_handler=denoise_on_page, page_outputs=outputs + [session] + filled.values(),
-               **gpu.queue())
-    tab.slider.release(on_page(show_step, len(outputs), notice=STATUS), [session, tab.slider], outputs, api_visibility="private")
+               page_handler=denoise_on_page, page_inputs=tab.run_inputs() + [session, tab.own_scale],
+               page_outputs=page_outputs, **gpu.queue())
+    # typing a step in the slider's box and dragging both fire "input"; only the latest pending one runs
+    tab.slider.input(on_page(show_step, len(outputs), notice=STATUS), [session, tab.slider, tab.own_scale], outputs,
+                     api_visibility="private", trigger_mode="always_last")
+    tab.own_scale.change(rescale_words, [session, tab.slider, tab.own_scale], [tab.overlays, tab.scale_bar],
+                         api_visibility="private")
+    assert len(page_outputs) == PAGE_OUTPUTS
+    return page_outputs

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import gradio as gr
 
-from explainer import config, export
+from explainer import export
 
 from . import gpu
-from .page import notice_line, refusal, serve_both
+from .page import about_sections, notice_line, refusal, serve_both
 from .session import current
 
-ABOUT = (config.REPO_ROOT / "docs" / "about.md").read_text(encoding="utf-8")
 
 
 def export_run(session):
@@ -37,8 +36,27 @@ def build(session: gr.State) -> None:
     with gr.Row():
         archive, gif = gr.File(label="Run (ZIP)"), gr.File(label="Animation (GIF)")
     serve_both(button, export_run, [session], [archive, gif], "export", notice=notice)
+    gr.Markdown(API_USE)
+
+
+API_USE = """### From Python
+Every action on this page is a named endpoint that returns data ("Use via API" at the foot of the page lists them
+with their arguments):
+
+```python
+from gradio_client import Client
+
+client = Client("THIS_PAGE_ADDRESS")  # or a Space's name, e.g. "user/diffusion-xray"
+last_step = client.predict("embedded/shapes-ldm", "a red circle on the left", "", "", 1, 20, 5.0, 64, 64, "uniform", 60, "",
+                           api_name="/denoise")
+word_map = client.predict("circle", 20, "this step", 1, 20, [], "prediction", 0.8, False, "first prompt", api_name="/attention")
+```
+
+Each call returns what the page shows: pictures as files, maps as `.npy` files and the numbers as JSON.
+The repository's README walks through every endpoint.
+"""
 
 
 def about() -> None:
-    """The About tab's text (docs/about.md) in the current Blocks context."""
-    gr.Markdown(ABOUT)
+    """The About tab's text (docs/about.md's "About" section) in the current Blocks context."""
+    gr.Markdown(about_sections()["About"])

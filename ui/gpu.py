@@ -42,10 +42,13 @@ def run_duration(model_id, settings_dicts) -> int:
     return sum(gpu_seconds(spec, s["steps"], s["width"], s["height"]) for s in settings_dicts)
 
 
-@spaces.GPU(duration=run_duration)
-def run_on_device(model_id: str, settings_dicts: list[dict]):
-    """The only GPU work of a run: yields CPU objects (see ``stream_runs``)."""
+def run_here(model_id: str, settings_dicts: list[dict]):
+    """A run in this process, on whatever device the model is on: yields CPU objects (see ``stream_runs``)."""
     yield from stream_runs(load_model(model_id), [RunSettings.from_dict(s) for s in settings_dicts])
+
+
+run_on_device = spaces.GPU(duration=run_duration)(run_here)
+run_on_device.__doc__ = "The only GPU work of a run (``run_here`` on the Space's GPU)."
 
 
 def relevance_duration(model_id, run, *_rectify) -> int:  # the rectifier does not change the work

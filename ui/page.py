@@ -157,6 +157,35 @@ def model_choices(on_gpu: bool) -> list[tuple[str, str]]:
             for spec in config.MODELS.values()]
 
 
+MIN_MAX_TICKS = ("least", "", "", "", "most")  # the colour bar of a map drawn min-max
+ABOUT_FILE = config.REPO_ROOT / "docs" / "about.md"
+
+
+@functools.cache
+def about_sections() -> dict[str, str]:
+    """docs/about.md's "## " sections by title: the text of each tab's "More" fold."""
+    sections, title = {}, None
+    for line in ABOUT_FILE.read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            title = line[3:].strip()
+            sections[title] = []
+        elif title is not None:
+            sections[title].append(line)
+    return {title: "\n".join(lines).strip() for title, lines in sections.items()}
+
+
+def intro(caption: str, section: str) -> None:
+    """A tab's one-line caption, and its "More" fold with docs/about.md's section ``section``."""
+    gr.Markdown(caption)
+    with gr.Accordion("More", open=False):
+        gr.Markdown(about_sections()[section])
+
+
+def colour_bar(picture, **options) -> gr.Image:
+    """A colour bar under a map: a picture only (no label, frame or buttons)."""
+    return gr.Image(value=picture, show_label=False, interactive=False, height=70, container=False, buttons=[], **options)
+
+
 def notice_line():
     """The line under a tab's button that says what was refused (empty while all is well)."""
     return gr.Markdown("", elem_classes="notice")

@@ -12,14 +12,28 @@ import numpy as np
 
 from explainer.methods import METHODS
 from explainer.methods.options import described
+from explainer.methods.variants import VARIANTS
 from explainer.render import charts, pictures
 
 from . import gpu, settings
-from .page import DEFAULT_SPEC, notice_line, refusal, serve_both, step_slider
+from .page import DEFAULT_SPEC, MIN_MAX_TICKS, colour_bar, intro, notice_line, refusal, serve_both, step_slider
 from .session import check_step, current
 
 SALIENCY_METHODS = {method.label: name for name, method in METHODS.items() if method.saliency_tab}  # label -> name
 ALL_LAYERS = "sum of all layers"
+RECOMMENDED, PAPER = "recommended", "the paper's settings"
+STARTING = {"df-rise": {"n_masks": settings.APP.rise_masks}}  # the recommended preset's own values, for speed
+
+
+def preset(name: str, which: str) -> dict:
+    """Method ``name``'s described options under preset ``which``: the method's defaults
+    (``RECOMMENDED``, with ``STARTING``), or the paper's variant's options on its defaults (``PAPER``;
+    the defaults where the paper's rules are the method's own)."""
+    values = {field.name: field.default for field in described(METHODS[name])}
+    if which == PAPER:
+        paper = VARIANTS.get(f"{name}-paper")
+        return values | {key: value for key, value in (paper.options if paper else {}).items() if key in values}
+    return values | STARTING.get(name, {})
 
 
 def control(field: dataclasses.Field, value):
@@ -54,7 +68,7 @@ def method_form(name: str, title: str, visible: bool, starting: dict) -> MethodF
     fields = described(METHODS[name])
     if not fields:
         return None
-    with gr.Accordion(f"{title} options", open=True, visible=visible) as group:
+    with gr.Accordion(f"{title}: fine options", open=False, visible=visible) as group:
         return MethodForm(group, {field.name: control(field, starting.get(field.name, field.default)) for field in fields})
 
 
@@ -74,20 +88,16 @@ class SaliencyTab:
     """The Saliency tab's components, by name; ``forms`` holds each method's option controls."""
 
     def __init__(self):
-        gr.Markdown(
-            "**Where does the model recover the image at this step?** Pick a method and a step of the latest run. "
-            "DF-RISE masks the noisy latent many times and sees which pixels the step's result depends on; DF-CAM "
-            "weighs every layer's activations by their gradients; the baselines (random, centred) are what a "
-            "method must beat. Insertion and deletion score the map by how fast revealing (removing) its top "
-            "pixels brings back (destroys) the real next step."
-        )
+        intro("Where does the model recover the picture at this step? Pick a method and a step: the map shows which "
+              "spots the step's result depends on, and the score says how well the map holds up.", "Why here")
         first = next(iter(SALIENCY_METHODS))
-        starting = {"df-rise": {"n_masks": settings.APP.rise_masks}}
         with gr.Row():
             with gr.Column(scale=1):
                 self.method = gr.Dropdown(list(SALIENCY_METHODS), value=first, label="Method")
                 self.step = step_slider(settings.explained_step(DEFAULT_SPEC.steps))
-                forms = {name: method_form(name, label, label == first, starting.get(name, {})) for label, name in SALIENCY_METHODS.items()}
+                self.preset = gr.Radio([RECOMMENDED, PAPER], value=RECOMMENDED, label="Settings",
+                                       info="Recommended: what works best on these models. The paper's: as the paper defines the method.")
+                forms = {name: method_form(name, label, label == first, preset(name, RECOMMENDED)) for label, name in SALIENCY_METHODS.items()}
                 self.forms: dict[str, MethodForm] = {name: form for name, form in forms.items() if form is not None}
                 with self.forms["df-cam"].group:  # DF-CAM also gives a map per layer: the one shown
                     self.layer = gr.Dropdown([ALL_LAYERS], value=ALL_LAYERS, label="DF-CAM layer", allow_custom_value=True)
@@ -97,11 +107,14 @@ class SaliencyTab:
                 self.notice = notice_line()
             with gr.Column(scale=2):
                 with gr.Row():
-                    self.overlay = gr.Image(label="Saliency overlay", type="pil", height=340)
-                    self.chart = gr.Image(label="Insertion / deletion", type="pil", height=340)
-                with gr.Row():
-                    self.npy = gr.File(label="Map (.npy, latent grid)")
-                    self.data = gr.JSON(label="Result")
+                    self.overlay = gr.Image(label="Where the step's result depends on", type="pil", height=340)
+                    self.chart = gr.Image(label="How well the map holds up (insertion and deletion)", type="pil", height=340)
+                colour_bar(charts.colour_bar("this map, from its least to its most", MIN_MAX_TICKS))
+                self.summary = gr.Markdown("")  # the numbers that matter; all of them in Data
+        with gr.Accordion("Data", open=False):
+            with gr.Row():
+                self.npy = gr.File(label="The map as numbers (.npy, one value per latent cell)")
+                self.data = gr.JSON(label="The result")
 
     def outputs(self) -> list:
         return [self.overlay, self.chart, self.npy, self.data, self.layer]
@@ -157,6 +170,15 @@ def _explain(method, values: dict, step, layer, opacity, score, session):
     return pictures.overlay(picture, saliency_map, float(opacity)), chart, str(path), data, layer_choices
 
 
+def summary_line(data: dict) -> str:
+    """The result's numbers that matter, in a line: the step, the scores (if scored) and the cost."""
+    line = f"**{METHODS[data['method']].label}** at step {data['step']} (t = {data['timestep']:.4g})"
+    if "insertion_auc" in data:
+        line += (f" · insertion AUC **{data['insertion_auc']:.3f}** (lower is better) · deletion AUC "
+                 f"**{data['deletion_auc']:.3f}** (higher is better)")
+    return line + f" · {data['seconds']:.1f} s, {data['denoiser_calls']} model calls"
+
+
 def build(session: gr.State) -> SaliencyTab:
     """The Saliency tab in the current Blocks context. The page sends the chosen method's controls;
     ``/saliency`` keeps its arguments (``saliency``), taken from DF-RISE's and DF-CAM's controls."""
@@ -164,7 +186,8 @@ def build(session: gr.State) -> SaliencyTab:
     keys = [(name, field) for name, form in tab.forms.items() for field in form.controls]
 
     def saliency_on_page(method, step, layer, opacity, score, *values):  # every form's controls, then the session
-        return _explain(method, dict(zip(keys, values[:-1])), step, layer, opacity, score, values[-1])
+        result = _explain(method, dict(zip(keys, values[:-1])), step, layer, opacity, score, values[-1])
+        return *result, summary_line(result[3])
 
     rise, cam = tab.forms["df-rise"].controls, tab.forms["df-cam"].controls
     api_inputs = [tab.method, tab.step, rise["n_masks"], rise["keep"], rise["mode"], rise["mask"], rise["seed"], tab.layer,
@@ -172,8 +195,16 @@ def build(session: gr.State) -> SaliencyTab:
     page_inputs = [tab.method, tab.step, tab.layer, tab.opacity, tab.score]
     page_inputs += [control for form in tab.forms.values() for control in form.controls.values()]
     serve_both(tab.explain, saliency, api_inputs + [session], tab.outputs(), "saliency", notice=tab.notice,
-               page_handler=saliency_on_page, page_inputs=page_inputs + [session], **gpu.queue())
+               page_handler=saliency_on_page, page_inputs=page_inputs + [session], page_outputs=tab.outputs() + [tab.summary],
+               **gpu.queue())
     names = list(tab.forms)
     tab.method.change(lambda method: [gr.update(visible=SALIENCY_METHODS.get(method) == name) for name in names], tab.method,
                       [form.group for form in tab.forms.values()], api_visibility="private")
+    controls = [(name, field, control) for name, form in tab.forms.items() for field, control in form.controls.items()]
+
+    def apply_preset(which):  # every method's controls to the preset's values
+        values = {name: preset(name, which) for name in tab.forms}
+        return [gr.update(value=values[name][field]) for name, field, _ in controls]
+
+    tab.preset.change(apply_preset, tab.preset, [control for *_, control in controls], api_visibility="private")
     return tab

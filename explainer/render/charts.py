@@ -44,6 +44,11 @@ def word_font(size: float) -> font_manager.FontProperties:
     return font_manager.FontProperties(family=list(_word_families()), size=size)
 
 
+# Text sizes (points; at 100 dpi a point is 1.39 px): the charts are shown at 0.8x or more of their
+# drawn size, so the smallest text is 11 px or more on the page.
+TEXT_PT, TITLE_PT = 11, 12
+
+
 def new_figure(figsize: tuple[float, float], dpi: int = 100, rows: int = 1, columns: int = 1):
     """A figure and its axes, outside pyplot: pyplot keeps every figure in one global registry,
     which the server's threads would share (Matplotlib's advice for web servers)."""
@@ -72,6 +77,14 @@ def figure_to_image(figure) -> Image.Image:
     return Image.open(buffer).convert("RGB")
 
 
+@functools.cache
+def _label_font():
+    """The font of text painted on a drawn chart: matplotlib's own, at the charts' title size."""
+    from PIL import ImageFont
+
+    return ImageFont.truetype(font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans")), round(TITLE_PT * 100 / 72))
+
+
 @functools.lru_cache(maxsize=64)
 def noise_level_chart(timesteps: tuple[int, ...], sigmas: tuple[float, ...]) -> NoiseLevelChart:
     """The chart of a schedule, drawn once per distinct schedule (runs of one schedule share it)."""
@@ -91,10 +104,11 @@ class NoiseLevelChart:
         steps = np.arange(1, len(sigmas) + 1)
         axis.plot(steps, sigmas, marker="o", markersize=2.5, color="#4a6fa5", linewidth=1.4)
         axis.set_yscale("log")
-        axis.set_xlabel("step", fontsize=8)
-        axis.set_ylabel("noise level σ (log)", fontsize=8)
-        axis.set_title(" ", fontsize=9)  # room for the step label painted by ``at``
-        axis.tick_params(labelsize=7)
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        axis.set_xlabel("step", fontsize=TEXT_PT)
+        axis.set_ylabel("noise level σ (log)", fontsize=TEXT_PT)
+        axis.set_title(" ", fontsize=TITLE_PT)  # room for the step label painted by ``at``
+        axis.tick_params(labelsize=TEXT_PT)
         axis.grid(alpha=0.3)
         figure.tight_layout()
         figure.canvas.draw()
@@ -112,33 +126,46 @@ class NoiseLevelChart:
             x, y = self.pixels[step - 1]
             draw = ImageDraw.Draw(picture)
             draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=(209, 73, 91))
-            label = f"step {step}: t = {self.timesteps[step - 1]}, sigma = {self.sigmas[step - 1]:.3g}"
-            draw.text((picture.width // 2, 4), label, fill=(209, 73, 91), anchor="ma")  # PIL's default font: no Greek
+            label = f"step {step}: t = {self.timesteps[step - 1]:.4g}, σ = {self.sigmas[step - 1]:.3g}"
+            draw.text((picture.width // 2, 4), label, fill=(209, 73, 91), anchor="ma", font=_label_font())
         return picture
 
 
 def concept_chart(
-    steps: Sequence[int], series: dict[str, Sequence[float]], title: str, score_name: str = "attention mass"
+    steps: Sequence[int], series: dict[str, Sequence[float]], title: str, score_name: str = "attention mass",
+    timesteps: Sequence[int] | None = None, train_timesteps: int = 1000,
 ) -> Image.Image:
-    """Score vs step, one line per word (the concept chart of docs/methods.md, Token relevance)."""
-    figure, axis = new_figure((5.2, 2.8))
+    """Score vs step, one line per word (the concept chart of docs/methods.md, Token relevance).
+
+    With ``timesteps`` (one per step) the scores are drawn against the model's time instead, from
+    ``train_timesteps`` (pure noise) on the left to 0 on the right, with a tick under the axis where
+    each step falls: charts of different schedules then share one axis.
+    """
+    figure, axis = new_figure((5.2, 2.8) if timesteps is None else (4.2, 3.6))
+    x = list(steps if timesteps is None else timesteps)
     for label, values in series.items():
-        axis.plot(steps[: len(values)], values, marker="o", markersize=2.5, linewidth=1.3, label=label)
+        axis.plot(x[: len(values)], values, marker="o", markersize=2.5, linewidth=1.3, label=label)
     _style_concept_axis(axis, title, score_name)
+    if timesteps is not None:
+        axis.set_xlim(train_timesteps, 0)
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
+        axis.set_xlabel("time t (noise high → low); ticks: this schedule's steps", fontsize=TEXT_PT)
+        axis.plot(x, [-0.03] * len(x), "|", color="black", markersize=8, clip_on=False)
+        axis.legend(prop=word_font(TEXT_PT), loc="upper center", bbox_to_anchor=(0.5, -0.24), ncol=3, frameon=False)
     return figure_to_image(figure)
 
 
 def _style_concept_axis(axis, title: str, score_name: str) -> None:
     """Titles, scales and the legend (of the lines already drawn) of a concept chart."""
-    axis.set_title(title, fontsize=9)
-    axis.set_xlabel("step", fontsize=8)
-    axis.set_ylabel(f"{score_name} (min-max per step)", fontsize=8)
+    axis.set_title(title, fontsize=TITLE_PT)
+    axis.set_xlabel("step", fontsize=TEXT_PT)
+    axis.set_ylabel(f"{score_name} (min-max per step)", fontsize=TEXT_PT)
     axis.set_ylim(-0.05, 1.05)
     axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    axis.tick_params(labelsize=7)
+    axis.tick_params(labelsize=TEXT_PT)
     axis.grid(alpha=0.3)
     if axis.get_lines():
-        axis.legend(prop=word_font(7), loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        axis.legend(prop=word_font(TEXT_PT), loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
 
 
 @functools.lru_cache(maxsize=64)
@@ -190,25 +217,39 @@ def token_bars(totals: dict[str, float], title: str) -> Image.Image:
     figure, axis = new_figure((4.2, 2.8))
     labels = list(totals)
     axis.barh(range(len(labels)), list(totals.values()), color="#4a6fa5")
-    axis.set_yticks(range(len(labels)), labels, fontproperties=word_font(7))
+    axis.set_yticks(range(len(labels)), labels, fontproperties=word_font(TEXT_PT))
     axis.invert_yaxis()
-    axis.set_title(title, fontsize=9)
-    axis.set_xlabel("score summed over steps", fontsize=8)
-    axis.tick_params(labelsize=7)
+    axis.set_title(title, fontsize=TITLE_PT)
+    axis.set_xlabel("score summed over steps", fontsize=TEXT_PT)
+    axis.tick_params(labelsize=TEXT_PT)
     return figure_to_image(figure)
 
 
 def insertion_deletion_chart(scores: dict) -> Image.Image:
     """Insertion and deletion curves of one map, with their AUCs (docs/methods.md, Insertion and deletion)."""
-    figure, axis = new_figure((4.6, 2.8))
+    figure, axis = new_figure((4.6, 3.2))
     for curve, colour in (("insertion", "#2a9d8f"), ("deletion", "#d1495b")):
         values = np.asarray(scores[curve])
         x = np.linspace(0, 1, len(values))
         axis.plot(x, values, color=colour, marker="o", markersize=2.5, linewidth=1.4, label=f"{curve} (AUC {scores[curve + '_auc']:.3f})")
-    axis.set_xlabel("fraction of latent pixels revealed (insertion) / removed (deletion)", fontsize=7)
-    axis.set_ylabel(f"distance to real x_(t-1) ({scores['distance']})", fontsize=7)
-    axis.set_title("Faithful: insertion falls fast (low AUC), deletion rises fast (high AUC)", fontsize=8)
-    axis.tick_params(labelsize=7)
+    axis.set_xlabel("share of the map's top spots\nrevealed (insertion) or removed (deletion)", fontsize=TEXT_PT)
+    axis.set_ylabel(f"distance to the real next step\n({scores['distance']})", fontsize=TEXT_PT)
+    axis.set_title("A good map: insertion falls fast,\ndeletion rises fast", fontsize=TITLE_PT)
+    axis.tick_params(labelsize=TEXT_PT)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=TEXT_PT)
+    return figure_to_image(figure)
+
+
+@functools.lru_cache(maxsize=8)
+def colour_bar(caption: str, tick_labels: tuple[str, ...] = ("0", "25%", "50%", "75%", "100%")) -> Image.Image:
+    """The overlays' JET colour bar with evenly spaced ticks, labelled ``tick_labels`` from the
+    bottom of the scale to its top, and ``caption`` under it (text at 11 px or more as shown)."""
+    figure, axis = new_figure((5.2, 0.95))
+    mappable = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, 1), "jet")
+    bar = figure.colorbar(mappable, cax=axis, orientation="horizontal")
+    bar.set_ticks(np.linspace(0, 1, len(tick_labels)), labels=list(tick_labels))
+    bar.ax.tick_params(labelsize=TEXT_PT)
+    bar.set_label(caption, fontsize=TEXT_PT)
+    figure.subplots_adjust(left=0.04, right=0.96, top=0.92, bottom=0.55)
     return figure_to_image(figure)

@@ -36,12 +36,17 @@ def for_display(image: Image.Image, min_side: int = 320) -> Image.Image:
     return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
 
 
-def overlay(image: Image.Image, saliency: np.ndarray, opacity: float = 1.0) -> Image.Image:
+def overlay(image: Image.Image, saliency: np.ndarray, opacity: float = 1.0, scale: float | None = None) -> Image.Image:
     """JET overlay as in the paper: ``(1 - m^0.8) I + m^0.8 H`` with ``m`` the map in [0, 1].
 
-    The map is min-max normalised, resized bilinearly to the image, and ``opacity`` scales the mix.
+    The map is min-max normalised (the paper's), or divided by ``scale`` and clipped when given
+    (maps drawn on one scale, 0 at the bottom), then resized bilinearly to the image; ``opacity``
+    scales the mix.
     """
-    m = normalise(saliency)
+    if scale is None:
+        m = normalise(saliency)
+    else:
+        m = np.clip(np.asarray(saliency, dtype=np.float32) / max(float(scale), 1e-12), 0, 1)
     m = np.asarray(Image.fromarray(m).resize(image.size, Image.Resampling.BILINEAR), dtype=np.float32).clip(0, 1)
     weight = (m**0.8 * opacity)[..., None]
     heat = _JET(m)[..., :3]

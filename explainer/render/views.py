@@ -93,16 +93,28 @@ def word_overlays(
     opacity: float = 0.8,
     include_special: bool = False,
     max_side: int | None = None,
+    shared_scale: bool | None = None,
 ) -> list[tuple[Image.Image, str]]:
-    """One overlay per word of the prompt at one step, captioned with the word; at most ``max_side``
-    pixels a side when given (6 words of a 512 px picture: ~105 ms to draw, at 256 px ~22 ms)."""
+    """One overlay per word of the prompt at one step; at most ``max_side`` pixels a side when given
+    (6 words of a 512 px picture: ~105 ms to draw, at 256 px ~22 ms).
+
+    ``shared_scale=True``: every word on one scale, from 0 to the largest attention share of any
+    word anywhere, so a weakly attended word looks weak; ``False``: each word from 0 to its own
+    peak; ``None``: each word min-max (the paper's). The caption is the word and, on the first two
+    scales, its peak share of a spot's attention.
+    """
     picture = for_display(step_picture(record, view), min_side=128)
     if max_side is not None and max(picture.size) > max_side:
         picture = picture.copy()
         picture.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     labels = token_labels(run, include_special)
+    maps = [word_map(run, i, [record], include_special) for i in range(len(labels))]
+    if shared_scale is None:
+        return [(overlay(picture, values, opacity), label) for values, label in zip(maps, labels)]
+    top = max((float(values.max()) for values in maps), default=1.0)
     return [
-        (overlay(picture, word_map(run, i, [record], include_special), opacity), label) for i, label in enumerate(labels)
+        (overlay(picture, values, opacity, scale=top if shared_scale else float(values.max())), f"{label} · peak {values.max():.0%}")
+        for values, label in zip(maps, labels)
     ]
 
 
