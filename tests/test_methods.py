@@ -384,10 +384,26 @@ def test_batched_lime_equals_one_at_a_time(tiny_model, tiny_run):
 
 def test_cheap_scores_and_relevance_series(tiny_model, tiny_run):
     assert cheap_token_scores(tiny_run, 2) == attention_scores(tiny_run, tiny_run.records[1])
+    for score in ("peak", "mass"):
+        values = list(attention_scores(tiny_run, tiny_run.records[1], score).values())
+        assert max(values) == 1.0 and min(values) >= 0.0
+    with pytest.raises(ValueError, match="score must be one of"):
+        attention_scores(tiny_run, tiny_run.records[1], "sum")
     series = relevance_series(tiny_model, tiny_run, steps=[1, 4])
     assert series["steps"] == [1, 4]
     assert list(series["scores"]) == [f"{i}:{w}" for i, w in enumerate(tiny_run.tokens.word_texts)]
     assert all(len(values) == 2 and max(values) <= 1 for values in series["scores"].values())
+
+
+def test_the_peak_score_ranks_the_drawn_shape_first_where_the_papers_mass_ranks_the_last_word(embedded_model):
+    """The paper's mass favours words spread over the whole picture (a causal encoder's last word
+    carries the prompt); the peak follows where a word is drawn (docs/methods.md, Quick scores)."""
+    run = InstrumentedRun(embedded_model, RunSettings(prompt="a red circle on the left", steps=10, guidance=5.0,
+                                                      width=64, height=64, seed=1)).run_all().data
+    for record in run.records[2:]:
+        peak, mass = attention_scores(run, record, "peak"), attention_scores(run, record, "mass")
+        assert max(peak, key=peak.get) == "2:circle" and max(mass, key=mass.get) == "5:left"
+        assert peak["1:red"] > peak["0:a"] and mass["1:red"] < mass["0:a"]
 
 
 def test_methods_work_without_guidance(tiny_model):

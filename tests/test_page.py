@@ -82,7 +82,7 @@ def test_other_tabs_keep_their_results_and_clear_the_notice_once_all_is_well(ses
     controls = [component.value for component in saliency.inputs[2:-1]]
     bad = saliency.fn("DF-CAM", 9, *controls, session)
     assert "step must be between 1 and 3, got 9" in refused_only_on(bad, len(bad) - 1)
-    fresh = page_event("concepts")(None)
+    fresh = page_event("concepts")("peak", None)
     assert "No run yet" in refused_only_on(fresh, len(fresh) - 1)
 
 

@@ -70,12 +70,14 @@ def test_layer_choice_averages_those_layers(run):
 
 
 def test_concept_series_has_one_line_per_word(run):
-    series = views.concept_series(run)
-    assert list(series) == ["0:a", "1:cat", "2:and", "3:a", "4:dog"]
-    assert all(len(values) == 4 for values in series.values())
-    for step in range(4):
-        column = [values[step] for values in series.values()]
-        assert min(column) == 0.0 and max(column) == 1.0
+    for score in ("peak", "mass"):
+        series = views.concept_series(run, score)
+        assert list(series) == ["0:a", "1:cat", "2:and", "3:a", "4:dog"]
+        assert all(len(values) == 4 for values in series.values())
+        for step in range(4):
+            column = [values[step] for values in series.values()]
+            assert max(column) == 1.0
+            assert min(column) == 0.0 if score == "mass" else min(column) > 0  # mass: min-max; peaks: relative to the top
 
 
 def test_export_zip_reproduces_the_run(run, tmp_path, tiny_model):
@@ -161,8 +163,8 @@ def test_noise_chart_marks_the_step_on_a_cached_drawing(run):
 
 
 def test_streaming_concept_chart_paints_each_word_where_its_scores_are():
-    chart = charts.streaming_concept_chart(10, ("red", "circle"), "title")
-    assert charts.streaming_concept_chart(10, ("red", "circle"), "title") is chart  # drawn once per run shape
+    chart = charts.streaming_concept_chart(10, ("red", "circle"), "title", "score")
+    assert charts.streaming_concept_chart(10, ("red", "circle"), "title", "score") is chart  # drawn once per run shape
     picture = np.asarray(chart.draw({"red": [1.0, 1.0, 1.0], "circle": [0.0, 0.0]}).convert("RGB"))
     assert picture.shape[:2] == np.asarray(chart.base).shape
     for word, value, step in (("red", 1.0, 3), ("circle", 0.0, 2)):
@@ -189,10 +191,10 @@ def test_streamed_charts_are_palette_pictures_of_the_matplotlib_drawing():
     text is the only place with more colours than it holds)."""
     import io
 
-    chart = charts.streaming_concept_chart(10, ("red", "circle"), "title")
+    chart = charts.streaming_concept_chart(10, ("red", "circle"), "title", "score")
     assert chart.base.mode == "P" and chart.draw({"red": [0.5] * 10}).mode == "P"
     assert charts.noise_level_chart((999, 500, 1), (14.6, 1.0, 0.03)).at(2).mode == "P"
-    drawn = charts.concept_chart(list(range(1, 11)), {"red": list(np.linspace(0, 1, 10)), "circle": [0.5] * 10}, "title")
+    drawn = charts.concept_chart(list(range(1, 11)), {"red": list(np.linspace(0, 1, 10)), "circle": [0.5] * 10}, "title", "score")
     palette = charts.as_palette(drawn)
     error = np.abs(np.asarray(palette.convert("RGB")).astype(int) - np.asarray(drawn).astype(int)).max(axis=-1)
     assert (error == 0).mean() > 0.99 and error.max() <= 24
@@ -212,7 +214,7 @@ def test_charts_drawn_in_many_threads_at_once_equal_the_same_charts_drawn_alone(
 
     series = {word: list(np.linspace(0, 1, 12) ** (i + 1)) for i, word in enumerate(("a", "red", "circle"))}
     kinds = {
-        "concepts": lambda: charts.concept_chart(list(range(1, 13)), series, "title"),
+        "concepts": lambda: charts.concept_chart(list(range(1, 13)), series, "title", "score"),
         "bars": lambda: charts.token_bars({word: sum(values) for word, values in series.items()}, "totals"),
         "curves": lambda: charts.insertion_deletion_chart(
             {"insertion": [1, 0.5, 0.2], "deletion": [0, 0.4, 0.9], "insertion_auc": 0.5, "deletion_auc": 0.4, "distance": "mse"}),
@@ -243,8 +245,8 @@ def test_charts_draw_words_in_other_scripts():
     words = {"0:猫": [0.0, 1.0], "1:고양이": [1.0, 0.0], "2:ねこ": [0.2, 0.3], "3:dog": [0.5, 0.5]}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        charts.concept_chart([1, 2], words, "title")
-        charts.StreamingConceptChart(2, tuple(words), "title").draw(words)
+        charts.concept_chart([1, 2], words, "title", "score")
+        charts.StreamingConceptChart(2, tuple(words), "title", "score").draw(words)
         charts.token_bars({word: sum(values) for word, values in words.items()}, "title")
     assert not [str(w.message) for w in caught if "missing from font" in str(w.message)]
 
@@ -261,7 +263,7 @@ def test_methods_and_metrics_import_no_drawing_and_charts_change_no_global_setti
         "import explainer.methods, explainer.metrics, explainer.replay, explainer.run\n"
         "drawing = sorted(m for m in sys.modules if m.startswith(('matplotlib', 'explainer.render')))\n"
         "from explainer.render import charts\n"
-        "charts.concept_chart([1, 2], {'0:a': [0.0, 1.0]}, 'title'); charts.token_bars({'0:a': 1.0}, 'title')\n"
+        "charts.concept_chart([1, 2], {'0:a': [0.0, 1.0]}, 'title', 'score'); charts.token_bars({'0:a': 1.0}, 'title')\n"
         "import matplotlib\n"
         "print(drawing, dict(matplotlib.rcParams) == before)\n"
     )

@@ -1,5 +1,6 @@
-"""The Concepts tab: which concept is drawn at each step, by the cheap score (recorded attention) or
-by token relevance (gradient), and the Denoise tab's prompt under the three schedules side by side."""
+"""The Concepts tab: which concept is drawn at each step, by a quick score of the recorded attention
+(each word's peak, or the paper's attention mass) or by token relevance (gradient), and the Denoise
+tab's prompt under the three schedules side by side."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import gradio as gr
 from explainer import config
 from explainer.methods import TokenRelevance
 from explainer.methods.base import RECTIFIERS
+from explainer.methods.relevance import ATTENTION_SCORES
 from explainer.render import charts, pictures, views
 from explainer.run import RunData
 
@@ -16,8 +18,11 @@ from .denoise import DenoiseTab, run_settings, stream, up_to
 from .page import intro, notice_line, refusal, serve_both
 from .session import current
 
-RELEVANCE_RECTIFY_INFO = ("abs (default): gradient × attention counts whichever way it pushes the output; relu: the "
-                          "paper's positive part, which misses what the model draws by pushing the output down")
+RELEVANCE_RECTIFY_INFO = ("abs: counts whatever way a word pushes the model's result; relu (the paper's): only the way "
+                          "that raises it, which misses part of what the model draws")
+QUICK_SCORES = [("each word's peak (recommended)", "peak"), ("attention mass (the paper's)", "mass")]
+QUICK_SCORE_INFO = ("Peak: how strongly the spot that looks at a word most looks at it, relative to the strongest word. "
+                    "Mass: how much attention the word gets over the whole picture, which favours words spread evenly.")
 
 
 class ConceptsTab:
@@ -27,10 +32,13 @@ class ConceptsTab:
         intro("Which word of the prompt is the model drawing at each step? The chart follows every word through the run.",
               "Concepts")
         with gr.Row():
-            self.refresh = gr.Button("Quick score (the run's attention)")
-            self.relevance = gr.Button("Token relevance (asks the model again, slower)")
-            self.rectify = gr.Radio(list(RECTIFIERS), value=TokenRelevance.rectify, label="Relevance: gradient × attention kept as",
-                                    info=RELEVANCE_RECTIFY_INFO)
+            with gr.Column():
+                self.refresh = gr.Button("Quick score (the run's attention)")
+                self.score = gr.Radio(QUICK_SCORES, value=ATTENTION_SCORES[0], label="Quick score", info=QUICK_SCORE_INFO)
+            with gr.Column():
+                self.relevance = gr.Button("Token relevance (asks the model again, slower)")
+                self.rectify = gr.Radio(list(RECTIFIERS), value=TokenRelevance.rectify, label="Relevance counts",
+                                        info=RELEVANCE_RECTIFY_INFO)
         self.notice = notice_line()
         with gr.Row():
             self.chart = gr.Image(label="Concept chart", show_label=False, type="pil", format="png", height=300, elem_id="concept-chart")
@@ -53,22 +61,26 @@ class ConceptsTab:
             self.compare_data = gr.JSON(label="Scores per schedule", max_height=240)
 
 
-def concepts(session):
-    """Concept chart (cheap score per word per step), per-word totals, and the series as JSON."""
+def concepts(score, session):
+    """Concept chart (the quick score of every word at every step), per-word totals, and the series as
+    JSON. ``score``: "peak" (each word's peak attention, relative to the strongest word's) or "mass"
+    (the paper's attention mass, min-max per step)."""
     try:
+        if score not in ATTENTION_SCORES:
+            raise ValueError(f"score must be one of {ATTENTION_SCORES}, got {score!r}.")
         runs = current(session)
     except ValueError as error:
         raise refusal("/concepts", error) from error
-    return _concept_outputs(runs[0], "this run")
+    return _concept_outputs(runs[0], "this run", score=score)
 
 
-def _concept_outputs(run: RunData, title: str, on_time_axis: bool = False):
-    series = views.concept_series(run)
+def _concept_outputs(run: RunData, title: str, on_time_axis: bool = False, score: str = "peak"):
+    series = views.concept_series(run, score)
     steps = list(range(1, len(run.records) + 1))
     totals = {label: float(sum(values)) for label, values in series.items()}
-    data = {"steps": steps, "timesteps": run.timesteps, "score": "attention mass", "series": series, "totals": totals}
+    data = {"steps": steps, "timesteps": run.timesteps, "score": score, "series": series, "totals": totals}
     timesteps = run.timesteps[: len(steps)] if on_time_axis else None
-    chart = charts.concept_chart(steps, series, f"Concept chart: {title}", timesteps=timesteps)
+    chart = charts.concept_chart(steps, series, f"Concept chart: {title}", views.SCORE_AXES[score], timesteps=timesteps)
     return chart, charts.token_bars(totals, f"Totals: {title}"), data
 
 
@@ -85,7 +97,8 @@ def relevance(rectify, session):
     totals = {label: float(sum(values)) for label, values in series["scores"].items()}
     data = {"steps": series["steps"], "timesteps": run.timesteps, "score": "token relevance", "rectify": rectify,
             "series": series["scores"], "totals": totals}
-    chart = charts.concept_chart(series["steps"], series["scores"], "Concept chart: token relevance (gradient)", "relevance")
+    chart = charts.concept_chart(series["steps"], series["scores"], "Concept chart: token relevance (gradient)",
+                                 views.SCORE_AXES["relevance"])
     return chart, charts.token_bars(totals, "Relevance summed over steps"), data
 
 
@@ -115,7 +128,7 @@ def build(session: gr.State, run: DenoiseTab) -> ConceptsTab:
     ``/compare_schedules`` (the last from the Denoise tab's settings, ``run``)."""
     tab = ConceptsTab()
     outputs = [tab.chart, tab.bars, tab.data]
-    serve_both(tab.refresh, concepts, [session], outputs, "concepts", notice=tab.notice)
+    serve_both(tab.refresh, concepts, [tab.score, session], outputs, "concepts", notice=tab.notice)
     serve_both(tab.relevance, relevance, [tab.rectify, session], outputs, "relevance", notice=tab.notice, **gpu.queue())
     compare_inputs = [run.model_id, run.prompt, run.negative, run.seed, run.steps, run.guidance, run.width, run.height, run.concentration]
     serve_both(tab.compare, compare_schedules, compare_inputs, tab.grid + [tab.compare_data], "compare_schedules",

@@ -201,9 +201,10 @@ def step_view(runs: list[RunData], step: int, streaming: bool = False, since: in
         concepts = gr.skip()
     elif streaming:  # painted on a chart drawn once per run shape: a matplotlib redraw costs ~200 ms
         series = views.concept_series(first)
-        concepts = charts.streaming_concept_chart(total, tuple(series), CONCEPT_CHART_TITLE).draw(series)
+        concepts = charts.streaming_concept_chart(total, tuple(series), CONCEPT_CHART_TITLE, views.SCORE_AXES["peak"]).draw(series)
     else:
-        concepts = charts.concept_chart(list(range(1, total + 1)), views.concept_series(first), CONCEPT_CHART_TITLE)
+        concepts = charts.concept_chart(list(range(1, total + 1)), views.concept_series(first), CONCEPT_CHART_TITLE,
+                                        views.SCORE_AXES["peak"])
     period = max(1, total // 5)
     unpictured = range(pictures_since or covered.start + 1, record.index + 1)
     if streaming and record.index != total and not any(i % period == 0 for i in unpictured):

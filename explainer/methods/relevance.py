@@ -276,22 +276,38 @@ class TokenRelevance(GradientMethod):
         return r_iq
 
 
-def attention_scores(run: RunData, record) -> dict[str, float]:
-    """The cheap concept score at one step (docs/methods.md, Token relevance): each word's share of the
-    recorded cross-attention (its pieces' rows summed), min-max normalised across the words; it
-    streams during a run."""
+ATTENTION_SCORES = ("peak", "mass")  # the quick concept scores; "mass" is the paper's
+
+
+def attention_scores(run: RunData, record, score: str = "peak") -> dict[str, float]:
+    """The quick concept score of every word at one step, from the recorded cross-attention (it
+    streams during a run; docs/methods.md, Concept scores). ``score``:
+
+    - ``"peak"`` (default): the largest share of one spot's attention that goes to the word, relative
+      to the strongest word's at that step (1: the strongest). A word spread evenly over the picture,
+      as the start of a prompt or a causal encoder's summary-like last word, has a low peak.
+    - ``"mass"``: the paper's, the word's attention summed over the picture, min-max normalised
+      across the words.
+    """
+    if score not in ATTENTION_SCORES:
+        raise ValueError(f"score must be one of {ATTENTION_SCORES}, got {score!r}.")
     words = run.tokens.words
     if not words:
         return {}
-    masses = np.array([record.attention[list(w.positions)].astype(np.float32).sum() for w in words])
-    span = masses.max() - masses.min()
-    normalised = (masses - masses.min()) / span if span > 0 else np.zeros_like(masses)
+    maps = [record.attention[list(w.positions)].astype(np.float32).sum(0) for w in words]
+    if score == "peak":
+        peaks = np.array([m.max() for m in maps])
+        normalised = peaks / peaks.max() if peaks.max() > 0 else np.zeros_like(peaks)
+    else:
+        masses = np.array([m.sum() for m in maps])
+        span = masses.max() - masses.min()
+        normalised = (masses - masses.min()) / span if span > 0 else np.zeros_like(masses)
     return {f"{i}:{w.text}": float(v) for i, (w, v) in enumerate(zip(words, normalised))}
 
 
-def cheap_token_scores(run: RunData, step: int) -> dict[str, float]:
+def cheap_token_scores(run: RunData, step: int, score: str = "peak") -> dict[str, float]:
     """``attention_scores`` of step ``step`` (1-based)."""
-    return attention_scores(run, run.records[step - 1])
+    return attention_scores(run, run.records[step - 1], score)
 
 
 def relevance_series(model, run: RunData, steps: list[int] | None = None, method: TokenRelevance | None = None) -> dict:

@@ -132,7 +132,7 @@ class NoiseLevelChart:
 
 
 def concept_chart(
-    steps: Sequence[int], series: dict[str, Sequence[float]], title: str, score_name: str = "attention mass",
+    steps: Sequence[int], series: dict[str, Sequence[float]], title: str, score_label: str,
     timesteps: Sequence[int] | None = None, train_timesteps: int = 1000,
 ) -> Image.Image:
     """Score vs step, one line per word (the concept chart of docs/methods.md, Token relevance).
@@ -145,7 +145,7 @@ def concept_chart(
     x = list(steps if timesteps is None else timesteps)
     for label, values in series.items():
         axis.plot(x[: len(values)], values, marker="o", markersize=2.5, linewidth=1.3, label=label)
-    _style_concept_axis(axis, title, score_name)
+    _style_concept_axis(axis, title, score_label)
     if timesteps is not None:
         axis.set_xlim(train_timesteps, 0)
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
@@ -155,11 +155,11 @@ def concept_chart(
     return figure_to_image(figure)
 
 
-def _style_concept_axis(axis, title: str, score_name: str) -> None:
+def _style_concept_axis(axis, title: str, score_label: str) -> None:
     """Titles, scales and the legend (of the lines already drawn) of a concept chart."""
     axis.set_title(title, fontsize=TITLE_PT)
     axis.set_xlabel("step", fontsize=TEXT_PT)
-    axis.set_ylabel(f"{score_name} (min-max per step)", fontsize=TEXT_PT)
+    axis.set_ylabel(score_label, fontsize=TEXT_PT)
     axis.set_ylim(-0.05, 1.05)
     axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axis.tick_params(labelsize=TEXT_PT)
@@ -169,23 +169,23 @@ def _style_concept_axis(axis, title: str, score_name: str) -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def streaming_concept_chart(total_steps: int, words: tuple[str, ...], title: str) -> StreamingConceptChart:
+def streaming_concept_chart(total_steps: int, words: tuple[str, ...], title: str, score_label: str) -> StreamingConceptChart:
     """The empty concept chart of a run's shape, drawn once (runs of one shape share it)."""
-    return StreamingConceptChart(total_steps, words, title)
+    return StreamingConceptChart(total_steps, words, title, score_label)
 
 
 class StreamingConceptChart:
     """``concept_chart`` for streaming: axes, legend and colours drawn once; ``draw(series)`` paints
     the lines so far in ~1 ms instead of a ~200 ms matplotlib redraw at every streamed step."""
 
-    def __init__(self, total_steps: int, words: Sequence[str], title: str):
+    def __init__(self, total_steps: int, words: Sequence[str], title: str, score_label: str):
         self.words = list(words)
         figure, axis = new_figure((5.2, 2.8))
         colours = [f"C{i}" for i in range(len(self.words))]
         for word, colour in zip(self.words, colours):  # legend entries only: the lines are painted
             axis.plot([], [], marker="o", markersize=2.5, linewidth=1.3, color=colour, label=word)
         axis.set_xlim(0.5, total_steps + 0.5)
-        _style_concept_axis(axis, title, "attention mass")
+        _style_concept_axis(axis, title, score_label)
         figure.tight_layout()
         figure.canvas.draw()
         self.height = figure.canvas.get_width_height()[1]

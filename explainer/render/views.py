@@ -118,9 +118,15 @@ def word_overlays(
     ]
 
 
-def concept_series(run: RunData) -> dict[str, list[float]]:
-    """The cheap concept score of every word at every recorded step (one list per word)."""
-    per_step = [attention_scores(run, record) for record in run.records]
+# what a concept chart's axis says, per score (relevance.attention_scores' and token relevance)
+SCORE_AXES = {"peak": "peak attention (1: the strongest word)", "mass": "attention mass (min-max per step)",
+              "relevance": "relevance (min-max per step)"}
+
+
+def concept_series(run: RunData, score: str = "peak") -> dict[str, list[float]]:
+    """The quick concept score (``relevance.attention_scores``) of every word at every recorded step
+    (one list per word)."""
+    per_step = [attention_scores(run, record, score) for record in run.records]
     return {label: [scores[label] for scores in per_step] for label in (per_step[0] if per_step else {})}
 
 
