@@ -97,6 +97,7 @@ def _stable_diffusion_1(repo_id: str, label: str) -> ModelSpec:
 EMBEDDED_MODEL_ID = "embedded/shapes-ldm"
 TINY_RANDOM_MODEL_ID = "tiny-random"
 TINY_SD3_MODEL_ID = "tiny-sd3"
+TINY_SDXL_MODEL_ID = "tiny-sdxl"
 
 MODELS: dict[str, ModelSpec] = {
     spec.id: spec
@@ -137,6 +138,18 @@ MODELS: dict[str, ModelSpec] = {
             family="sd3",
             max_sequence_length=8,  # zero T5 tokens: the tiny model has no T5 encoder
         ),
+        ModelSpec(
+            id=TINY_SDXL_MODEL_ID,
+            source="",  # built from configs by explainer.families.sdxl_tiny, random weights
+            label="Tiny random SDXL model (for tests; pictures mean nothing)",
+            hub=False,
+            width=64,
+            height=64,
+            steps=10,
+            guidance=5.0,
+            examples=("a cat playing soccer",),
+            family="sdxl",
+        ),
         _stable_diffusion_1("CompVis/stable-diffusion-v1-4", "Stable Diffusion v1.4 (the paper's model, GPU)"),
         _stable_diffusion_1("stable-diffusion-v1-5/stable-diffusion-v1-5", "Stable Diffusion v1.5 (GPU)"),
         ModelSpec(
@@ -153,6 +166,22 @@ MODELS: dict[str, ModelSpec] = {
             guidance=4.5,
             vae_decode_every=5,
             gpu_seconds_per_step=0.25,  # an estimate, not measured
+            examples=PAPER_PROMPTS,
+        ),
+        ModelSpec(
+            id="stabilityai/stable-diffusion-xl-base-1.0",
+            source="stabilityai/stable-diffusion-xl-base-1.0",
+            label="Stable Diffusion XL base 1.0 (two text encoders; GPU)",
+            hub=True,
+            needs_gpu=True,
+            family="sdxl",
+            width=1024,
+            height=1024,
+            steps=30,  # the model card's example calls the pipeline with its defaults: 50 steps, guidance 5.0
+            guidance=5.0,
+            vae_decode_every=5,
+            gpu_seconds_per_step=0.12,  # per 512x512 as SD 1.x's: an estimate, not measured
+            # no fixed preview map: the family fits one to its VAE at load (fit_preview)
             examples=PAPER_PROMPTS,
         ),
     )

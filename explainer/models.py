@@ -242,4 +242,8 @@ def _build_pipeline(spec: config.ModelSpec):
         from .families.sd3_tiny import tiny_sd3_pipeline
 
         return tiny_sd3_pipeline().to(device=device, dtype=dtype)
+    if spec.id == config.TINY_SDXL_MODEL_ID:
+        from .families.sdxl_tiny import tiny_sdxl_pipeline
+
+        return tiny_sdxl_pipeline().to(device=device, dtype=dtype)
     return family_named(spec.family).load(spec.source, device, dtype, local_files_only=not spec.hub)

@@ -7,8 +7,9 @@
 from .base import Conditioning, Family
 from .sd1 import StableDiffusion1
 from .sd3 import StableDiffusion3
+from .sdxl import StableDiffusionXL
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (StableDiffusion1(), StableDiffusion3())}
+FAMILIES: dict[str, Family] = {family.name: family for family in (StableDiffusion1(), StableDiffusion3(), StableDiffusionXL())}
 
 
 def family(name: str) -> Family:
@@ -18,4 +19,4 @@ def family(name: str) -> Family:
     return FAMILIES[name]
 
 
-__all__ = ["FAMILIES", "Conditioning", "Family", "StableDiffusion1", "StableDiffusion3", "family"]
+__all__ = ["FAMILIES", "Conditioning", "Family", "StableDiffusion1", "StableDiffusion3", "StableDiffusionXL", "family"]
