@@ -36,6 +36,8 @@ class ModelSpec:
         max_sequence_length: the T5 tokens of a family that has a T5 encoder (SD 3; without the
             encoder, that many zero tokens); None: the pipeline's own default.
         gated: the Hub asks for a token of an account that accepted the model's licence.
+        listed: among the models the page's list offers first; the tiny test models are not, and
+            come last (the list holds every model of the config: the API takes no other id).
     """
 
     id: str
@@ -48,6 +50,7 @@ class ModelSpec:
     guidance: float
     vae_decode_every: int = 1
     needs_gpu: bool = False
+    listed: bool = True
     closed_vocabulary: bool = False  # every word must be one token of the tokenizer (the shapes model)
     gpu_seconds_per_step: float = 0.05  # per 512x512 guided step on the Space GPU: an estimate, not yet measured
     latent_rgb: tuple[tuple[float, float, float], ...] | None = None
@@ -119,6 +122,7 @@ MODELS: dict[str, ModelSpec] = {
             source="",  # built from configs by explainer.families.sd1_tiny, random weights
             label="Tiny random model (for tests; pictures mean nothing)",
             hub=False,
+            listed=False,
             width=64,
             height=64,
             steps=10,
@@ -130,6 +134,7 @@ MODELS: dict[str, ModelSpec] = {
             source="",  # built from configs by explainer.families.sd3_tiny, random weights
             label="Tiny random SD 3 model (for tests; pictures mean nothing)",
             hub=False,
+            listed=False,
             width=64,
             height=64,
             steps=10,
@@ -143,6 +148,7 @@ MODELS: dict[str, ModelSpec] = {
             source="",  # built from configs by explainer.families.sdxl_tiny, random weights
             label="Tiny random SDXL model (for tests; pictures mean nothing)",
             hub=False,
+            listed=False,
             width=64,
             height=64,
             steps=10,

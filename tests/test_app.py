@@ -31,7 +31,8 @@ def denoise_args(prompt="a cat on a red circle", steps=4, **changes):
 
 def test_only_named_endpoints_are_public(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert set(endpoints) == {"/denoise", "/attention", "/concepts", "/relevance", "/compare_schedules", "/saliency", "/export"}
+    assert set(endpoints) == {"/denoise", "/attention", "/concepts", "/relevance", "/compare_schedules", "/compare_guidance",
+                              "/saliency", "/export"}
 
 
 def test_denoise_streams_the_steps_and_every_steps_facts(client):
@@ -123,6 +124,18 @@ def test_attention_concepts_and_export_read_the_session_run(url):
         record = json.loads(opened.read("run.json"))
     assert "step_001/attention.npy" in names and "final.png" in names
     assert record["reproduction"]["settings"]["seed"] == 1 and len(record["steps"]) == 3
+
+
+def test_compare_guidance_runs_the_same_noise_at_each_value_and_draws_their_paths(client):
+    updates = list(client.submit("tiny-random", "a cat", "", 1, 3, 64, 64, "uniform", 2.0, "", "1, 7.5",
+                                 api_name="/compare_guidance"))
+    last = updates[-1]
+    data = last[-1]
+    assert set(data) == {"1", "7.5"} and data["1"]["steps"] == [1, 2, 3]
+    assert last[0] is not None and last[2] is not None and list(last[4:8]) == [None] * 4  # two of four slots used
+    assert last[-2] is not None  # the paths
+    with pytest.raises(Exception, match="between 2 and 4 guidance values"):
+        client.predict("tiny-random", "a cat", "", 1, 3, 64, 64, "uniform", 2.0, "", "5", api_name="/compare_guidance")
 
 
 def test_compare_schedules_streams_three_runs(client):

@@ -302,3 +302,14 @@ def test_the_colour_bar_has_its_tick_labels_and_caption_in_readable_text():
     text_rows = (pixels < 100).sum(1) > 0  # dark text under the bar: the tick labels, then the caption
     assert text_rows[bar.size[1] // 2:].sum() >= 20  # 11 px text, two lines
     assert charts.colour_bar("a caption", ("least", "", "most")) is bar  # drawn once
+
+
+def test_latent_paths_put_runs_from_one_noise_on_one_plane_starting_together(tiny_model):
+    runs = [InstrumentedRun(tiny_model, RunSettings(prompt="a cat", steps=4, guidance=g, width=64, height=64, seed=3)).run_all().data
+            for g in (1.0, 9.0)]
+    paths, variance = views.latent_paths(runs)
+    assert [path.shape for path in paths] == [(5, 2), (5, 2)]  # the noise, then after each step
+    np.testing.assert_allclose(paths[0][0], paths[1][0], atol=1e-4)  # the same starting noise
+    assert np.abs(paths[0][-1] - paths[1][-1]).max() > 1e-3  # guidance took them apart
+    assert 0 < variance[1] <= variance[0] <= 1
+    assert charts.trajectory_chart({"a": paths[0], "b": paths[1]}, variance, "title").size[0] > 300

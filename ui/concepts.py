@@ -13,7 +13,7 @@ from explainer.methods.relevance import ATTENTION_SCORES
 from explainer.render import charts, pictures, views
 from explainer.run import RunData
 
-from . import gpu
+from . import gpu, settings
 from .denoise import DenoiseTab, run_settings, stream, up_to
 from .page import intro, notice_line, refusal, serve_both
 from .session import current
@@ -56,9 +56,28 @@ class ConceptsTab:
                         gr.Image(label=f"{kind}: concept chart", show_label=False, type="pil", height=340),
                         gr.Image(label=f"{kind}: totals", show_label=False, type="pil", height=280),
                     ]
+        self.schedule_paths = gr.Image(label="The three runs' paths from noise to picture", type="pil", height=340,
+                                       elem_id="schedule-paths")
+        gr.Markdown("### Compare guidance\nThe Denoise tab's prompt and seed at several guidance values: how strictly the "
+                    "model follows the prompt changes what it draws, and when.")
+        with gr.Row():
+            self.guidances = gr.Textbox(", ".join(f"{g:g}" for g in settings.APP.compared_guidances),
+                                        label=f"Guidance values (up to {settings.APP.max_compared_guidances}, commas between)")
+            self.compare_guidance = gr.Button("Compare guidance", variant="primary")
+        self.guidance_notice = notice_line()
+        self.guidance_grid = []  # per guidance value: its final image and concept chart
+        with gr.Row():
+            for slot in range(settings.APP.max_compared_guidances):
+                with gr.Column():
+                    self.guidance_grid += [
+                        gr.Image(label=f"guidance {slot + 1}: image", type="pil", height=200, elem_id=f"guidance-{slot}-image"),
+                        gr.Image(label=f"guidance {slot + 1}: concept chart", show_label=False, type="pil", height=300),
+                    ]
+        self.guidance_paths = gr.Image(label="The runs' paths from noise to picture", type="pil", height=340)
         with gr.Accordion("Data", open=False):  # the charts show it; the JSON is for copying
             self.data = gr.JSON(label="Scores per step", max_height=240)
             self.compare_data = gr.JSON(label="Scores per schedule", max_height=240)
+            self.guidance_data = gr.JSON(label="Scores per guidance value", max_height=240)
 
 
 def concepts(score, session):
@@ -115,22 +134,69 @@ def compare_schedules(model_id, prompt, negative, seed, steps, guidance, width, 
         if waiting:  # overtaken: every update carries the whole series so far
             continue
         outputs, data = [], {}
-        for kind, run in zip(config.SCHEDULE_KINDS, up_to(now, step)):
+        shown = up_to(now, step)
+        for kind, run in zip(config.SCHEDULE_KINDS, shown):
             picture = run.final_image or pictures.step_picture(run.records[-1], "prediction")
             chart, bars, series = _concept_outputs(run, kind, on_time_axis=True)
             outputs += [pictures.for_display(picture, 256), chart, bars]
             data[kind] = series
-        yield *outputs, data
+        yield *outputs, paths_chart(dict(zip(config.SCHEDULE_KINDS, shown)), "The schedules' paths"), data
+
+
+def paths_chart(runs: dict[str, RunData], title: str):
+    """The runs' latent paths on one plane (``views.latent_paths``), labelled by their keys."""
+    paths, variance = views.latent_paths(list(runs.values()))
+    return charts.trajectory_chart(dict(zip(runs, paths)), variance, title)
+
+
+def parse_guidances(text: str) -> list[float]:
+    """Guidance values from "1, 3, 7.5": two to ``APP.max_compared_guidances`` numbers (a
+    ValueError says what is wrong; each run checks its own value)."""
+    try:
+        values = [float(part) for part in (text or "").replace(";", ",").split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"guidance values must be numbers separated by commas, got {text!r}.") from None
+    limit = settings.APP.max_compared_guidances
+    if not 2 <= len(values) <= limit:
+        raise ValueError(f"give between 2 and {limit} guidance values, got {len(values)}.")
+    return values
+
+
+def compare_guidance(model_id, prompt, negative, seed, steps, width, height, schedule, concentration, custom, guidances):
+    """The same prompt and seed at several guidance values (``guidances``: "1, 3, 7.5", up to
+    ``APP.max_compared_guidances``) side by side: per value its final image and concept chart (empty
+    slots: None), then the runs' latent paths on one plane and the scores as JSON."""
+    try:
+        values = parse_guidances(guidances)
+        runs = [run_settings(model_id, prompt, negative, seed, steps, value, width, height, schedule, concentration, custom)
+                for value in values]
+    except ValueError as error:
+        raise refusal("/compare_guidance", error) from error
+    empty = [None, None] * (settings.APP.max_compared_guidances - len(values))
+    for now, step, waiting in stream(model_id, runs, "/compare_guidance"):
+        if waiting:  # overtaken: every update carries the whole series so far
+            continue
+        outputs, data, shown = [], {}, up_to(now, step)
+        for value, run in zip(values, shown):
+            picture = run.final_image or pictures.step_picture(run.records[-1], "prediction")
+            chart, _, series = _concept_outputs(run, f"guidance {value:g}")
+            outputs += [pictures.for_display(picture, 256), chart]
+            data[f"{value:g}"] = series
+        yield *outputs, *empty, paths_chart({f"guidance {v:g}": run for v, run in zip(values, shown)}, "The runs' paths"), data
 
 
 def build(session: gr.State, run: DenoiseTab) -> ConceptsTab:
-    """The Concepts tab in the current Blocks context; it serves ``/concepts``, ``/relevance`` and
-    ``/compare_schedules`` (the last from the Denoise tab's settings, ``run``)."""
+    """The Concepts tab in the current Blocks context; it serves ``/concepts``, ``/relevance``,
+    ``/compare_schedules`` and ``/compare_guidance`` (the last two from the Denoise tab's settings, ``run``)."""
     tab = ConceptsTab()
     outputs = [tab.chart, tab.bars, tab.data]
     serve_both(tab.refresh, concepts, [tab.score, session], outputs, "concepts", notice=tab.notice)
     serve_both(tab.relevance, relevance, [tab.rectify, session], outputs, "relevance", notice=tab.notice, **gpu.queue())
     compare_inputs = [run.model_id, run.prompt, run.negative, run.seed, run.steps, run.guidance, run.width, run.height, run.concentration]
-    serve_both(tab.compare, compare_schedules, compare_inputs, tab.grid + [tab.compare_data], "compare_schedules",
-               notice=tab.compare_notice, **gpu.queue())
+    serve_both(tab.compare, compare_schedules, compare_inputs, tab.grid + [tab.schedule_paths, tab.compare_data],
+               "compare_schedules", notice=tab.compare_notice, **gpu.queue())
+    guidance_inputs = [run.model_id, run.prompt, run.negative, run.seed, run.steps, run.width, run.height, run.schedule,
+                       run.concentration, run.custom, tab.guidances]
+    serve_both(tab.compare_guidance, compare_guidance, guidance_inputs, tab.guidance_grid + [tab.guidance_paths, tab.guidance_data],
+               "compare_guidance", notice=tab.guidance_notice, **gpu.queue())
     return tab

@@ -76,6 +76,7 @@ class DenoiseTab:
                     self.chart = gr.Image(label="How much noise is left, step by step", show_label=False, type="pil",
                                           format="png", height=220)
                     self.animation = gr.Image(label="The whole run as an animation", type="filepath", height=220)
+                    self.paths = gr.Image(label="The path from noise to picture (each dot a step)", type="pil", height=220)
                 with gr.Accordion("Data", open=False):
                     self.data = gr.JSON(label="This step's numbers")
 
@@ -100,6 +101,7 @@ class AfterRun:
     end: Any
     groups: Any  # Attention: the layer groups
     animation: Any  # this tab's GIF
+    paths: Any  # this tab's latent paths (both prompts)
     explained_step: Any  # Saliency: the step it explains
 
     def values(self) -> list:
@@ -269,8 +271,16 @@ def after_run(session: Session | None, gif=None) -> AfterRun:
         end=gr.update(maximum=steps, value=steps),
         groups=gr.update(choices=groups, value=groups),
         animation=str(gif),
+        paths=charts.trajectory_chart(*_paths(session.latest()), "The path from noise to picture"),
         explained_step=gr.update(maximum=steps, value=settings.explained_step(steps)),
     )
+
+
+def _paths(runs: list[RunData]):
+    """The runs' latent paths by label, and their axes' variance shares (``views.latent_paths``)."""
+    paths, variance = views.latent_paths(runs)
+    labels = ["first prompt", "second prompt"] if len(runs) > 1 else ["this run"]
+    return dict(zip(labels, paths)), variance
 
 
 def denoise_on_page(*inputs):
@@ -342,7 +352,7 @@ def wire_run(tab: DenoiseTab, session: gr.State, concepts, attention, saliency) 
     button's outputs on the page (``PAGE_OUTPUTS`` of them), which the example fills too."""
     outputs = tab.step_outputs(concepts.chart)
     filled = AfterRun(scrubber=tab.slider, word=attention.word, step=attention.step, start=attention.start, end=attention.end,
-                      groups=attention.groups, animation=tab.animation, explained_step=saliency.step)
+                      groups=attention.groups, animation=tab.animation, paths=tab.paths, explained_step=saliency.step)
     page_outputs = outputs + [session, tab.second] + filled.values()
     serve_both(tab.run, denoise, tab.run_inputs() + [session], outputs + [session], "denoise", notice=tab.status,
                page_handler=denoise_on_page, page_inputs=tab.run_inputs() + [session, tab.own_scale],

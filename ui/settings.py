@@ -27,6 +27,8 @@ class AppSettings:
     concentration_slider_max: float = 200.0  # the λ slider's range (the library allows up to LIMITS.max_concentration)
     rise_masks: int = 200  # DF-RISE masks the Saliency tab starts from (the paper's 500 takes 2.5x as long)
     explained_fraction: float = 0.75  # the Saliency tab starts at this fraction of the run's steps
+    compared_guidances: tuple[float, ...] = (1.0, 3.0, 7.5)  # the guidance comparison starts from these
+    max_compared_guidances: int = 4  # ... and compares at most this many
     example_wait_s: float = 30.0  # a page opened while the startup example still runs waits this long for it
 
 

@@ -253,3 +253,23 @@ def colour_bar(caption: str, tick_labels: tuple[str, ...] = ("0", "25%", "50%", 
     bar.set_label(caption, fontsize=TEXT_PT)
     figure.subplots_adjust(left=0.04, right=0.96, top=0.92, bottom=0.55)
     return figure_to_image(figure)
+
+
+def trajectory_chart(paths: dict[str, np.ndarray], variance: Sequence[float], title: str) -> Image.Image:
+    """Each run's path through latent space (``views.latent_paths``): a line per run, its points
+    coloured by step (dark: the noise it starts from, light: the end), a circle at the start and a
+    star at the end."""
+    figure, axis = new_figure((4.6, 3.6))
+    colours = matplotlib.colormaps["viridis"]
+    for index, (label, path) in enumerate(paths.items()):
+        axis.plot(path[:, 0], path[:, 1], color=f"C{index}", linewidth=1.2, alpha=0.8, label=label)
+        axis.scatter(path[:, 0], path[:, 1], c=np.linspace(0, 1, len(path)), cmap=colours, s=14, zorder=3)
+        axis.scatter(*path[0], marker="o", s=60, facecolors="none", edgecolors="black", zorder=4)
+        axis.scatter(*path[-1], marker="*", s=120, color=f"C{index}", edgecolors="black", zorder=4)
+    axis.set_title(title, fontsize=TITLE_PT)
+    axis.set_xlabel(f"first axis ({variance[0]:.0%} of the spread)", fontsize=TEXT_PT)
+    axis.set_ylabel(f"second axis ({variance[1]:.0%})", fontsize=TEXT_PT)
+    axis.tick_params(labelsize=TEXT_PT)
+    axis.grid(alpha=0.3)
+    axis.legend(prop=word_font(TEXT_PT), loc="best", frameon=False)
+    return figure_to_image(figure)

@@ -130,6 +130,24 @@ def concept_series(run: RunData, score: str = "peak") -> dict[str, list[float]]:
     return {label: [scores[label] for scores in per_step] for label in (per_step[0] if per_step else {})}
 
 
+def latent_paths(runs: Sequence[RunData]) -> tuple[list[np.ndarray], np.ndarray]:
+    """The runs' latents, from the starting noise through every step to the last, projected to 2-D
+    by one PCA fitted on all of them (so runs compared share the plane): one (steps + 1, 2) array per
+    run, and the share of the variance each of the two axes keeps."""
+    from sklearn.decomposition import PCA
+
+    paths = [np.stack([r.latents.float().numpy().ravel() for r in run.records] + [run.records[-1].next_latents.float().numpy().ravel()])
+             for run in runs if run.records]
+    if not paths:
+        raise ValueError("No steps recorded yet.")
+    stacked = np.concatenate(paths)
+    pca = PCA(n_components=min(2, *stacked.shape)).fit(stacked)
+    projected = [pca.transform(path) for path in paths]
+    if projected[0].shape[1] == 1:  # a single point: a second axis of zeros
+        projected = [np.pad(path, ((0, 0), (0, 1))) for path in projected]
+    return projected, np.pad(pca.explained_variance_ratio_, (0, 2 - len(pca.explained_variance_ratio_)))
+
+
 def layer_groups(run: RunData) -> dict[str, list[str]]:
     """Cross-attention layer keys by group (block kind and resolution), e.g. "down 16×16" -> [keys];
     empty for a run made without ``per_group``."""
