@@ -123,6 +123,21 @@ def test_an_unknown_rectifier_or_cam_option(client):
     assert client.predict("relu", api_name="/relevance")[2]["rectify"] == "relu"
 
 
+def test_bad_guidance_lists_and_concept_scores(client):
+    guidance_args = ["tiny-random", "a cat", "", 1, 2, 64, 64, "uniform", 2.0, ""]
+    for label, values, message in (("one guidance value, or five", "3", "give between 2 and 4 guidance values, got 1"),
+                                   ("one guidance value, or five", "1, 2, 3, 4, 5", "give between 2 and 4 guidance values, got 5"),
+                                   ("guidance values that are not numbers", "1, lots", "must be numbers separated by commas")):
+        assert f"| {label} |" in TABLE
+        with pytest.raises(Exception, match=message):
+            client.predict(*guidance_args, values, api_name="/compare_guidance")
+    assert "| an unknown quick concept score |" in TABLE
+    client.predict(*denoise_args(steps=2), api_name="/denoise")
+    with pytest.raises(Exception, match="'sum' .* is not in the list of choices"):
+        client.predict("sum", api_name="/concepts")
+    assert client.predict("mass", api_name="/concepts")[2]["score"] == "mass"
+
+
 def test_steps_are_checked_against_the_runs_own_count(client):
     """After a run longer than the page's first slider maximum (20), every step of it can be asked for."""
     assert "| a step beyond the run |" in TABLE
