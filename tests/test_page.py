@@ -233,3 +233,21 @@ def test_the_saliency_summary_line_gives_the_numbers_that_matter_in_words():
     assert "insertion AUC **0.412** (lower is better)" in line and "deletion AUC **0.679** (higher is better)" in line
     assert line.endswith("2.3 s, 7 model calls")
     assert "AUC" not in summary_line({k: v for k, v in data.items() if "auc" not in k})  # not scored
+
+
+def test_every_visible_label_hint_and_caption_is_plain_language():
+    """No formulas or section numbers where a visitor reads (they stay in docs/methods.md)."""
+    import app
+
+    formula = ("‖", "ε", "²", "½", "λ", "§", "Σ", "x_t", "x̂", "√")
+    texts = []
+    for block in app.demo.blocks.values():
+        for attribute in ("label", "info"):
+            value = getattr(block, attribute, None)
+            if isinstance(value, str):
+                texts.append(value)
+        if isinstance(block, gr.Markdown) and isinstance(block.value, str):
+            texts.append(block.value)
+    assert len(texts) > 50
+    offending = [text for text in texts if any(mark in text for mark in formula)]
+    assert not offending, offending

@@ -18,8 +18,8 @@ from .denoise import DenoiseTab, run_settings, stream, up_to
 from .page import intro, notice_line, refusal, serve_both
 from .session import current
 
-RELEVANCE_RECTIFY_INFO = ("abs: counts whatever way a word pushes the model's result; relu (the paper's): only the way "
-                          "that raises it, which misses part of what the model draws")
+RELEVANCE_RECTIFY_INFO = ("Whatever way a word pushes the model's result (abs), or only the way that raises it (relu, "
+                          "the paper's), which misses part of what the model draws.")
 QUICK_SCORES = [("each word's peak (recommended)", "peak"), ("attention mass (the paper's)", "mass")]
 QUICK_SCORE_INFO = ("Peak: how strongly the spot that looks at a word most looks at it, relative to the strongest word. "
                     "Mass: how much attention the word gets over the whole picture, which favours words spread evenly.")
@@ -43,7 +43,7 @@ class ConceptsTab:
         with gr.Row():
             self.chart = gr.Image(label="Concept chart", show_label=False, type="pil", format="png", height=300, elem_id="concept-chart")
             self.bars = gr.Image(label="Summed over steps", show_label=False, type="pil", height=300)
-        gr.Markdown("### Compare schedules\nThe Denoise tab's prompt and seed under the three schedules (λ from its settings).")
+        gr.Markdown("### Compare schedules\nThe Denoise tab's prompt and seed under the three schedules, with its settings.")
         self.compare = gr.Button("Compare uniform / early / latter", variant="primary")
         self.compare_notice = notice_line()
         self.grid = []  # per schedule: its final image, concept chart and totals

@@ -50,7 +50,7 @@ class DenoiseTab:
                         sides = dict(minimum=LIMITS.min_side, maximum=LIMITS.max_side, step=LIMITS.side_multiple)
                         self.width = gr.Slider(value=DEFAULT_SPEC.width, label="Width", **sides)
                         self.height = gr.Slider(value=DEFAULT_SPEC.height, label="Height", **sides)
-                    self.concentration = gr.Slider(0, settings.APP.concentration_slider_max, value=config.DEFAULTS.concentration, step=1, label="λ (schedule concentration)")
+                    self.concentration = gr.Slider(0, settings.APP.concentration_slider_max, value=config.DEFAULTS.concentration, step=1, label="How strongly early and latter crowd the steps")
                     self.custom = gr.Textbox(label="Custom timesteps (schedule = custom)", placeholder="999, 800, 600, 400, 200, 50")
                     gr.Markdown(f"Limits: up to {LIMITS.max_steps} steps, sides {LIMITS.min_side}–{LIMITS.max_side} px in multiples of {LIMITS.side_multiple}.")
                 self.run = gr.Button("Run", variant="primary")

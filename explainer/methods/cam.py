@@ -126,18 +126,17 @@ class DFCam(GradientMethod):
     """
 
     layers: tuple[str, ...] | None = None
-    target: str = option("guidance", "Explained quantity", "guidance (default): how much the prompt changes the prediction, "
-                         "½‖ε_c − ε_u‖²; sum: the paper's sum of the output, which has no preferred sign (ReLU then drops "
-                         "shapes drawn by pushing it down)", choices=tuple(TARGETS))
-    weighting: str = option("layercam", "Activations weighed by", "layercam (default): each pixel by its gradient's positive "
-                            "part; hirescam: by its gradient; grad-cam (the paper's): each channel by its mean gradient over "
-                            "the image, which a small shape barely moves", choices=tuple(WEIGHTINGS))
-    layer_scale: str = option("target", "Layers added", "target (default): each layer counts by how much of the explained "
-                              "quantity it carries; min-max (the paper's): every layer's map scaled to [0, 1] first, so a "
-                              "layer that sees nothing weighs as much", choices=LAYER_SCALES)
-    rectify: str = option("relu", "Each layer's map kept as", "relu (default, the paper's): where the layer pushes the "
-                          "explained quantity up; abs: either way (with grad-cam weights its maps stay much the same on a "
-                          "model with random weights: they partly show the input)", choices=tuple(RECTIFIERS))
+    # what the Saliency tab shows: one plain sentence per option (the maths: docs/methods.md, DF-CAM)
+    target: str = option("guidance", "What the map explains", "How much the prompt changes the prediction (guidance, "
+                         "recommended), or the prediction as a whole (sum, the paper's).", choices=tuple(TARGETS))
+    weighting: str = option("layercam", "How layers are read", "Each spot by its own gradient (layercam, recommended; "
+                            "hirescam keeps its sign), or each channel by its average gradient (grad-cam, the paper's), "
+                            "which a small shape barely moves.", choices=tuple(WEIGHTINGS))
+    layer_scale: str = option("target", "How layers add up", "Each layer by how much of the explained change it carries "
+                              "(target, recommended), or every layer stretched to the same range first (min-max, the "
+                              "paper's).", choices=LAYER_SCALES)
+    rectify: str = option("relu", "What each layer's map keeps", "Where the layer pushes the explained quantity up (relu, "
+                          "the paper's), or where it pushes it either way (abs).", choices=tuple(RECTIFIERS))
     name = "df-cam"
     label = "DF-CAM"
 

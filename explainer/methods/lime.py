@@ -130,20 +130,20 @@ class DFLime(PerturbationMethod):
         ValueError: the segmentation has fewer than 2 segments (``superpixels``).
     """
 
-    n_samples: int = option(1000, "Samples (paper: 1000)", "On/off vectors, each one denoiser input.")
+    n_samples: int = option(1000, "Samples (the paper: 1000)", "How many random on/off patterns of the picture's regions "
+                            "the model is asked about.")
     kernel_width: float = 0.25
     ridge_alpha: float = 1.0
-    output: str = option("step-error", "Model output", "step-error: how close the step from the real x_t with the "
-                         "perturbed prediction comes to the real next step (default); paper: the channel mean of the "
-                         "step from the perturbed latent.", choices=OUTPUTS)
+    output: str = option("step-error", "What each pattern is scored by", "How close the step comes to the real next step "
+                         "(step-error, recommended), or the average of the step's result (paper).", choices=OUTPUTS)
     kernel_size: float = 4
     max_dist: float = 200
     ratio: float = 0.2
-    segmentation: str = option("auto", "Superpixels", "auto: the paper's quickshift where it finds segments, else "
-                               "SLIC (default); quickshift: the paper's; slic: SLIC.", choices=SEGMENTATIONS)
+    segmentation: str = option("auto", "How the picture is cut into regions", "The paper's quickshift where it finds "
+                               "regions, else SLIC (auto, recommended), or either one alone.", choices=SEGMENTATIONS)
     n_segments: int = 50
     compactness: float = 10.0
-    seed: int = option(0, "Seed", "Same seed, same on/off vectors.")
+    seed: int = option(0, "Seed", "The same seed gives the same patterns.")
     name = "df-lime"
     label = "DF-LIME"
 

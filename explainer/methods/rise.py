@@ -141,16 +141,18 @@ class DFRise(PerturbationMethod):
         ``Explanation`` with ``saliency`` (H_lat, W_lat); ``denoiser_calls`` = ceil(N / batch_size).
     """
 
-    n_masks: int = option(500, f"Masks N (paper: 500; limit {config.LIMITS.max_masks})", bounds=(1, config.LIMITS.max_masks))
-    keep: float = option(0.5, "Keep probability p", bounds=(0.05, 0.95), step=0.05)
-    mask: str = option("pixel", "Masks", choices=MASK_KINDS)
+    n_masks: int = option(500, f"Masks (the paper: 500; at most {config.LIMITS.max_masks})",
+                          "More masks give a smoother map and take longer.", bounds=(1, config.LIMITS.max_masks))
+    keep: float = option(0.5, "Share each mask keeps", "The share of the picture each random mask leaves in place.",
+                         bounds=(0.05, 0.95), step=0.05)
+    mask: str = option("pixel", "Masks", "Spot by spot, or in blocks.", choices=MASK_KINDS)
     grid: int = 4
-    mode: str = option("next-latent", "Score", "next-latent compares like with like, by squared error (default); paper: as the "
-                       "public code", choices=MODES)
-    estimator: str = option("contrast", "Combine the masks", "contrast: kept minus dropped (default, best measured); mean: "
-                            "over kept masks; sum: the paper's", choices=ESTIMATORS)
+    mode: str = option("next-latent", "How a masked result is scored", "By how far it lands from the real next step "
+                       "(next-latent, recommended), or as the paper's code does (paper).", choices=MODES)
+    estimator: str = option("contrast", "How the masks add up", "What the kept spots score minus what the hidden ones score "
+                            "(contrast, recommended), the kept ones' mean, or the paper's sum.", choices=ESTIMATORS)
     similarity: str | None = None  # None: default_similarity(mode, estimator)
-    seed: int = option(0, "Mask seed")
+    seed: int = option(0, "Mask seed", "The same seed gives the same masks.")
     name = "df-rise"
     label = "DF-RISE"
 
