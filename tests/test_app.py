@@ -31,8 +31,8 @@ def denoise_args(prompt="a cat on a red circle", steps=4, **changes):
 
 def test_only_named_endpoints_are_public(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert set(endpoints) == {"/denoise", "/attention", "/concepts", "/relevance", "/compare_schedules", "/compare_guidance",
-                              "/saliency", "/export"}
+    assert set(endpoints) == {"/denoise", "/attention", "/spot", "/concepts", "/relevance", "/compare_schedules",
+                              "/compare_guidance", "/saliency", "/export"}
 
 
 def test_denoise_streams_the_steps_and_every_steps_facts(client):

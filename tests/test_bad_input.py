@@ -131,6 +131,11 @@ def test_bad_guidance_lists_and_concept_scores(client):
         assert f"| {label} |" in TABLE
         with pytest.raises(Exception, match=message):
             client.predict(*guidance_args, values, api_name="/compare_guidance")
+    assert "| a spot outside the picture |" in TABLE
+    client.predict(*denoise_args(steps=2), api_name="/denoise")
+    with pytest.raises(Exception, match="x must be a fraction of the picture between 0 and 1, got 1.5"):
+        client.predict(1.5, 0.5, 1, "first prompt", api_name="/spot")
+    assert client.predict(0.5, 0.5, 1, "first prompt", api_name="/spot")[2]["step"] == 1
     assert "| an unknown quick concept score |" in TABLE
     client.predict(*denoise_args(steps=2), api_name="/denoise")
     with pytest.raises(Exception, match="'sum' .* is not in the list of choices"):

@@ -66,6 +66,9 @@ def test_running_an_example_shows_pictures_and_the_chart(page):
     expect(page.get_by_label("Word", exact=True)).not_to_have_value("", timeout=60_000)
     page.get_by_role("button", name="Show").click()
     page.locator("#word-map img").wait_for(timeout=30_000)
+    box = page.locator("#word-map img").bounding_box()  # the region view: click a spot of the map
+    page.mouse.click(box["x"] + 0.25 * box["width"], box["y"] + 0.6 * box["height"])
+    page.locator("#spot-map img").wait_for(timeout=30_000)
     page.get_by_role("tab", name="Concepts").click()  # never opened before: the run's concept chart is there
     page.locator("#concept-chart img").wait_for(timeout=10_000)
 

@@ -406,6 +406,24 @@ def test_the_peak_score_ranks_the_drawn_shape_first_where_the_papers_mass_ranks_
         assert peak["1:red"] > peak["0:a"] and mass["1:red"] < mass["0:a"]
 
 
+def test_a_spot_on_the_drawn_circle_looks_at_the_circle_and_a_background_spot_does_not(embedded_model):
+    from explainer.methods import SpotAttention
+
+    run = InstrumentedRun(embedded_model, RunSettings(prompt="a red circle on the left", steps=10, guidance=5.0,
+                                                      width=64, height=64, seed=1)).run_all().data
+    circle = run.records[-1].attention[list(run.tokens.words[2].positions)].astype(np.float32).sum(0)
+    on_shape = np.unravel_index(circle.argmax(), circle.shape)
+    on_background = np.unravel_index(circle.argmin(), circle.shape)
+    inside = SpotAttention(row=int(on_shape[0]), column=int(on_shape[1])).explain(embedded_model, run, 8)
+    outside = SpotAttention(row=int(on_background[0]), column=int(on_background[1])).explain(embedded_model, run, 8)
+    assert max(inside.token_scores, key=inside.token_scores.get) == "2:circle"
+    assert inside.token_scores["2:circle"] > 5 * outside.token_scores["2:circle"]
+    assert inside.saliency.shape == run.latent_size and inside.denoiser_calls == 1
+    assert inside.saliency[circle > np.percentile(circle, 90)].mean() > inside.saliency.mean()  # it looks at its shape
+    with pytest.raises(ValueError, match="row must be an integer in"):
+        SpotAttention(row=16).explain(embedded_model, run, 8)
+
+
 def test_methods_work_without_guidance(tiny_model):
     settings = RunSettings(prompt=PROMPT, steps=3, guidance=1.0, width=64, height=64, seed=2)
     run = InstrumentedRun(tiny_model, settings).run_all().data

@@ -10,7 +10,7 @@ from explainer.render import charts, pictures, views
 from explainer.run import RunData, StepRecord
 
 from . import gpu
-from .page import DEFAULT_SPEC, MIN_MAX_TICKS, colour_bar, intro, notice_line, refusal, serve_both, step_slider
+from .page import DEFAULT_SPEC, MIN_MAX_TICKS, colour_bar, intro, notice_line, on_page, refusal, serve_both, step_slider
 from .session import check_step, current
 
 AGGREGATIONS = ["this step", "range of steps", "all steps"]
@@ -43,12 +43,20 @@ class AttentionTab:
                 self.show = gr.Button("Show", variant="primary")
                 self.notice = notice_line()
             with gr.Column(scale=2):
-                self.overlay = gr.Image(label="Where the picture looks at the word", type="pil", height=420, elem_id="word-map")
+                self.overlay = gr.Image(label="Where the picture looks at the word (click a spot: where does it look?)",
+                                        type="pil", height=420, elem_id="word-map", interactive=False)
                 colour_bar(charts.colour_bar("this map, from its least to its most", MIN_MAX_TICKS))
+                self.spot_notice = notice_line()
+                with gr.Row():
+                    self.spot_map = gr.Image(label="Where the clicked spot looks in the picture", type="pil", height=300,
+                                             elem_id="spot-map")
+                    self.spot_words = gr.Image(label="Which words the clicked spot looks at", show_label=False, type="pil",
+                                               height=300)
         with gr.Accordion("Data", open=False):
             with gr.Row():
                 self.npy = gr.File(label="The map as numbers (.npy, one value per latent cell)")
                 self.summary = gr.JSON(label="The map's summary")
+                self.spot_data = gr.JSON(label="The clicked spot")
 
 
 def attention(word, step, aggregation, start, end, groups, view, opacity, include_special, which, session):
@@ -82,6 +90,44 @@ def attention(word, step, aggregation, start, end, groups, view, opacity, includ
     return pictures.overlay(picture, saliency, float(opacity)), str(path), summary
 
 
+def spot(x, y, step, which, session):
+    """Where one spot looks at a step of the latest run: ``x``, ``y`` its place as fractions of the
+    picture's width and height (0 to 1, from the top left). Returns the spot's self-attention over
+    the picture as an overlay (the spot marked), a bar chart of the share of its attention that goes
+    to each word, and both as JSON."""
+    try:
+        runs = current(session)
+        if which == "second prompt" and len(runs) < 2:
+            raise ValueError("The latest run has no second prompt.")
+        run = runs[1 if which == "second prompt" else 0]
+        check_step(run, step)
+        for name, value in (("x", x), ("y", y)):
+            if not 0 <= float(value) <= 1:
+                raise ValueError(f"{name} must be a fraction of the picture between 0 and 1, got {value}.")
+        height, width = run.latent_size
+        row, column = min(int(float(y) * height), height - 1), min(int(float(x) * width), width - 1)
+        found = gpu.spot_on_device(run.model_id, run.for_computing(), int(step), row, column)
+    except ValueError as error:
+        raise refusal("/spot", error) from error
+    record = run.records[int(step) - 1]
+    gpu.decode(run.model_id, [record])
+    picture = pictures.mark_spot(pictures.overlay(pictures.for_display(pictures.step_picture(record, "prediction"), 320),
+                                                  found.saliency), float(x), float(y))
+    words = charts.token_bars(found.token_scores, f"The spot's attention per word, step {found.step}",
+                              "share of the spot's attention")
+    data = {"step": found.step, "row": row, "column": column, "words": found.token_scores,
+            "seconds": round(found.seconds, 3)}
+    return picture, words, data
+
+
+def spot_on_page(overlay, step, which, session, selected: gr.SelectData):
+    """A click on the word map: ``spot`` at the clicked place."""
+    if overlay is None:
+        raise refusal("/spot", "Show a word's map first, then click a spot on it.")
+    x, y = selected.index
+    return spot(x / overlay.width, y / overlay.height, step, which, session)
+
+
 def _steps_for(run: RunData, aggregation: str, step: int, start: int, end: int) -> list[StepRecord]:
     for name, value in (("step", step), ("range start", start), ("range end", end)):
         check_step(run, value, name)
@@ -102,4 +148,10 @@ def build(session: gr.State) -> AttentionTab:
     inputs = [tab.word, tab.step, tab.aggregation, tab.start, tab.end, tab.groups, tab.view, tab.opacity, tab.include_special,
               tab.which, session]
     serve_both(tab.show, attention, inputs, [tab.overlay, tab.npy, tab.summary], "attention", notice=tab.notice)
+    spot_outputs = [tab.spot_map, tab.spot_words, tab.spot_data]
+    tab.overlay.select(on_page(spot_on_page, len(spot_outputs)), [tab.overlay, tab.step, tab.which, session],
+                       spot_outputs + [tab.spot_notice], api_visibility="private", **gpu.queue())
+    spot_x, spot_y = gr.Number(visible=False), gr.Number(visible=False)  # the API's place of the spot
+    gr.Button(visible=False).click(spot, [spot_x, spot_y, tab.step, tab.which, session], spot_outputs, api_name="spot",
+                                   **gpu.queue())
     return tab

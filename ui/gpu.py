@@ -8,7 +8,7 @@ from __future__ import annotations
 import spaces
 
 from explainer import config, metrics
-from explainer.methods import METHODS, DFLime, DFRise, TokenRelevance, relevance_series
+from explainer.methods import METHODS, DFLime, DFRise, SpotAttention, TokenRelevance, relevance_series
 from explainer.models import load_model, preferred_device, preload
 from explainer.run import RunData, RunSettings, StepRecord, attach_views, stream_runs, undecoded, view_latents
 
@@ -78,6 +78,16 @@ def explain_on_device(model_id, run: RunData, name: str, options: dict, step: in
     explanation = METHODS[name](**options).explain(model, run, step)
     scores = metrics.insertion_deletion(model, run, step, explanation.saliency) if score else None
     return explanation, scores
+
+
+def spot_duration(model_id, run, step, row, column) -> int:
+    return gpu_seconds(config.model_spec(model_id), 2, run.settings.width, run.settings.height)  # one call, attention redone
+
+
+@spaces.GPU(duration=spot_duration)
+def spot_on_device(model_id, run: RunData, step: int, row: int, column: int):
+    """The region view's work: where one spot looks at a step (``SpotAttention``)."""
+    return SpotAttention(row=row, column=column).explain(load_model(model_id), run, step)
 
 
 def decode_duration(model_id, latents) -> int:

@@ -8,6 +8,7 @@
 from .base import CentreBaseline, Explanation, Method, RandomBaseline
 from .cam import DFCam, cam_layers
 from .lime import DFLime
+from .region import SpotAttention
 from .relevance import TokenRelevance, cheap_token_scores, relevance_series
 from .rise import DFRise
 
@@ -26,6 +27,7 @@ __all__ = [
     "Explanation",
     "Method",
     "RandomBaseline",
+    "SpotAttention",
     "TokenRelevance",
     "VARIANTS",
     "Variant",

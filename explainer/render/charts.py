@@ -212,15 +212,15 @@ class StreamingConceptChart:
         return picture
 
 
-def token_bars(totals: dict[str, float], title: str) -> Image.Image:
-    """Each word's score summed over the steps."""
+def token_bars(totals: dict[str, float], title: str, axis_label: str = "score summed over steps") -> Image.Image:
+    """A bar per word: its score summed over the steps (or what ``axis_label`` says)."""
     figure, axis = new_figure((4.2, 2.8))
     labels = list(totals)
     axis.barh(range(len(labels)), list(totals.values()), color="#4a6fa5")
     axis.set_yticks(range(len(labels)), labels, fontproperties=word_font(TEXT_PT))
     axis.invert_yaxis()
     axis.set_title(title, fontsize=TITLE_PT)
-    axis.set_xlabel("score summed over steps", fontsize=TEXT_PT)
+    axis.set_xlabel(axis_label, fontsize=TEXT_PT)
     axis.tick_params(labelsize=TEXT_PT)
     return figure_to_image(figure)
 

@@ -59,3 +59,16 @@ def colour_scale(width: int = 320, height: int = 18) -> Image.Image:
     """The JET colour bar used by every overlay: blue = least, red = most of that map."""
     ramp = np.tile(np.linspace(0, 1, width, dtype=np.float32), (height, 1))
     return Image.fromarray((_JET(ramp)[..., :3] * 255).astype(np.uint8))
+
+
+def mark_spot(image: Image.Image, x: float, y: float) -> Image.Image:
+    """``image`` with a ring at (``x``, ``y``), fractions of its width and height from the top left."""
+    from PIL import ImageDraw
+
+    marked = image.copy()
+    centre = (x * image.width, y * image.height)
+    radius = max(4, image.width // 40)
+    pen = ImageDraw.Draw(marked)
+    for width, colour in ((4, "black"), (2, "white")):
+        pen.ellipse([centre[0] - radius, centre[1] - radius, centre[0] + radius, centre[1] + radius], outline=colour, width=width)
+    return marked
