@@ -40,6 +40,9 @@ def main(url: str, folder: str) -> None:
         page.get_by_role("tab", name="Words").click()
         page.get_by_role("button", name="Show").click()
         page.locator("#word-map img").wait_for(timeout=60_000)
+        box = page.locator("#word-map img").bounding_box()  # the region view: a spot on the circle
+        page.mouse.click(box["x"] + 0.3 * box["width"], box["y"] + 0.5 * box["height"])
+        page.locator("#spot-map img").wait_for(timeout=60_000)
         page.wait_for_timeout(1000)
         page.screenshot(path=out / "words.png", full_page=True)
         page.get_by_role("tab", name="Concepts").click()
@@ -48,7 +51,9 @@ def main(url: str, folder: str) -> None:
         page.wait_for_function(f"document.querySelector('#concept-chart img').src != {quick!r}", timeout=120_000)
         page.get_by_role("button", name="Compare uniform / early / latter").click()
         page.locator("#latter-image img").wait_for(timeout=180_000)
-        page.wait_for_timeout(10_000)  # the three runs stream to their end
+        page.get_by_role("button", name="Compare guidance").click()
+        page.locator("#guidance-2-image img").wait_for(timeout=180_000)
+        page.wait_for_timeout(10_000)  # the runs stream to their end
         page.screenshot(path=out / "concepts.png", full_page=True)
         page.get_by_role("tab", name="Why here").click()
         page.get_by_role("button", name="Explain").click()  # DF-RISE, the recommended settings, scored

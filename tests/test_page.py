@@ -251,3 +251,12 @@ def test_every_visible_label_hint_and_caption_is_plain_language():
     assert len(texts) > 50
     offending = [text for text in texts if any(mark in text for mark in formula)]
     assert not offending, offending
+
+
+def test_the_guidance_comparison_shows_a_column_per_value_given():
+    compare = page_event("compare_guidance")
+    updates = list(compare("tiny-random", "a cat", "", 1, 2, 64, 64, "uniform", 2.0, "", "1, 4"))
+    columns = updates[-1][-5:-1]  # the four columns, then the notice
+    assert columns == (gr.update(visible=True),) * 2 + (gr.update(visible=False),) * 2 and updates[-1][-1] == ""
+    refused = list(compare("tiny-random", "a cat", "", 1, 2, 64, 64, "uniform", 2.0, "", "1"))[-1]
+    assert "give between 2 and 4 guidance values" in refused_only_on(refused, len(refused) - 1)

@@ -66,9 +66,11 @@ class ConceptsTab:
             self.compare_guidance = gr.Button("Compare guidance", variant="primary")
         self.guidance_notice = notice_line()
         self.guidance_grid = []  # per guidance value: its final image and concept chart
+        self.guidance_columns = []  # shown for the values given
         with gr.Row():
             for slot in range(settings.APP.max_compared_guidances):
-                with gr.Column():
+                with gr.Column(min_width=200, visible=slot < len(settings.APP.compared_guidances)) as column:
+                    self.guidance_columns.append(column)
                     self.guidance_grid += [
                         gr.Image(label=f"guidance {slot + 1}: image", type="pil", height=200, elem_id=f"guidance-{slot}-image"),
                         gr.Image(label=f"guidance {slot + 1}: concept chart", show_label=False, type="pil", height=300),
@@ -162,6 +164,17 @@ def parse_guidances(text: str) -> list[float]:
     return values
 
 
+def compare_guidance_on_page(*inputs):
+    """``compare_guidance`` for the page, which also shows a column per value given and hides the rest."""
+    try:
+        count = len(parse_guidances(inputs[-1]))
+    except ValueError:
+        count = 0  # compare_guidance refuses it, with the message
+    shown = [gr.update(visible=slot < count) if count else gr.skip() for slot in range(settings.APP.max_compared_guidances)]
+    for update in compare_guidance(*inputs):
+        yield *update, *shown
+
+
 def compare_guidance(model_id, prompt, negative, seed, steps, width, height, schedule, concentration, custom, guidances):
     """The same prompt and seed at several guidance values (``guidances``: "1, 3, 7.5", up to
     ``APP.max_compared_guidances``) side by side: per value its final image and concept chart (empty
@@ -197,6 +210,8 @@ def build(session: gr.State, run: DenoiseTab) -> ConceptsTab:
                "compare_schedules", notice=tab.compare_notice, **gpu.queue())
     guidance_inputs = [run.model_id, run.prompt, run.negative, run.seed, run.steps, run.width, run.height, run.schedule,
                        run.concentration, run.custom, tab.guidances]
-    serve_both(tab.compare_guidance, compare_guidance, guidance_inputs, tab.guidance_grid + [tab.guidance_paths, tab.guidance_data],
-               "compare_guidance", notice=tab.guidance_notice, **gpu.queue())
+    guidance_outputs = tab.guidance_grid + [tab.guidance_paths, tab.guidance_data]
+    serve_both(tab.compare_guidance, compare_guidance, guidance_inputs, guidance_outputs, "compare_guidance",
+               notice=tab.guidance_notice, page_handler=compare_guidance_on_page,
+               page_outputs=guidance_outputs + tab.guidance_columns, **gpu.queue())
     return tab
