@@ -7,6 +7,7 @@
 
 from .base import CentreBaseline, Explanation, Method, RandomBaseline
 from .cam import DFCam, cam_layers
+from .concept_attention import ConceptAttention
 from .lime import DFLime
 from .region import SpotAttention
 from .relevance import TokenRelevance, cheap_token_scores, relevance_series
@@ -21,6 +22,7 @@ from .variants import VARIANTS, Variant, variant  # noqa: E402 (the registry rea
 __all__ = [
     "METHODS",
     "CentreBaseline",
+    "ConceptAttention",
     "DFCam",
     "DFLime",
     "DFRise",
