@@ -11,6 +11,8 @@ import pytest
 import torch
 from gradio_client import Client
 
+from explainer import config
+
 # /denoise outputs, in order
 PRED_A, NOISY_A, PRED_B, NOISY_B, STATUS, CHART, OVERLAYS, CONCEPTS, DATA = range(9)
 
@@ -31,8 +33,8 @@ def denoise_args(prompt="a cat on a red circle", steps=4, **changes):
 
 def test_only_named_endpoints_are_public(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert set(endpoints) == {"/denoise", "/attention", "/spot", "/concepts", "/relevance", "/compare_schedules",
-                              "/compare_guidance", "/saliency", "/export"}
+    assert set(endpoints) == {"/denoise", "/attention", "/spot", "/concept_maps", "/concepts", "/relevance",
+                              "/compare_schedules", "/compare_guidance", "/saliency", "/export"}
 
 
 def test_denoise_streams_the_steps_and_every_steps_facts(client):
@@ -92,6 +94,32 @@ def test_second_prompt_runs_from_the_same_noise(client):
 def test_custom_schedule_through_the_api(client):
     updates = list(client.submit(*denoise_args(schedule="custom", custom="999, 500, 100"), api_name="/denoise"))
     assert [summary["timestep"] for u in updates for summary in u[DATA]["steps"]] == [999, 500, 100]
+
+
+@pytest.mark.parametrize("model_id", [config.TINY_SD3_MODEL_ID, config.TINY_SDXL_MODEL_ID])
+def test_every_endpoint_serves_the_newer_families_end_to_end(url, model_id):
+    """A tiny model of each newer family, through gradio_client: the run, its views and every method."""
+    family = config.MODELS[model_id].family
+    session_client = Client(url, verbose=False)
+    last = list(session_client.submit(*denoise_args(model_id=model_id, prompt="a cat", steps=3), api_name="/denoise"))[-1]
+    assert last[DATA]["step"] == 3 and last[PRED_A] is not None and set(last[DATA]["token_scores"]) == {"0:a", "1:cat"}
+    assert session_client.predict("cat", 2, "all steps", 1, 3, [], "prediction", 0.8, False, "first prompt",
+                                  api_name="/attention")[2]["steps"] == [1, 2, 3]
+    assert session_client.predict(0.5, 0.5, 2, "first prompt", api_name="/spot")[2]["row"] == 4
+    assert session_client.predict("mass", api_name="/concepts")[2]["steps"] == [1, 2, 3]
+    assert set(session_client.predict("abs", api_name="/relevance")[2]["series"]) == {"0:a", "1:cat"}
+    for method in ("DF-RISE", "DF-CAM", "DF-LIME"):
+        result = session_client.predict(method, 2, 8, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, True,
+                                        api_name="/saliency")[3]
+        assert result["step"] == 2 and 0 <= result["insertion_auc"] <= 1
+    if family == "sd3":
+        shares, raw, data = session_client.predict("cat, dog", 2, "all", "first prompt", api_name="/concept_maps")
+        assert len(shares) == len(raw) == 2 and abs(sum(data["shares"].values()) - 1) < 1e-4
+    else:
+        with pytest.raises(Exception, match="needs a model whose blocks attend jointly"):
+            session_client.predict("cat, dog", 2, "all", "first prompt", api_name="/concept_maps")
+    archive, _ = session_client.predict(api_name="/export")
+    assert archive.endswith(".zip")
 
 
 def test_attention_concepts_and_export_read_the_session_run(url):

@@ -136,6 +136,9 @@ def test_bad_guidance_lists_and_concept_scores(client):
     with pytest.raises(Exception, match="x must be a fraction of the picture between 0 and 1, got 1.5"):
         client.predict(1.5, 0.5, 1, "first prompt", api_name="/spot")
     assert client.predict(0.5, 0.5, 1, "first prompt", api_name="/spot")[2]["step"] == 1
+    assert "| concept maps of a UNet model |" in TABLE
+    with pytest.raises(Exception, match="ConceptAttention needs a model whose blocks attend jointly over image and text"):
+        client.predict("cat, dog", 1, "all", "first prompt", api_name="/concept_maps")
     assert "| an unknown quick concept score |" in TABLE
     client.predict(*denoise_args(steps=2), api_name="/denoise")
     with pytest.raises(Exception, match="'sum' .* is not in the list of choices"):

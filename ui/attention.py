@@ -52,11 +52,26 @@ class AttentionTab:
                                              elem_id="spot-map")
                     self.spot_words = gr.Image(label="Which words the clicked spot looks at", show_label=False, type="pil",
                                                height=300)
+        gr.Markdown("### Concepts, in or out of the prompt\nOn a model whose blocks attend jointly over picture and text "
+                    "(Stable Diffusion 3), any words can be followed through the model without changing the picture: "
+                    "where each is drawn, as shares of every spot (ConceptAttention), and where the picture looks for it.")
+        with gr.Row():
+            self.concepts = gr.Textbox("circle, square, background", label="Concepts (words, commas between)", scale=3)
+            self.concept_blocks = gr.Radio(["all", "last half"], value="all", label="Blocks", scale=1,
+                                           info="The deeper half often separates concepts best.")
+            self.concept_button = gr.Button("Show concepts", scale=1)
+        self.concept_notice = notice_line()
+        with gr.Row():
+            self.concept_maps = gr.Gallery(label="Where each concept is drawn (shares of every spot)", columns=4,
+                                           height="auto", elem_id="concept-maps")
+            self.concept_raw = gr.Gallery(label="Where the picture looks for each concept (raw attention)", columns=4,
+                                          height="auto")
         with gr.Accordion("Data", open=False):
             with gr.Row():
                 self.npy = gr.File(label="The map as numbers (.npy, one value per latent cell)")
                 self.summary = gr.JSON(label="The map's summary")
                 self.spot_data = gr.JSON(label="The clicked spot")
+                self.concept_data = gr.JSON(label="The concepts")
 
 
 def attention(word, step, aggregation, start, end, groups, view, opacity, include_special, which, session):
@@ -120,6 +135,32 @@ def spot(x, y, step, which, session):
     return picture, words, data
 
 
+def concept_maps(concepts, step, blocks, which, session):
+    """ConceptAttention at a step of the latest run (an SD 3 family model): ``concepts`` as words with
+    commas between (open vocabulary: they need not be in the prompt). Returns the output-space maps
+    (each spot's shares over the concepts) and the raw-attention maps as overlays, and as JSON each
+    concept's share of the picture."""
+    try:
+        runs = current(session)
+        if which == "second prompt" and len(runs) < 2:
+            raise ValueError("The latest run has no second prompt.")
+        run = runs[1 if which == "second prompt" else 0]
+        check_step(run, step)
+        words = tuple(word.strip() for word in (concepts or "").split(",") if word.strip())
+        if not words:
+            raise ValueError("Give one or more concepts, as words with commas between.")
+        found = gpu.concept_maps_on_device(run.model_id, run.for_computing(), int(step), words, blocks)
+    except ValueError as error:
+        raise refusal("/concept_maps", error) from error
+    record = run.records[int(step) - 1]
+    gpu.decode(run.model_id, [record])
+    picture = pictures.for_display(pictures.step_picture(record, "prediction"), 256)
+    shares = [(pictures.overlay(picture, values, scale=1.0), f"{key.split(':', 1)[1]} · {found.token_scores[key]:.0%} of the picture")
+              for key, values in found.token_maps.items()]
+    raw = [(pictures.overlay(picture, values), key.split(":", 1)[1]) for key, values in found.per_layer.items()]
+    return shares, raw, {"step": found.step, "blocks": blocks, "shares": found.token_scores, "seconds": round(found.seconds, 3)}
+
+
 def spot_on_page(overlay, step, which, session, selected: gr.SelectData):
     """A click on the word map: ``spot`` at the clicked place."""
     if overlay is None:
@@ -154,4 +195,7 @@ def build(session: gr.State) -> AttentionTab:
     spot_x, spot_y = gr.Number(visible=False), gr.Number(visible=False)  # the API's place of the spot
     gr.Button(visible=False).click(spot, [spot_x, spot_y, tab.step, tab.which, session], spot_outputs, api_name="spot",
                                    **gpu.queue())
+    concept_outputs = [tab.concept_maps, tab.concept_raw, tab.concept_data]
+    serve_both(tab.concept_button, concept_maps, [tab.concepts, tab.step, tab.concept_blocks, tab.which, session],
+               concept_outputs, "concept_maps", notice=tab.concept_notice, **gpu.queue())
     return tab

@@ -8,7 +8,7 @@ from __future__ import annotations
 import spaces
 
 from explainer import config, metrics
-from explainer.methods import METHODS, DFLime, DFRise, SpotAttention, TokenRelevance, relevance_series
+from explainer.methods import METHODS, ConceptAttention, DFLime, DFRise, SpotAttention, TokenRelevance, relevance_series
 from explainer.models import load_model, preferred_device, preload
 from explainer.run import RunData, RunSettings, StepRecord, attach_views, stream_runs, undecoded, view_latents
 
@@ -88,6 +88,12 @@ def spot_duration(model_id, run, step, row, column) -> int:
 def spot_on_device(model_id, run: RunData, step: int, row: int, column: int):
     """The region view's work: where one spot looks at a step (``SpotAttention``)."""
     return SpotAttention(row=row, column=column).explain(load_model(model_id), run, step)
+
+
+@spaces.GPU(duration=spot_duration)
+def concept_maps_on_device(model_id, run: RunData, step: int, concepts: tuple[str, ...], blocks: str):
+    """ConceptAttention's maps of ``concepts`` at a step (one denoiser call, as the region view's)."""
+    return ConceptAttention(concepts=concepts, blocks=blocks).explain(load_model(model_id), run, step)
 
 
 def decode_duration(model_id, latents) -> int:
