@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -55,8 +56,32 @@ def sd15_shaped_pipeline() -> StableDiffusionPipeline:
     return sd1_pipeline(unet, vae, text_encoder, tokenizer).to(device=device, dtype=dtype)
 
 
+def mmdit_shaped_pipeline():
+    """An SD 3 pipeline with the embedded MM-DiT's architecture (explainer.shapes.architecture) and
+    random weights, on the embedded VAE and tokenizer: an MM-DiT's speed on the CPU."""
+    from diffusers import AutoencoderKL, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer
+
+    from explainer.shapes.architecture import make_flow_scheduler, make_mmdit, make_projected_text_encoder
+
+    source = config.ASSETS_DIR / "shapes-ldm"
+    tokenizer = CLIPTokenizer.from_pretrained(source / "tokenizer")
+    vae = AutoencoderKL.from_pretrained(source / "vae")
+    vae.register_to_config(shift_factor=0.0)
+    torch.manual_seed(0)
+    return StableDiffusion3Pipeline(
+        transformer=make_mmdit().eval(), scheduler=make_flow_scheduler(), vae=vae.eval(),
+        text_encoder=make_projected_text_encoder(tokenizer).eval(), tokenizer=tokenizer,
+        text_encoder_2=make_projected_text_encoder(tokenizer).eval(), tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None,
+    )
+
+
 def benchmark_model(kind: str) -> tuple[LoadedModel, dict]:
-    """``embedded`` (the CPU default) or ``sd15`` (SD v1.5-shaped, random weights; for a GPU)."""
+    """``embedded`` (the CPU default), ``sd15`` (SD v1.5-shaped, random weights; for a GPU) or
+    ``mmdit`` (the embedded MM-DiT's shape, random weights: an SD 3 family model on the CPU)."""
+    if kind == "mmdit":
+        spec = dataclasses.replace(config.MODELS[config.TINY_SD3_MODEL_ID], id="mmdit-shaped", max_sequence_length=1)
+        return LoadedModel.from_pipeline(mmdit_shaped_pipeline(), "mmdit-shaped", spec), dict(width=64, height=64, steps=20, guidance=5.0)
     if kind == "sd15":
         model = LoadedModel.from_pipeline(sd15_shaped_pipeline(), "sd15-shaped", config.MODELS["stable-diffusion-v1-5/stable-diffusion-v1-5"])
         return model, dict(width=512, height=512, steps=30, guidance=7.5)
@@ -94,7 +119,7 @@ def side_by_side(functions: dict, repeats: int) -> dict[str, float]:
 
 def parser(description: str) -> argparse.ArgumentParser:
     result = argparse.ArgumentParser(description=description)
-    result.add_argument("--model", choices=["embedded", "sd15"], default="sd15" if torch.cuda.is_available() else "embedded")
+    result.add_argument("--model", choices=["embedded", "sd15", "mmdit"], default="sd15" if torch.cuda.is_available() else "embedded")
     result.add_argument("--repeats", type=int, default=5)
     return result
 

@@ -35,7 +35,7 @@ def prompt_of(tokens: int) -> str:
 
 
 def per_step_bytes(model, settings: RunSettings) -> tuple[dict[str, float], int]:
-    run = InstrumentedRun(model, settings).run_all()
+    run = InstrumentedRun(model, settings).run_all().data
     per_field: dict[str, int] = {}
     for record in run.records:
         for name, value in vars(record).items():
