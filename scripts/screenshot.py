@@ -38,10 +38,10 @@ def main(url: str, folder: str) -> None:
         page.wait_for_timeout(2500)
         page.screenshot(path=out / "denoise.png", full_page=True)
         page.get_by_role("tab", name="Words").click()
-        page.get_by_role("button", name="Show").click()
+        page.get_by_role("button", name="Show", exact=True).click()
         page.locator("#word-map img").wait_for(timeout=60_000)
         box = page.locator("#word-map img").bounding_box()  # the region view: a spot on the circle
-        page.mouse.click(box["x"] + 0.3 * box["width"], box["y"] + 0.5 * box["height"])
+        page.locator("#word-map img").click(position={"x": 0.3 * box["width"], "y": 0.5 * box["height"]})
         page.locator("#spot-map img").wait_for(timeout=60_000)
         page.wait_for_timeout(1000)
         page.screenshot(path=out / "words.png", full_page=True)

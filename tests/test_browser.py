@@ -64,13 +64,28 @@ def test_running_an_example_shows_pictures_and_the_chart(page):
     page.get_by_role("tab", name="Words").click()
     # The finished run fills the word list in a follow-up event; "Show" before that has no word.
     expect(page.get_by_label("Word", exact=True)).not_to_have_value("", timeout=60_000)
-    page.get_by_role("button", name="Show").click()
+    page.get_by_role("button", name="Show", exact=True).click()
     page.locator("#word-map img").wait_for(timeout=30_000)
     box = page.locator("#word-map img").bounding_box()  # the region view: click a spot of the map
-    page.mouse.click(box["x"] + 0.25 * box["width"], box["y"] + 0.6 * box["height"])
+    page.locator("#word-map img").click(position={"x": 0.25 * box["width"], "y": 0.6 * box["height"]})
     page.locator("#spot-map img").wait_for(timeout=30_000)
     page.get_by_role("tab", name="Concepts").click()  # never opened before: the run's concept chart is there
     page.locator("#concept-chart img").wait_for(timeout=10_000)
+
+
+def test_each_other_tabs_main_action_shows_its_result(page):
+    """After the run above: the Concepts tab's comparisons, Why here's map and score, Export's files."""
+    page.get_by_role("tab", name="Concepts").click()
+    page.get_by_role("button", name="Compare uniform / early / latter").click()
+    page.locator("#latter-image img").wait_for(timeout=120_000)
+    page.get_by_role("button", name="Compare guidance").click()
+    page.locator("#guidance-2-image img").wait_for(timeout=120_000)
+    page.get_by_role("tab", name="Why here").click()
+    page.get_by_role("button", name="Explain").click()
+    page.get_by_text("deletion AUC").wait_for(timeout=120_000)  # the numbers that matter, in a line
+    page.get_by_role("tab", name="Export & API").click()
+    page.get_by_role("button", name="Export the latest run").click()
+    page.get_by_text(".zip").first.wait_for(timeout=60_000)
 
 
 def test_typing_a_step_in_the_scrub_box_shows_that_step(page):
