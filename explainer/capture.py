@@ -1,5 +1,5 @@
 """Cross- and joint-attention capture through diffusers attention processors (docs/methods.md,
-Cross-attention maps; Stable Diffusion 3).
+Cross-attention maps; Stable Diffusion 3; FLUX.1).
 
 ``with capture_attention(model) as sites:`` swaps in processors that can record on the attention
 sites the model's family names, and restores the originals on exit, also after an exception. The
@@ -7,8 +7,9 @@ processors themselves hold no run state: a run passes its own ``AttentionRecorde
 denoiser call (``family.predict(..., recorder=r)``), so two runs in two threads on one pipeline
 never see each other's maps. Without a recorder the processors run the original code.
 Self-attention keeps its fused kernel; only the sites compute their probabilities explicitly: a
-UNet's cross-attention (its key length is the text length: small) or an MM-DiT's joint attention
-over [image; text] tokens. One processor class per attention kind.
+UNet's cross-attention (its key length is the text length: small), an MM-DiT's joint attention
+over [image; text] tokens, or FLUX.1's attention over [text; image] tokens (double- and
+single-stream blocks). One processor class per attention kind.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxAttention
 
 from .config import LIMITS
 
@@ -269,9 +273,95 @@ class JointAttentionRecordingProcessor:
         )
 
 
+def flux_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                   text_tokens: int | None = None, on_probs=None):
+    """diffusers' ``FluxAttnProcessor`` maths with an explicit softmax(QK^T / sqrt(d)): FLUX.1's attention
+    over [text tokens; image tokens], text first. A double-stream block passes the image tokens as
+    ``hidden_states`` (B, N, C) and the text as ``encoder_hidden_states`` (B, L, C) and gets (image
+    output, text output); a single-stream block passes both concatenated, [text; image], as
+    ``hidden_states`` (B, L + N, C) with ``text_tokens`` = L, and gets the attention output (B, L + N,
+    C) in that order. Rotary embeddings apply as the processor applies them, in FLUX's token order.
+
+    ``on_probs(probs)`` sees the probabilities in float32, shape (batch * heads, N + L, N + L) with the
+    N image tokens FIRST, as SD 3's joint attention gives them (the tokens are reordered before the
+    softmax, and the output back after it: attention does not depend on the order of its tokens). They
+    are the tensor that weighs the values, so gradients reach it.
+    """
+    if attention_mask is not None:
+        raise ValueError("FLUX.1's attention is called without a mask; this explicit attention takes none.")
+    double_stream = encoder_hidden_states is not None
+    if getattr(attn, "fused_projections", False):
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    # (batch, tokens, heads * dim) -> (batch, tokens, heads, dim), as the processor splits them
+    query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (query, key, value))
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    if double_stream:
+        if getattr(attn, "fused_projections", False):
+            text_query, text_key, text_value = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+        else:
+            text_query, text_key, text_value = (
+                projection(encoder_hidden_states) for projection in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
+        text_query, text_key, text_value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (text_query, text_key, text_value))
+        text_query, text_key = attn.norm_added_q(text_query), attn.norm_added_k(text_key)
+        query, key, value = (torch.cat(pair, dim=1) for pair in ((text_query, query), (text_key, key), (text_value, value)))
+        text_tokens = encoder_hidden_states.shape[1]
+    elif text_tokens is None:
+        raise ValueError("A single-stream FLUX attention call needs its text length (text_tokens).")
+    if image_rotary_emb is not None:  # per position, in FLUX's order [text; image]
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    # [text; image] -> [image; text], then (batch, heads, tokens, dim)
+    query, key, value = (torch.roll(x, shifts=-text_tokens, dims=1).transpose(1, 2) for x in (query, key, value))
+    batch, heads, total, _ = query.shape
+    scale = query.shape[-1] ** -0.5  # scaled_dot_product_attention's default
+    scores = torch.matmul(query * scale, key.transpose(-1, -2)).flatten(0, 1)  # (batch * heads, N + L, N + L)
+    probs = scores.softmax(dim=-1, dtype=torch.float32)
+    if on_probs is not None:
+        on_probs(probs)
+    weights = probs.view(batch, heads, total, total).to(value.dtype)
+    output = torch.matmul(weights, value).transpose(1, 2).flatten(2, 3)  # (batch, N + L, heads * dim)
+    output = torch.roll(output, shifts=text_tokens, dims=1).to(query.dtype)  # back to [text; image]
+    if not double_stream:
+        return output
+    text_output, image_output = output[:, :text_tokens], output[:, text_tokens:]
+    return attn.to_out[1](attn.to_out[0](image_output.contiguous())), attn.to_add_out(text_output.contiguous())
+
+
+class FluxAttentionRecordingProcessor:
+    """For FLUX.1's attention (``FluxAttention``, double- and single-stream blocks): runs the original
+    processor, or, given a recorder, computes the attention explicitly and records the image-to-text
+    block. A single-stream call needs the text length, ``text_tokens``, passed beside the recorder
+    (``Flux.predict`` passes both)."""
+
+    def __init__(self, layer: str, original):
+        self.layer = layer
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 recorder=None, text_tokens=None):
+        if recorder is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if encoder_hidden_states is not None:
+            image_tokens = hidden_states.shape[1]
+        elif text_tokens is None:
+            raise ValueError("A single-stream FLUX attention records only with the text length (text_tokens) "
+                             "beside the recorder.")
+        else:
+            image_tokens = hidden_states.shape[1] - text_tokens
+        return flux_attention(
+            attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, text_tokens,
+            on_probs=lambda probs: recorder.add_joint(self.layer, probs, attn.heads, image_tokens),
+        )
+
+
 def recording_processor(layer: str, module, original):
-    """The recording processor for one site: joint attention where the module projects the text
-    itself (``add_q_proj``), else cross-attention."""
+    """The recording processor for one site: FLUX.1's attention (``FluxAttention``), joint attention where
+    the module projects the text itself (``add_q_proj``), else cross-attention."""
+    if isinstance(module, FluxAttention):
+        return FluxAttentionRecordingProcessor(layer, original)
     if getattr(module, "add_q_proj", None) is not None:
         return JointAttentionRecordingProcessor(layer, original)
     return CrossAttentionRecordingProcessor(layer, original)

@@ -33,9 +33,11 @@ class ModelSpec:
         latent_rgb: optional fixed (channels [+ 1 bias row]) x 3 latent -> RGB map for the fast
             preview; fitted from the family's decoder at load time when absent.
         examples: prompts shown as examples for this model.
-        max_sequence_length: the T5 tokens of a family that has a T5 encoder (SD 3; without the
-            encoder, that many zero tokens); None: the pipeline's own default.
+        max_sequence_length: the T5 tokens of a family that has a T5 encoder (SD 3, without the
+            encoder that many zero tokens; FLUX.1, whose maps read them); None: the pipeline's own default.
         gated: the Hub asks for a token of an account that accepted the model's licence.
+        gpu_dtype: the torch dtype the model loads in on a GPU ("float16"; "bfloat16" for a model whose
+            activations overflow float16, as FLUX.1's); a CPU loads float32.
         listed: among the models the page's list offers first; the tiny test models are not, and
             come last (the list holds every model of the config: the API takes no other id).
     """
@@ -58,6 +60,7 @@ class ModelSpec:
     family: str = "sd1"
     max_sequence_length: int | None = None
     gated: bool = False
+    gpu_dtype: str = "float16"
 
 
 # Approximate latent -> RGB map of the SD v1 VAE (widely used for live previews).
@@ -101,6 +104,7 @@ EMBEDDED_MODEL_ID = "embedded/shapes-ldm"
 TINY_RANDOM_MODEL_ID = "tiny-random"
 TINY_SD3_MODEL_ID = "tiny-sd3"
 TINY_SDXL_MODEL_ID = "tiny-sdxl"
+TINY_FLUX_MODEL_ID = "tiny-flux"
 
 MODELS: dict[str, ModelSpec] = {
     spec.id: spec
@@ -156,6 +160,20 @@ MODELS: dict[str, ModelSpec] = {
             examples=("a cat playing soccer",),
             family="sdxl",
         ),
+        ModelSpec(
+            id=TINY_FLUX_MODEL_ID,
+            source="",  # built from configs by explainer.families.flux_tiny, random weights
+            label="Tiny random FLUX.1 model (for tests; pictures mean nothing)",
+            hub=False,
+            listed=False,
+            width=64,
+            height=64,
+            steps=4,
+            guidance=0.0,  # guidance-distilled as FLUX.1-schnell: no guidance input, no unconditional half
+            examples=("a cat playing soccer",),
+            family="flux",
+            max_sequence_length=16,  # T5 tokens (the tiny T5 tokenizer's limit)
+        ),
         _stable_diffusion_1("CompVis/stable-diffusion-v1-4", "Stable Diffusion v1.4 (the paper's model, GPU)"),
         _stable_diffusion_1("stable-diffusion-v1-5/stable-diffusion-v1-5", "Stable Diffusion v1.5 (GPU)"),
         ModelSpec(
@@ -188,6 +206,23 @@ MODELS: dict[str, ModelSpec] = {
             vae_decode_every=5,
             gpu_seconds_per_step=0.12,  # per 512x512 as SD 1.x's: an estimate, not measured
             # no fixed preview map: the family fits one to its VAE at load (fit_preview)
+            examples=PAPER_PROMPTS,
+        ),
+        ModelSpec(
+            id="black-forest-labs/FLUX.1-schnell",
+            source="black-forest-labs/FLUX.1-schnell",
+            label="FLUX.1 [schnell] (MM-DiT, guidance-distilled, 4 steps; GPU, Apache 2.0)",
+            hub=True,
+            needs_gpu=True,
+            family="flux",
+            width=1024,
+            height=1024,
+            steps=4,  # the model card's diffusers example: 4 steps, guidance 0.0, max_sequence_length 256
+            guidance=0.0,
+            max_sequence_length=256,
+            vae_decode_every=1,
+            gpu_seconds_per_step=0.5,  # per 512x512 step with every attention explicit: an estimate, not measured
+            gpu_dtype="bfloat16",  # the model card's; float16 overflows in T5 and the transformer
             examples=PAPER_PROMPTS,
         ),
     )

@@ -1,7 +1,8 @@
 """Loading the models the config allows: one pipeline per id per process.
 
-CUDA with float16 where a GPU is present, else CPU with float32. Only ids in
-``config.MODELS`` load; ``trust_remote_code`` is never passed.
+CUDA with float16 where a GPU is present (or the model's ``ModelSpec.gpu_dtype``: bfloat16 for
+FLUX.1), else CPU with float32. Only ids in ``config.MODELS`` load; ``trust_remote_code`` is never
+passed.
 """
 
 from __future__ import annotations
@@ -98,16 +99,24 @@ class LoadedModel:
             pictures += self.decode(torch.cat(latents[start : start + batch_size]))
         return pictures
 
-    def encode(self, prompt: str, negative_prompt: str = "", guided: bool = True) -> Conditioning:
-        """The prompt's conditioning, in diffusers' batch order under guidance: [unconditional, conditional]."""
-        length = self.spec.max_sequence_length if self.spec is not None else None
+    def encode(self, prompt: str, negative_prompt: str = "", guided: bool = True, guidance: float | None = None) -> Conditioning:
+        """The prompt's conditioning, in diffusers' batch order under guidance: [unconditional, conditional];
+        with ``guidance``, the guidance scale added as an input where the model takes one
+        (``Family.with_guidance``: FLUX.1-dev's embedding)."""
+        length = self.max_sequence_length
         with tokenizers_locked(self.pipe):
-            return self.family.encode(self.pipe, prompt, negative_prompt, guided, max_sequence_length=length)
+            conditioning = self.family.encode(self.pipe, prompt, negative_prompt, guided, max_sequence_length=length)
+        return conditioning if guidance is None else self.family.with_guidance(self.pipe, conditioning, guidance)
 
     def tokenize(self, prompt: str) -> PromptTokens:
         """The prompt's tokens and words (see ``Family.tokenize``), safe beside other threads."""
         with tokenizers_locked(self.pipe):
-            return self.family.tokenize(self.pipe, prompt)
+            return self.family.tokenize(self.pipe, prompt, max_sequence_length=self.max_sequence_length)
+
+    @property
+    def max_sequence_length(self) -> int | None:
+        """The T5 tokens the spec asks for (``ModelSpec.max_sequence_length``); None: the pipeline's default."""
+        return self.spec.max_sequence_length if self.spec is not None else None
 
     def check_prompt(self, prompt: str) -> None:
         """For a closed-vocabulary model, a ValueError naming the words it does not know."""
@@ -234,6 +243,8 @@ def preload(model_ids) -> dict[str, str]:
 
 def _build_pipeline(spec: config.ModelSpec):
     device, dtype = preferred_device()
+    if device.type == "cuda":
+        dtype = getattr(torch, spec.gpu_dtype)
     if spec.id == config.TINY_RANDOM_MODEL_ID:
         from .families.sd1_tiny import tiny_pipeline
 
@@ -246,4 +257,8 @@ def _build_pipeline(spec: config.ModelSpec):
         from .families.sdxl_tiny import tiny_sdxl_pipeline
 
         return tiny_sdxl_pipeline().to(device=device, dtype=dtype)
+    if spec.id == config.TINY_FLUX_MODEL_ID:
+        from .families.flux_tiny import tiny_flux_pipeline
+
+        return tiny_flux_pipeline().to(device=device, dtype=dtype)
     return family_named(spec.family).load(spec.source, device, dtype, local_files_only=not spec.hub)

@@ -1,8 +1,9 @@
 """One denoising step, as the run takes it and as the methods and metrics take it again.
 
-The one place for what guidance means (``guided``: w > 1, as diffusers; ``combine_guidance``:
-u + w (c - u)) and for the denoiser's input (``model_input``: the latents expanded for guidance and
-scaled by the scheduler). ``step_inputs`` rebuilds what step k of a recorded run needs; the methods
+The one place for what guidance means (``guided``: w > 1, as diffusers, asked of the model's family,
+since a guidance-distilled family never has an unconditional half; ``combine_guidance``: u + w (c - u))
+and for the denoiser's input (``model_input``: the latents expanded for guidance and scaled by the
+scheduler). ``step_inputs`` rebuilds what step k of a recorded run needs; the methods
 predict from it with ``guided_prediction`` or ``raw_prediction`` and step with ``step_from``.
 
     >>> inputs = step_inputs(model, run, step=15)
@@ -20,14 +21,20 @@ from .models import LoadedModel
 
 
 def guided(guidance: float) -> bool:
-    """Whether a run with guidance scale ``guidance`` has an unconditional half (as diffusers: w > 1)."""
+    """Whether a run with guidance scale ``guidance`` has an unconditional half, as diffusers decides for a
+    model trained for classifier-free guidance (w > 1); a family decides for its own models
+    (``Family.guided``: a guidance-distilled FLUX.1 never has one)."""
     return guidance > 1.0
 
 
-def combine_guidance(output: torch.Tensor, guidance: float) -> torch.Tensor:
-    """``u + w (c - u)`` over the two halves of a guided batch (dim 0); the output itself when not guided."""
-    if not guided(guidance):
+def combine_guidance(output: torch.Tensor, guidance: float, halves: int) -> torch.Tensor:
+    """``u + w (c - u)`` over the two halves of a batch predicted with an unconditional half (``halves``
+    2, halves on dim 0); the output itself for one half (an unguided run, or a guidance-distilled
+    family's, whose w is an input of the model instead)."""
+    if halves == 1:
         return output
+    if halves != 2:
+        raise ValueError(f"A batch has one or two guidance halves, got {halves}.")
     unconditional, conditional = output.chunk(2)
     return unconditional + guidance * (conditional - unconditional)
 
@@ -54,10 +61,7 @@ class StepInputs:
     conditioning: Conditioning
     guidance: float
     scheduler: object
-
-    @property
-    def guided(self) -> bool:
-        return guided(self.guidance)
+    guided: bool  # the run predicted an unconditional half and combined it (``Family.guided``)
 
     @property
     def conditional_index(self) -> int:
@@ -69,16 +73,18 @@ def step_inputs(model: LoadedModel, run, step: int) -> StepInputs:
     """Rebuild x_t, x_{t-1}, the conditioning and the scheduler of ``step`` (1-based) of ``run``."""
     settings, record = run.settings, run.records[step - 1]
     device, dtype = model.device, model.dtype
+    guidance = float(settings.guidance)
     with torch.no_grad():
-        conditioning = model.encode(settings.prompt, settings.negative_prompt, guided(settings.guidance))
+        conditioning = model.encode(settings.prompt, settings.negative_prompt, model.family.guided(guidance), guidance=guidance)
     return StepInputs(
         latents=record.latents.to(device, dtype).clone(),  # clone: records may hold inference tensors
         next_latents=record.next_latents.to(device, dtype).clone(),
         timestep=record.timestep,
         next_timestep=record.next_timestep,
         conditioning=conditioning.detached(),
-        guidance=float(settings.guidance),
+        guidance=guidance,
         scheduler=model.family.scheduler(model.pipe, settings),
+        guided=model.family.guided(guidance),
     )
 
 
@@ -95,7 +101,8 @@ def raw_prediction(model: LoadedModel, inputs: StepInputs, latents: torch.Tensor
 
 def guided_prediction(model: LoadedModel, inputs: StepInputs, latents: torch.Tensor, recorder=None) -> torch.Tensor:
     """The guided denoiser output for a batch of latents (B, C, h, w) at the step's timestep and text."""
-    return combine_guidance(raw_prediction(model, inputs, latents, recorder=recorder), inputs.guidance)
+    output = raw_prediction(model, inputs, latents, recorder=recorder)
+    return combine_guidance(output, inputs.guidance, inputs.conditioning.halves)
 
 
 def step_from(model: LoadedModel, inputs: StepInputs, latents: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:

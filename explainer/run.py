@@ -29,7 +29,7 @@ from PIL import Image
 from . import config
 from .capture import AttentionRecorder, capture_attention
 from .models import LoadedModel
-from .replay import combine_guidance, guided, model_input
+from .replay import combine_guidance, model_input
 from .schedules import timesteps as schedule_timesteps
 from .tokens import PromptTokens
 
@@ -207,14 +207,15 @@ class InstrumentedRun:
 
     @property
     def guided(self) -> bool:
-        return guided(self.settings.guidance)
+        """Whether the run predicts an unconditional half beside the prompt's (``Family.guided``)."""
+        return self.model.family.guided(self.settings.guidance)
 
     def steps(self) -> Iterator[StepRecord]:
         """Run the denoising loop, yielding a ``StepRecord`` after every step."""
         model, settings = self.model, self.settings
         device, dtype = model.device, model.dtype
         with torch.inference_mode():
-            conditioning = model.encode(settings.prompt, settings.negative_prompt, self.guided)
+            conditioning = model.encode(settings.prompt, settings.negative_prompt, self.guided, guidance=settings.guidance)
             generator = torch.Generator("cpu").manual_seed(settings.seed)
             shape = (1, model.family.latent_channels(model.pipe), *self.data.latent_size)
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
@@ -254,7 +255,7 @@ class InstrumentedRun:
     def _denoise(self, latents, timestep, conditioning, recorder) -> torch.Tensor:
         latent_input = model_input(self.scheduler, latents, timestep, conditioning.halves)
         output = self.model.family.predict(self.model.pipe, latent_input, timestep, conditioning, recorder=recorder)
-        return combine_guidance(output, self.settings.guidance)
+        return combine_guidance(output, self.settings.guidance, conditioning.halves)
 
     def _record(self, index, timestep, latents, next_latents, noise_pred, recorder) -> StepRecord:
         text_share = recorder.text_share()

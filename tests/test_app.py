@@ -96,7 +96,7 @@ def test_custom_schedule_through_the_api(client):
     assert [summary["timestep"] for u in updates for summary in u[DATA]["steps"]] == [999, 500, 100]
 
 
-@pytest.mark.parametrize("model_id", [config.TINY_SD3_MODEL_ID, config.TINY_SDXL_MODEL_ID])
+@pytest.mark.parametrize("model_id", [config.TINY_SD3_MODEL_ID, config.TINY_SDXL_MODEL_ID, config.TINY_FLUX_MODEL_ID])
 def test_every_endpoint_serves_the_newer_families_end_to_end(url, model_id):
     """A tiny model of each newer family, through gradio_client: the run, its views and every method."""
     family = config.MODELS[model_id].family

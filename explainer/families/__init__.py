@@ -5,11 +5,14 @@
 """
 
 from .base import Conditioning, Family
+from .flux import Flux
 from .sd1 import StableDiffusion1
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (StableDiffusion1(), StableDiffusion3(), StableDiffusionXL())}
+FAMILIES: dict[str, Family] = {
+    family.name: family for family in (StableDiffusion1(), StableDiffusion3(), StableDiffusionXL(), Flux())
+}
 
 
 def family(name: str) -> Family:
@@ -19,4 +22,4 @@ def family(name: str) -> Family:
     return FAMILIES[name]
 
 
-__all__ = ["FAMILIES", "Conditioning", "Family", "StableDiffusion1", "StableDiffusion3", "StableDiffusionXL", "family"]
+__all__ = ["FAMILIES", "Conditioning", "Family", "Flux", "StableDiffusion1", "StableDiffusion3", "StableDiffusionXL", "family"]

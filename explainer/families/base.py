@@ -21,7 +21,8 @@ class Conditioning:
     dim 0 in diffusers' order: [unconditional, conditional] when guided, else [conditional].
 
     ``tensors`` are keyword arguments of the family's denoiser call, by name (SD 1.x:
-    ``encoder_hidden_states``, (halves, L, D); SD 3 also ``pooled_projections``, (halves, P)).
+    ``encoder_hidden_states``, (halves, L, D); SD 3 also ``pooled_projections``, (halves, P); FLUX.1-dev
+    also ``guidance``, (halves,)). The first tensor says how many halves there are.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -71,8 +72,10 @@ class Family:
         raise NotImplementedError
 
     # --- text
-    def tokenize(self, pipe, prompt: str):
-        """The prompt's ``PromptTokens`` (words and the positions the attention maps index)."""
+    def tokenize(self, pipe, prompt: str, max_sequence_length: int | None = None):
+        """The prompt's ``PromptTokens`` (words and the positions the attention maps index), as ``encode``
+        with the same ``max_sequence_length`` tokenises it (a family whose maps read T5's tokens pads them
+        to that length; None: the pipeline's default; other families ignore it)."""
         raise NotImplementedError
 
     def vocabulary(self, pipe) -> set[str]:
@@ -84,6 +87,20 @@ class Family:
         """The prompt's conditioning. ``max_sequence_length``: the T5 tokens of a family that has them
         (``ModelSpec.max_sequence_length``; None: the pipeline's default); other families ignore it."""
         raise NotImplementedError
+
+    # --- guidance
+    def guided(self, guidance: float) -> bool:
+        """Whether a run at guidance scale ``guidance`` predicts an unconditional half beside the conditional
+        one and combines them as u + w (c - u): w > 1, as diffusers, for a family trained for classifier-free
+        guidance. A guidance-distilled family (FLUX.1) answers False for every w: one prediction per step,
+        w an input of the model where it takes one (``with_guidance``)."""
+        return guidance > 1.0
+
+    def with_guidance(self, pipe, conditioning: Conditioning, guidance: float) -> Conditioning:
+        """``conditioning`` with the guidance scale ``guidance`` added as an input of the denoiser where the
+        model takes one (FLUX.1-dev's guidance embedding, one value per row); the same conditioning for
+        a family without such an input."""
+        return conditioning
 
     # --- denoising
     def scheduler(self, pipe, settings):
@@ -154,6 +171,22 @@ class Family:
         kind "self" (N, N), "cross" (N, L) or "joint" (N + L, N + L, image tokens first)."""
         raise NotImplementedError
 
+    def hooked_attention(self, module, args: tuple, kwargs: dict, latent_size: tuple[int, int] | None,
+                         on_probs: Callable[[torch.Tensor, str, int], None]):
+        """One of the denoiser's attention calls as a forward hook on ``module`` saw it (its positional
+        ``args`` and keyword ``kwargs``), redone by ``explicit_attention`` on a step whose latent grid is
+        ``latent_size``; returns what the module returns. ``on_probs(probs, kind, image_tokens)`` sees
+        what ``explicit_attention``'s sees and the call's image token count N (the first N rows and keys
+        of a "joint" kind). By default the call's inputs are diffusers' ``Attention`` ones (hidden states
+        (B, N, C) or (B, C, h, w), encoder hidden states, attention mask, ``temb``); a family whose
+        attention takes other inputs (FLUX.1: rotary embeddings, single-stream blocks) overrides it."""
+        hidden_states = call_argument(args, kwargs, 0, "hidden_states")
+        encoder_hidden_states = call_argument(args, kwargs, 1, "encoder_hidden_states")
+        attention_mask = call_argument(args, kwargs, 2, "attention_mask")
+        image_tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
+        return self.explicit_attention(module, hidden_states, encoder_hidden_states, attention_mask, kwargs.get("temb"),
+                                       lambda probs, kind: on_probs(probs, kind, image_tokens))
+
     def explained_layers(self, denoiser) -> list[str]:
         """Module paths whose outputs DF-CAM explains, in forward order."""
         raise NotImplementedError
@@ -171,8 +204,22 @@ class Family:
         """One text attention redone explicitly: (its output, its probabilities (B, heads, L, L))."""
         raise NotImplementedError
 
+    def hooked_text_attention(self, module, args: tuple, kwargs: dict,
+                              hidden_states: torch.Tensor) -> tuple[object, torch.Tensor]:
+        """One text-encoder attention call as a forward hook on ``module`` saw it (``args``, ``kwargs``),
+        redone by ``text_attention`` on ``hidden_states`` (the call's own, or a leaf standing for them):
+        (what the module returns, its probabilities (B, heads, L, L)). By default the module returns
+        (output, probabilities), as CLIP's attention does, and takes its mask as ``attention_mask``."""
+        output, probs = self.text_attention(module, hidden_states, kwargs.get("attention_mask"))
+        return (output, probs), probs
+
     def encode_ids(self, pipe, ids: torch.Tensor, conditioning: Conditioning) -> Conditioning:
         """``conditioning`` with its conditional half rebuilt, with gradients, from the token ``ids``
         (1, L) of the first text encoder (the one ``text_attention_modules`` names); what other
         encoders contribute is kept as ``conditioning`` holds it."""
         raise NotImplementedError
+
+
+def call_argument(args: tuple, kwargs: dict, index: int, name: str):
+    """Argument ``name`` of a module call, passed by keyword or at position ``index`` (None when absent)."""
+    return kwargs[name] if name in kwargs else (args[index] if len(args) > index else None)

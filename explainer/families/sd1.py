@@ -44,7 +44,7 @@ class StableDiffusion1(Family):
     def rebuilt(self, pipe, denoiser):
         return type(pipe)(**{**pipe.components, "unet": denoiser})
 
-    def tokenize(self, pipe, prompt):
+    def tokenize(self, pipe, prompt, max_sequence_length=None):  # CLIP's 77 tokens: the length does not apply
         return clip.tokenize(pipe.tokenizer, prompt)
 
     def vocabulary(self, pipe):

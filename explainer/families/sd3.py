@@ -78,7 +78,7 @@ class StableDiffusion3(Family):
         return type(pipe)(**{**pipe.components, "transformer": denoiser})
 
     # --- text: the prompt's tokens are CLIP-L's (the first encoder); CLIP-G's are the same words
-    def tokenize(self, pipe, prompt):
+    def tokenize(self, pipe, prompt, max_sequence_length=None):  # CLIP's 77 tokens: the length does not apply
         return clip.tokenize(pipe.tokenizer, prompt)
 
     def vocabulary(self, pipe):

@@ -69,7 +69,7 @@ TARGETS = {"guidance": _guidance_energy, "sum": _sum}
 def run_halves(tensor: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
     """(halves, ...) -> (...) as the run combined its prediction: ``u + w (c - u)`` when guided, else the
     conditional half alone (the last row; an unguided run's only one unless the target added the other)."""
-    return combine_guidance(tensor.float(), inputs.guidance)[0] if inputs.guided else tensor[-1].float()
+    return combine_guidance(tensor.float(), inputs.guidance, halves=2)[0] if inputs.guided else tensor[-1].float()
 
 
 # How a layer's gradient weighs its activation, from the layer's gradient G (C, h, w). "layercam" (Jiang
@@ -108,8 +108,8 @@ class DFCam(GradientMethod):
         layers: module paths to use (default: all of ``cam_layers(model)``); the summed map uses these.
         target: "guidance" (default), how much the prompt changes the prediction, 1/2 ||eps_c - eps_u||^2,
             or "sum", the paper's sum of the denoiser output (see ``TARGETS``). An unguided run (guidance
-            <= 1) gets its unconditional half computed for "guidance"; A and G are then the conditional
-            half's, the run's own prediction.
+            <= 1, or any run of a guidance-distilled family such as FLUX.1) gets its unconditional half
+            computed for "guidance"; A and G are then the conditional half's, the run's own prediction.
         weighting: "layercam" (default: each pixel weighed by its gradient's positive part), "hirescam"
             (by its gradient) or "grad-cam" (the paper's: each channel by its mean gradient); see
             ``WEIGHTINGS``.
@@ -158,7 +158,7 @@ class DFCam(GradientMethod):
         inputs = step_inputs(model, run, step)
         conditioning = inputs.conditioning
         if self.target == "guidance" and not inputs.guided:  # the target needs the unconditional half too
-            conditioning = model.encode(run.settings.prompt, run.settings.negative_prompt, guided=True)
+            conditioning = model.encode(run.settings.prompt, run.settings.negative_prompt, guided=True, guidance=inputs.guidance)
         size = tuple(inputs.latents.shape[-2:])
         activations: dict[str, torch.Tensor] = {}
         thread = threading.get_ident()  # other threads' runs on the same denoiser pass by untouched

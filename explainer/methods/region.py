@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from ..replay import raw_prediction, step_inputs
 from ..run import check_int
 from .base import Explanation, Method
-from .relevance import _argument
 
 
 @dataclass(kw_only=True)
@@ -103,11 +102,7 @@ def _explicit_attention(model, collector: _SelfAttention):
     def hook(module, args, kwargs, output):
         if threading.get_ident() != thread:
             return None
-        hidden_states = _argument(args, kwargs, 0, "hidden_states")
-        text = _argument(args, kwargs, 1, "encoder_hidden_states")
-        image_tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
-        model.family.explicit_attention(module, hidden_states, text, _argument(args, kwargs, 2, "attention_mask"),
-                                        kwargs.get("temb"), lambda probs, kind: collector.add(probs, kind, image_tokens))
+        model.family.hooked_attention(module, args, kwargs, collector.latent_size, collector.add)
         return None
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.family.attention_modules(model.denoiser)]

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..families.base import call_argument
 from ..maps import normalise
 from ..replay import raw_prediction, step_inputs
 from ..run import RunData
@@ -34,12 +35,18 @@ from .base import RECTIFIERS, GradientMethod
 
 
 class RelevanceState:
-    """One explain call's Abar matrices, in forward order; nothing is shared between calls."""
+    """One explain call's Abar matrices, in forward order; nothing is shared between calls.
 
-    def __init__(self, conditional_index: int, batch_size: int, rectify: str):
+    ``latent_size``: the explained step's latent grid (H_lat, W_lat), which a family whose attention
+    calls do not carry their image token count needs (FLUX.1's single-stream blocks; see
+    ``Family.hooked_attention``); None where the family needs none.
+    """
+
+    def __init__(self, conditional_index: int, batch_size: int, rectify: str, latent_size: tuple[int, int] | None = None):
         self.conditional_index = conditional_index
         self.batch_size = batch_size
         self.rectify = RECTIFIERS[rectify]
+        self.latent_size = latent_size
         # {"kind": "self" | "cross" | "joint", "tokens": N_l image tokens, "abar": (rows, keys)}
         self.denoiser_layers: list[dict] = []
         self.text_layers: list[dict] = []  # {"abar": (L, L)}
@@ -68,29 +75,27 @@ class RelevanceState:
         self.text_layers.append(entry)
         self._keep(entry, probs, tuple(probs.shape), 0)  # (1, heads, L, L): the conditional prompt alone
 
-    def attend(self, family, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
-        """One of the denoiser's ``Attention`` modules (``attn``) redone with the family's explicit
-        softmax on the inputs it was called with, keeping its probabilities for the backward pass."""
+    def attend(self, family, attn, args: tuple, kwargs: dict):
+        """One call of the denoiser's attention module ``attn`` (its ``args`` and ``kwargs``) redone with the
+        family's explicit softmax (``Family.hooked_attention``), keeping its probabilities for the backward
+        pass; returns what the module returns."""
 
-        def keep(probs, kind):
-            image_tokens = hidden_states.shape[1] if kind == "joint" else None
-            self.add_denoiser(probs, attn.heads, kind, image_tokens)
+        def keep(probs, kind, image_tokens):
+            self.add_denoiser(probs, attn.heads, kind, image_tokens if kind == "joint" else None)
 
-        return family.explicit_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb, keep)
+        return family.hooked_attention(attn, args, kwargs, self.latent_size, keep)
 
 
-def _text_attention(model, module, hidden_states, attention_mask, state: RelevanceState, first: bool):
-    """The family's text attention redone explicitly; its probabilities go to ``state``."""
+def _text_attention(model, module, args: tuple, kwargs: dict, state: RelevanceState, first: bool):
+    """The family's text attention redone explicitly (``Family.hooked_text_attention``); its probabilities
+    go to ``state``; returns what the module returns."""
+    hidden_states = call_argument(args, kwargs, 0, "hidden_states")
     if first:  # a leaf, so the graph reaches every attention map even when the weights are frozen
         hidden_states = hidden_states.detach().requires_grad_(True)
         state.text_leaf = hidden_states
-    output, probs = model.family.text_attention(module, hidden_states, attention_mask)
+    output, probs = model.family.hooked_text_attention(module, args, kwargs, hidden_states)
     state.add_text(probs)
-    return output, probs
-
-
-def _argument(args, kwargs, index: int, name: str):
-    return kwargs[name] if name in kwargs else (args[index] if len(args) > index else None)
+    return output
 
 
 @contextmanager
@@ -108,17 +113,13 @@ def relevance_hooks(model, state: RelevanceState):
     def denoiser_hook(module, args, kwargs, output):
         if threading.get_ident() != thread:
             return None
-        hidden_states = _argument(args, kwargs, 0, "hidden_states")
-        encoder_hidden_states = _argument(args, kwargs, 1, "encoder_hidden_states")
-        attention_mask = _argument(args, kwargs, 2, "attention_mask")
-        return state.attend(model.family, module, hidden_states, encoder_hidden_states, attention_mask, kwargs.get("temb"))
+        return state.attend(model.family, module, args, kwargs)
 
     def text_hook(first: bool):
         def hook(module, args, kwargs, output):
             if threading.get_ident() != thread:
                 return None
-            hidden_states = _argument(args, kwargs, 0, "hidden_states")
-            return _text_attention(model, module, hidden_states, kwargs.get("attention_mask"), state, first)
+            return _text_attention(model, module, args, kwargs, state, first)
 
         return hook
 
@@ -264,7 +265,8 @@ class TokenRelevance(GradientMethod):
     def relevance(self, model, run: RunData, step: int) -> torch.Tensor:
         """R_iq (N image tokens, L text positions) of ``step``, float32 on the model's device."""
         inputs = step_inputs(model, run, step)
-        state = RelevanceState(inputs.conditional_index, batch_size=inputs.conditioning.halves, rectify=self.rectify)
+        state = RelevanceState(inputs.conditional_index, batch_size=inputs.conditioning.halves, rectify=self.rectify,
+                               latent_size=tuple(inputs.latents.shape[-2:]))
         ids = torch.tensor([run.tokens.ids], device=model.device)
         with relevance_hooks(model, state), torch.enable_grad():
             conditioning = model.family.encode_ids(model.pipe, ids, inputs.conditioning)  # through the hooked text attention

@@ -18,9 +18,11 @@ START, END, PADDING = "<start>", "<end>", "<padding>"
 
 
 def token_labels(run: RunData, include_special: bool = False) -> list[str]:
-    """The words of the prompt, and with ``include_special`` the start, end and padding tokens."""
+    """The words of the prompt, and with ``include_special`` the start (where the encoder has one), end
+    and padding tokens."""
     words = run.tokens.word_texts
-    return [START, *words, END, PADDING] if include_special else list(words)
+    start = [START] if run.tokens.has_start else []
+    return [*start, *words, END, PADDING] if include_special else list(words)
 
 
 def _rows(run: RunData, label_index: int, include_special: bool) -> list[int]:
@@ -28,6 +30,8 @@ def _rows(run: RunData, label_index: int, include_special: bool) -> list[int]:
     tokens = run.tokens
     if not include_special:
         return list(tokens.words[label_index].positions)
+    if not tokens.has_start:  # T5: the labels start with the words
+        label_index += 1
     if label_index == 0:
         return [tokens.start_position]
     if label_index <= len(tokens.words):
