@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
 from ..capture import classic_attention
 from . import clip, ddpm
 from .base import Conditioning, Family
+from .preview import fit_linear_preview
 
 _TEXT = "encoder_hidden_states"
 _PROCESSOR_SUFFIX = ".processor"
@@ -88,22 +88,8 @@ class StableDiffusion1(Family):
             pictures = vae.decode(latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor).sample
         return pipe.image_processor.postprocess(pictures.float(), output_type=output_type, do_denormalize=[True] * len(pictures))
 
-    def fit_preview(self, pipe, samples: int = 8, grid: int = 8, seed: int = 0):
-        """Least squares from latent channels (plus a bias) to RGB, on random unit-variance latents
-        decoded at a small size, each decoded patch averaged down to its latent pixel."""
-        vae = pipe.vae
-        generator = torch.Generator().manual_seed(seed)
-        channels = vae.config.latent_channels
-        latents = torch.randn(samples, channels, grid, grid, generator=generator)
-        latents = latents.to(device=vae.device, dtype=vae.dtype)
-        with torch.inference_mode():
-            decoded = vae.decode(latents / vae.config.scaling_factor).sample.float().clamp(-1, 1)  # (S, 3, grid * f, grid * f)
-        pooled = torch.nn.functional.adaptive_avg_pool2d(decoded, grid)  # (S, 3, grid, grid)
-        inputs = latents.float().permute(0, 2, 3, 1).reshape(-1, channels).cpu().numpy()
-        inputs = np.concatenate([inputs, np.ones((len(inputs), 1), np.float32)], axis=1)
-        targets = pooled.permute(0, 2, 3, 1).reshape(-1, 3).cpu().numpy()
-        factors, *_ = np.linalg.lstsq(inputs, targets, rcond=None)
-        return factors.astype(np.float32)
+    def fit_preview(self, pipe):
+        return fit_linear_preview(pipe.vae, lambda latents: latents / pipe.vae.config.scaling_factor)
 
     def cross_attention_sites(self, denoiser):
         return [

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
@@ -15,6 +14,7 @@ from ..capture import joint_attention
 from ..schedules import flow_sigmas
 from . import clip
 from .base import Conditioning, Family
+from .preview import fit_linear_preview
 
 _TEXT = "encoder_hidden_states"
 _POOLED = "pooled_projections"
@@ -150,21 +150,8 @@ class StableDiffusion3(Family):
             pictures = vae.decode(_vae_input(vae, latents.to(device=vae.device, dtype=vae.dtype))).sample
         return pipe.image_processor.postprocess(pictures.float(), output_type=output_type, do_denormalize=[True] * len(pictures))
 
-    def fit_preview(self, pipe, samples: int = 8, grid: int = 8, seed: int = 0):
-        """Least squares from latent channels (plus a bias) to RGB, on random unit-variance latents
-        decoded at a small size, each decoded patch averaged down to its latent pixel."""
-        vae = pipe.vae
-        generator = torch.Generator().manual_seed(seed)
-        channels = vae.config.latent_channels
-        latents = torch.randn(samples, channels, grid, grid, generator=generator).to(device=vae.device, dtype=vae.dtype)
-        with torch.inference_mode():
-            decoded = vae.decode(_vae_input(vae, latents)).sample.float().clamp(-1, 1)  # (S, 3, grid * f, grid * f)
-        pooled = torch.nn.functional.adaptive_avg_pool2d(decoded, grid)  # (S, 3, grid, grid)
-        inputs = latents.float().permute(0, 2, 3, 1).reshape(-1, channels).cpu().numpy()
-        inputs = np.concatenate([inputs, np.ones((len(inputs), 1), np.float32)], axis=1)
-        targets = pooled.permute(0, 2, 3, 1).reshape(-1, 3).cpu().numpy()
-        factors, *_ = np.linalg.lstsq(inputs, targets, rcond=None)
-        return factors.astype(np.float32)
+    def fit_preview(self, pipe):
+        return fit_linear_preview(pipe.vae, lambda latents: _vae_input(pipe.vae, latents))
 
     # --- attention and layers
     def cross_attention_sites(self, denoiser):

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
 import torch
 from diffusers import StableDiffusionXLPipeline
 
 from .base import Conditioning
+from .preview import fit_linear_preview
 from .sd1 import StableDiffusion1
 
 _TEXT = "encoder_hidden_states"  # (halves, L, D_1 + D_2): both encoders' penultimate states side by side
@@ -133,21 +133,9 @@ class StableDiffusionXL(StableDiffusion1):
             pictures = vae.decode(vae_input(vae, latents.to(device=vae.device, dtype=vae.dtype))).sample
         return pipe.image_processor.postprocess(pictures.float(), output_type=output_type, do_denormalize=[True] * len(pictures))
 
-    def fit_preview(self, pipe, samples: int = 8, grid: int = 8, seed: int = 0):
-        """Least squares from latent channels (plus a bias) to RGB, on random unit-variance latents
-        decoded at a small size, each decoded patch averaged down to its latent pixel."""
+    def fit_preview(self, pipe):
         vae = decoding_vae(pipe)
-        generator = torch.Generator().manual_seed(seed)
-        channels = vae.config.latent_channels
-        latents = torch.randn(samples, channels, grid, grid, generator=generator).to(device=vae.device, dtype=vae.dtype)
-        with torch.inference_mode():
-            decoded = vae.decode(vae_input(vae, latents)).sample.float().clamp(-1, 1)  # (S, 3, grid * f, grid * f)
-        pooled = torch.nn.functional.adaptive_avg_pool2d(decoded, grid)  # (S, 3, grid, grid)
-        inputs = latents.float().permute(0, 2, 3, 1).reshape(-1, channels).cpu().numpy()
-        inputs = np.concatenate([inputs, np.ones((len(inputs), 1), np.float32)], axis=1)
-        targets = pooled.permute(0, 2, 3, 1).reshape(-1, 3).cpu().numpy()
-        factors, *_ = np.linalg.lstsq(inputs, targets, rcond=None)
-        return factors.astype(np.float32)
+        return fit_linear_preview(vae, lambda latents: vae_input(vae, latents))
 
     # --- token relevance
     def encode_ids(self, pipe, ids, conditioning):
