@@ -140,11 +140,11 @@ def stream(model_id: str, runs: list[RunSettings], endpoint: str):
     except ValueError as error:
         raise refusal(endpoint, error) from error
     # The run goes ahead in a thread: rendering and sending an update never holds it back.
-    for (data, step), waiting in run_ahead(_collect(spec.id, runs)):
+    for (data, step), waiting in run_ahead(collect(spec.id, runs)):
         yield data, step, waiting
 
 
-def _collect(model_id: str, runs: list[RunSettings], runner=None):
+def collect(model_id: str, runs: list[RunSettings], runner=None):
     """Yield (runs, step) each time every run has finished ``step``; the runs fill in place.
     ``runner`` does the work (default: ``gpu.run_on_device``)."""
     data: list[RunData] = []

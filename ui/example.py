@@ -32,7 +32,7 @@ def make() -> tuple[list[RunData], str]:
     """Run the example on this machine (the default model runs on a CPU) with every step decoded,
     and write its animation once for every visitor."""
     runs: list[RunData] = []
-    for runs, _ in denoise._collect(DEFAULT_MODEL, [settings_of_example()], runner=gpu.run_here):
+    for runs, _ in denoise.collect(DEFAULT_MODEL, [settings_of_example()], runner=gpu.run_here):
         pass
     gpu.decode(DEFAULT_MODEL, runs[0].records)
     folder = OUTPUT_ROOT / "example"
