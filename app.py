@@ -70,7 +70,7 @@ def serve() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     share_cpu_cores(settings.APP.max_concurrent_runs)  # a CPU server: each concurrent run gets its cores
     example.ready(timeout=settings.APP.example_wait_s)  # the first visitor sees it at once
-    demo.launch(allowed_paths=[str(OUTPUT_ROOT)])
+    demo.launch(allowed_paths=[str(OUTPUT_ROOT)], mcp_server=True)  # every named endpoint is also an MCP tool
 
 
 if __name__ == "__main__":

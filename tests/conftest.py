@@ -59,7 +59,7 @@ def url():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    app.demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    app.demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, mcp_server=True)
     app.example.ready(timeout=120)  # as `python app.py` serves: with the first view's example made
     try:
         yield f"http://127.0.0.1:{port}/"

@@ -1,11 +1,15 @@
 """The launched app, driven through gradio_client as an API user would."""
 
+import ast
+import asyncio
 import dataclasses
 import json
 import threading
 import time
 import zipfile
+from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -14,7 +18,8 @@ from gradio_client import Client
 from explainer import config
 
 # /denoise outputs, in order
-PRED_A, NOISY_A, PRED_B, NOISY_B, STATUS, CHART, OVERLAYS, CONCEPTS, DATA = range(9)
+PRED_A, NOISY_A, PRED_B, NOISY_B, STATUS, CHART, OVERLAYS, CONCEPTS, DATA, RUN_ID = range(10)
+ATTENTION_ARGS = ("cat", 2, "this step", 1, 3, [], "prediction", 0.8, False, "first prompt")  # after a 3-step run
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +27,17 @@ def client(url):
     return Client(url, verbose=False)
 
 
-def denoise_args(prompt="a cat on a red circle", steps=4, **changes):
+def denoise_kwargs(prompt="a cat on a red circle", steps=4, **changes) -> dict:
+    """/denoise's arguments by name: a small run of the tiny model."""
     args = dict(
         model_id="tiny-random", prompt=prompt, prompt_b="", negative="", seed=1, steps=steps, guidance=5.0,
         width=64, height=64, schedule="uniform", concentration=60, custom="",
     )
-    args.update(changes)
-    return list(args.values())
+    return args | changes
+
+
+def denoise_args(*args, **changes) -> list:
+    return list(denoise_kwargs(*args, **changes).values())
 
 
 def test_only_named_endpoints_are_public(client):
@@ -56,7 +65,7 @@ def test_a_slow_page_skips_pictures_not_steps_and_does_not_hold_the_run_back():
 
     updates, session = [], None
     for *outputs, session in denoise(*denoise_args(steps=8), None):
-        updates.append(outputs[-1])
+        updates.append(outputs[DATA])
         time.sleep(0.3)  # a page that takes long to draw: the run meanwhile goes on
     assert len(updates) < 8 and updates[-1]["step"] == 8
     assert [summary["step"] for data in updates for summary in data["steps"]] == list(range(1, 9))
@@ -152,6 +161,72 @@ def test_attention_concepts_and_export_read_the_session_run(url):
         record = json.loads(opened.read("run.json"))
     assert "step_001/attention.npy" in names and "final.png" in names
     assert record["reproduction"]["settings"]["seed"] == 1 and len(record["steps"]) == 3
+
+
+def test_a_run_id_names_the_run_for_a_client_without_that_session(url):
+    """What an MCP agent does: /denoise's run id, passed by a client with no session of that run,
+    reads that run; and a later run of the first client does not change what the id names."""
+    first = Client(url, verbose=False)
+    run_id = list(first.submit(*denoise_args(steps=3), api_name="/denoise"))[-1][RUN_ID]
+    _, own_npy, own = first.predict(*ATTENTION_ARGS, api_name="/attention")  # the session's run, as before
+    _, npy, summary = Client(url, verbose=False).predict(*ATTENTION_ARGS, run_id, api_name="/attention")
+    assert summary == own and np.array_equal(np.load(npy), np.load(own_npy))
+    first.predict(*denoise_args(prompt="a dog", steps=2), api_name="/denoise")
+    assert first.predict(*ATTENTION_ARGS, run_id, api_name="/attention")[2] == own
+
+
+def test_the_run_ids_keep_the_latest_runs_only():
+    from ui.session import RunIds
+
+    ids = RunIds(limit=2)
+    first, *later = [ids.add([f"run {n}"]) for n in range(3)]
+    folder = ids.sessions[later[0]].folder
+    assert len({first, *later}) == 3 and all(len(run_id) >= 20 for run_id in later)  # unguessable
+    assert [ids.get(run_id).run(0) for run_id in later] == ["run 1", "run 2"]
+    with pytest.raises(ValueError, match="Unknown run_id.*the last 2 runs"):
+        ids.get(first)  # the oldest is dropped...
+    ids.add(["run 3"])
+    assert not folder.exists()  # ... with its files
+
+
+def test_the_mcp_schema_describes_every_tool_and_argument_from_the_docstrings(url):
+    tools = {tool["name"]: tool for tool in httpx.get(f"{url}gradio_api/mcp/schema").json()}
+    assert set(tools) == {"denoise", "attention", "spot", "concept_maps", "concepts", "relevance", "compare_schedules",
+                          "compare_guidance", "saliency", "export_run"}
+    for tool in tools.values():  # a docstring's Args name every argument (a misspelt name leaves one undescribed)
+        assert tool["description"] and all(p["description"] for p in tool["inputSchema"]["properties"].values()), tool["name"]
+    attention = tools["attention"]["inputSchema"]
+    assert "session" not in attention["properties"] and "run_id" not in attention.get("required", [])
+    assert attention["properties"]["run_id"]["description"].startswith("The run_id that /denoise returned")
+    assert attention["properties"]["word"]["description"].startswith("A word of the prompt")
+    assert "run_id" in tools["denoise"]["description"]
+    assert "required" not in tools["denoise"]["inputSchema"]  # every argument has the page's default: a prompt is enough
+
+
+def test_an_mcp_client_runs_the_model_and_reads_the_run_by_its_id(url):
+    mcp = pytest.importorskip("mcp")
+    from mcp.client.streamable_http import streamablehttp_client
+
+    async def calls():
+        async with streamablehttp_client(f"{url}gradio_api/mcp/") as (read, write, _):
+            async with mcp.ClientSession(read, write) as session:
+                await session.initialize()
+                tools = {tool.name for tool in (await session.list_tools()).tools}
+                ran = await session.call_tool("denoise", denoise_kwargs(steps=3))
+                run_id = ran.content[-1].text
+                scores = await session.call_tool("concepts", {"score": "mass", "run_id": run_id})
+                unknown = await session.call_tool("concepts", {"score": "mass", "run_id": "no-such-run"})
+                anyones = await session.call_tool("concepts", {"score": "mass"})  # the shared session's latest run
+                return tools, run_id, scores, unknown, anyones
+
+    tools, run_id, scores, unknown, anyones = asyncio.run(calls())
+    assert anyones.isError and "Give run_id" in anyones.content[0].text
+    assert "| no run id over MCP |" in (Path(__file__).resolve().parent.parent / "docs" / "bad-input.md").read_text()
+    assert {"denoise", "concepts", "attention"} <= tools
+    assert not scores.isError and ast.literal_eval(scores.content[-1].text)["steps"] == [1, 2, 3]
+    assert unknown.isError and "Unknown run_id" in unknown.content[0].text
+    summary = Client(url, verbose=False).predict(*ATTENTION_ARGS, run_id, api_name="/attention")[2]
+    assert summary["steps"] == [2]  # the agent's run, for anyone given its id
 
 
 def test_compare_guidance_runs_the_same_noise_at_each_value_and_draws_their_paths(client):

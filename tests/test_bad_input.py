@@ -146,6 +146,14 @@ def test_bad_guidance_lists_and_concept_scores(client):
     assert client.predict("mass", api_name="/concepts")[2]["score"] == "mass"
 
 
+def test_an_unknown_run_id_is_refused_with_a_message_naming_run_id(client):
+    assert "| an unknown run id |" in TABLE
+    with pytest.raises(Exception, match="Unknown run_id 'no-such-run': no run has that id"):
+        client.predict("peak", "no-such-run", api_name="/concepts")
+    with pytest.raises(Exception, match="Unknown run_id"):
+        client.predict("no-such-run", api_name="/export")
+
+
 def test_steps_are_checked_against_the_runs_own_count(client):
     """After a run longer than the page's first slider maximum (20), every step of it can be asked for."""
     assert "| a step beyond the run |" in TABLE

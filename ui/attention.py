@@ -10,8 +10,9 @@ from explainer.render import charts, pictures, views
 from explainer.run import RunData, StepRecord
 
 from . import gpu
-from .page import DEFAULT_SPEC, MIN_MAX_TICKS, colour_bar, intro, notice_line, on_page, refusal, serve_both, step_slider
-from .session import check_step, current
+from .page import (DEFAULT_SPEC, MIN_MAX_TICKS, colour_bar, intro, notice_line, on_page, refusal, run_id_input, serve_both,
+                   step_slider)
+from .session import by_run_id, check_step, current
 
 AGGREGATIONS = ["this step", "range of steps", "all steps"]
 
@@ -74,13 +75,34 @@ class AttentionTab:
                 self.concept_data = gr.JSON(label="The concepts")
 
 
-def attention(word, step, aggregation, start, end, groups, view, opacity, include_special, which, session):
-    """One word's cross-attention map: at a step, over a range of steps, or over all steps, for chosen
-    layer groups. Returns the overlay, the raw map as a .npy file (H_lat x W_lat) and a JSON summary."""
+def attention(word, step, aggregation, start, end, groups, view, opacity, include_special, which, session, run_id=""):
+    """Where the picture looks at one word of the prompt (its cross-attention map) in a finished run:
+    at a step, over a range of steps, or over all steps, in chosen layer groups.
+
+    Args:
+        word: A word of the prompt, as in the "words" of /denoise's data ("<start>", "<end>", "<padding>" with include_special).
+        step: The step (1-based) shown when aggregation is "this step", and whose picture is under the map.
+        aggregation: "this step", "range of steps" (from start to end) or "all steps".
+        start: The first step of the range (1-based), used when aggregation is "range of steps".
+        end: The last step of the range (1-based, not before start), used when aggregation is "range of steps".
+        groups: Layer groups to sum, such as "up 16×16" (the names are in the summary); an empty list sums all layers.
+        view: The picture under the map: "prediction" (the predicted finished image) or "noisy" (the noisy image).
+        opacity: How strongly the map covers the picture, from 0 to 1.
+        include_special: Whether the start, end and padding tokens may be chosen as the word.
+        which: "first prompt", or "second prompt" for a run made with a second prompt.
+        session: The caller's session, kept by the app (not an API argument).
+        run_id: The run_id that /denoise returned; empty for the latest run of this caller's session.
+
+    Returns:
+        the map over the picture
+        the map as a .npy file (one value per latent cell)
+        a JSON summary (steps, layers, min, max)
+    """
     try:
+        session = by_run_id(session, run_id)
         runs = current(session)
         if which == "second prompt" and len(runs) < 2:
-            raise ValueError("The latest run has no second prompt.")
+            raise ValueError("The run has no second prompt.")
         run = runs[1 if which == "second prompt" else 0]
         labels = views.token_labels(run, include_special)
         if word not in labels:
@@ -105,15 +127,28 @@ def attention(word, step, aggregation, start, end, groups, view, opacity, includ
     return pictures.overlay(picture, saliency, float(opacity)), str(path), summary
 
 
-def spot(x, y, step, which, session):
-    """Where one spot looks at a step of the latest run: ``x``, ``y`` its place as fractions of the
-    picture's width and height (0 to 1, from the top left). Returns the spot's self-attention over
-    the picture as an overlay (the spot marked), a bar chart of the share of its attention that goes
-    to each word, and both as JSON."""
+def spot(x, y, step, which, session, run_id=""):
+    """Where one spot of the picture looks at a step of a finished run: its self-attention over the
+    picture and the share of its attention that goes to each word of the prompt.
+
+    Args:
+        x: The spot's place across the picture, as a fraction of its width (0 left, 1 right).
+        y: The spot's place down the picture, as a fraction of its height (0 top, 1 bottom).
+        step: The step of the run (1-based).
+        which: "first prompt", or "second prompt" for a run made with a second prompt.
+        session: The caller's session, kept by the app (not an API argument).
+        run_id: The run_id that /denoise returned; empty for the latest run of this caller's session.
+
+    Returns:
+        the spot's self-attention over the picture, the spot marked
+        a bar chart of its attention per word
+        both as JSON
+    """
     try:
+        session = by_run_id(session, run_id)
         runs = current(session)
         if which == "second prompt" and len(runs) < 2:
-            raise ValueError("The latest run has no second prompt.")
+            raise ValueError("The run has no second prompt.")
         run = runs[1 if which == "second prompt" else 0]
         check_step(run, step)
         for name, value in (("x", x), ("y", y)):
@@ -135,15 +170,29 @@ def spot(x, y, step, which, session):
     return picture, words, data
 
 
-def concept_maps(concepts, step, blocks, which, session):
-    """ConceptAttention at a step of the latest run (an SD 3 family model): ``concepts`` as words with
-    commas between (open vocabulary: they need not be in the prompt). Returns the output-space maps
-    (each spot's shares over the concepts) and the raw-attention maps as overlays, and as JSON each
-    concept's share of the picture."""
+def concept_maps(concepts, step, blocks, which, session, run_id=""):
+    """ConceptAttention: where each of some concepts is drawn at a step of a finished run, on a model
+    whose blocks attend jointly over picture and text (Stable Diffusion 3); the concepts need not be
+    in the prompt, and the picture does not change.
+
+    Args:
+        concepts: The concepts, as words with commas between, e.g. "circle, square, background".
+        step: The step of the run (1-based).
+        blocks: The blocks whose attention is used: "all" or "last half" (the deeper half).
+        which: "first prompt", or "second prompt" for a run made with a second prompt.
+        session: The caller's session, kept by the app (not an API argument).
+        run_id: The run_id that /denoise returned; empty for the latest run of this caller's session.
+
+    Returns:
+        per concept its share of every spot, over the picture
+        per concept where the picture looks for it (raw attention)
+        as JSON each concept's share of the picture
+    """
     try:
+        session = by_run_id(session, run_id)
         runs = current(session)
         if which == "second prompt" and len(runs) < 2:
-            raise ValueError("The latest run has no second prompt.")
+            raise ValueError("The run has no second prompt.")
         run = runs[1 if which == "second prompt" else 0]
         check_step(run, step)
         words = tuple(word.strip() for word in (concepts or "").split(",") if word.strip())
@@ -186,16 +235,17 @@ def _steps_for(run: RunData, aggregation: str, step: int, start: int, end: int) 
 def build(session: gr.State) -> AttentionTab:
     """The Attention tab in the current Blocks context; its Show button serves ``/attention``."""
     tab = AttentionTab()
+    run_id = run_id_input()
     inputs = [tab.word, tab.step, tab.aggregation, tab.start, tab.end, tab.groups, tab.view, tab.opacity, tab.include_special,
-              tab.which, session]
+              tab.which, session, run_id]
     serve_both(tab.show, attention, inputs, [tab.overlay, tab.npy, tab.summary], "attention", notice=tab.notice)
     spot_outputs = [tab.spot_map, tab.spot_words, tab.spot_data]
     tab.overlay.select(on_page(spot_on_page, len(spot_outputs)), [tab.overlay, tab.step, tab.which, session],
                        spot_outputs + [tab.spot_notice], api_visibility="private", **gpu.queue())
     spot_x, spot_y = gr.Number(visible=False), gr.Number(visible=False)  # the API's place of the spot
-    gr.Button(visible=False).click(spot, [spot_x, spot_y, tab.step, tab.which, session], spot_outputs, api_name="spot",
+    gr.Button(visible=False).click(spot, [spot_x, spot_y, tab.step, tab.which, session, run_id], spot_outputs, api_name="spot",
                                    **gpu.queue())
     concept_outputs = [tab.concept_maps, tab.concept_raw, tab.concept_data]
-    serve_both(tab.concept_button, concept_maps, [tab.concepts, tab.step, tab.concept_blocks, tab.which, session],
+    serve_both(tab.concept_button, concept_maps, [tab.concepts, tab.step, tab.concept_blocks, tab.which, session, run_id],
                concept_outputs, "concept_maps", notice=tab.concept_notice, **gpu.queue())
     return tab

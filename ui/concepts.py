@@ -15,8 +15,8 @@ from explainer.run import RunData
 
 from . import gpu, settings
 from .denoise import DenoiseTab, run_settings, stream, up_to
-from .page import intro, notice_line, refusal, serve_both
-from .session import current
+from .page import intro, notice_line, refusal, run_id_input, serve_both
+from .session import by_run_id, current
 
 RELEVANCE_RECTIFY_INFO = ("Whatever way a word pushes the model's result (abs), or only the way that raises it (relu, "
                           "the paper's), which misses part of what the model draws.")
@@ -82,14 +82,24 @@ class ConceptsTab:
             self.guidance_data = gr.JSON(label="Scores per guidance value", max_height=240)
 
 
-def concepts(score, session):
-    """Concept chart (the quick score of every word at every step), per-word totals, and the series as
-    JSON. ``score``: "peak" (each word's peak attention, relative to the strongest word's) or "mass"
-    (the paper's attention mass, min-max per step)."""
+def concepts(score, session, run_id=""):
+    """Which word of the prompt a finished run draws at each step, by a quick score of its recorded
+    attention (nothing is computed again).
+
+    Args:
+        score: "peak" (each word's peak attention, relative to the strongest word's) or "mass" (the paper's attention mass).
+        session: The caller's session, kept by the app (not an API argument).
+        run_id: The run_id that /denoise returned; empty for the latest run of this caller's session.
+
+    Returns:
+        a chart of every word's score at every step
+        a bar chart of the totals over the steps
+        the scores as JSON
+    """
     try:
         if score not in ATTENTION_SCORES:
             raise ValueError(f"score must be one of {ATTENTION_SCORES}, got {score!r}.")
-        runs = current(session)
+        runs = current(by_run_id(session, run_id))
     except ValueError as error:
         raise refusal("/concepts", error) from error
     return _concept_outputs(runs[0], "this run", score=score)
@@ -105,13 +115,23 @@ def _concept_outputs(run: RunData, title: str, on_time_axis: bool = False, score
     return chart, charts.token_bars(totals, f"Totals: {title}"), data
 
 
-def relevance(rectify, session):
-    """The paper's concept measure: gradient-weighted attention relevance (docs/methods.md, Token relevance) of every word at
-    every step of the latest run (one forward and backward pass per step), as a chart, totals and JSON.
-    ``rectify``: "abs" (default) keeps |gradient x attention|, "relu" the paper's positive part."""
+def relevance(rectify, session, run_id=""):
+    """The paper's concept measure, token relevance: gradient-weighted attention of every word of the
+    prompt at every step of a finished run (one forward and backward pass of the model per step).
+
+    Args:
+        rectify: "abs" (gradient x attention, whichever way it pushes) or "relu" (only its positive part, the paper's).
+        session: The caller's session, kept by the app (not an API argument).
+        run_id: The run_id that /denoise returned; empty for the latest run of this caller's session.
+
+    Returns:
+        a chart of every word's relevance at every step
+        a bar chart of the totals over the steps
+        the relevance as JSON
+    """
     try:
         TokenRelevance(rectify=rectify)  # the option's check, before any GPU work
-        run = current(session)[0]
+        run = current(by_run_id(session, run_id))[0]
         series = gpu.relevance_on_device(run.model_id, run.for_computing(), rectify)
     except ValueError as error:
         raise refusal("/relevance", error) from error
@@ -124,9 +144,25 @@ def relevance(rectify, session):
 
 
 def compare_schedules(model_id, prompt, negative, seed, steps, guidance, width, height, concentration):
-    """The same prompt and seed under the uniform, early and latter schedules, side by side
-    (the paper's Fig. 6 and 11): three final images, three concept charts drawn against the
-    model's time (where each schedule's steps fall), three bar charts, JSON."""
+    """Three new runs of the same prompt and seed under the uniform, early and latter time-step
+    schedules, side by side (the paper's Fig. 6 and 11), streamed step by step.
+
+    Args:
+        model_id: The model, one of the ids /denoise accepts (e.g. "embedded/shapes-ldm").
+        prompt: What to draw.
+        negative: What to steer away from ("" for nothing).
+        seed: The starting noise's seed (-1 for a random one).
+        steps: How many denoising steps each run takes.
+        guidance: How strictly the model follows the prompt (classifier-free guidance scale).
+        width: The picture's width in pixels (a multiple of 8).
+        height: The picture's height in pixels (a multiple of 8).
+        concentration: How strongly the early and latter schedules crowd their steps (λ, 0 or more).
+
+    Returns:
+        per schedule its final image, its concept chart (against the model's time) and its bar chart of totals
+        the runs' paths from noise to picture
+        the scores as JSON
+    """
     try:
         runs = [run_settings(model_id, prompt, negative, seed, steps, guidance, width, height, kind, concentration, "")
                 for kind in config.SCHEDULE_KINDS]
@@ -176,9 +212,27 @@ def compare_guidance_on_page(*inputs):
 
 
 def compare_guidance(model_id, prompt, negative, seed, steps, width, height, schedule, concentration, custom, guidances):
-    """The same prompt and seed at several guidance values (``guidances``: "1, 3, 7.5", up to
-    ``APP.max_compared_guidances``) side by side: per value its final image and concept chart (empty
-    slots: None), then the runs' latent paths on one plane and the scores as JSON."""
+    """New runs of the same prompt and seed at several guidance values, side by side, streamed step
+    by step: how strictly the model follows the prompt changes what it draws, and when.
+
+    Args:
+        model_id: The model, one of the ids /denoise accepts (e.g. "embedded/shapes-ldm").
+        prompt: What to draw.
+        negative: What to steer away from ("" for nothing).
+        seed: The starting noise's seed (-1 for a random one).
+        steps: How many denoising steps each run takes.
+        width: The picture's width in pixels (a multiple of 8).
+        height: The picture's height in pixels (a multiple of 8).
+        schedule: The time-step schedule: "uniform", "early", "latter" or "custom".
+        concentration: How strongly the early and latter schedules crowd their steps (λ, 0 or more).
+        custom: The timesteps of a "custom" schedule, strictly decreasing with commas between, e.g. "999, 500, 50".
+        guidances: Two to four guidance values with commas between, e.g. "1, 3, 7.5".
+
+    Returns:
+        per value its final image and concept chart (four slots, None where unused)
+        the runs' paths from noise to picture
+        the scores as JSON
+    """
     try:
         values = parse_guidances(guidances)
         runs = [run_settings(model_id, prompt, negative, seed, steps, value, width, height, schedule, concentration, custom)
@@ -203,8 +257,10 @@ def build(session: gr.State, run: DenoiseTab) -> ConceptsTab:
     ``/compare_schedules`` and ``/compare_guidance`` (the last two from the Denoise tab's settings, ``run``)."""
     tab = ConceptsTab()
     outputs = [tab.chart, tab.bars, tab.data]
-    serve_both(tab.refresh, concepts, [tab.score, session], outputs, "concepts", notice=tab.notice)
-    serve_both(tab.relevance, relevance, [tab.rectify, session], outputs, "relevance", notice=tab.notice, **gpu.queue())
+    run_id = run_id_input()
+    serve_both(tab.refresh, concepts, [tab.score, session, run_id], outputs, "concepts", notice=tab.notice)
+    serve_both(tab.relevance, relevance, [tab.rectify, session, run_id], outputs, "relevance", notice=tab.notice,
+               **gpu.queue())
     compare_inputs = [run.model_id, run.prompt, run.negative, run.seed, run.steps, run.guidance, run.width, run.height, run.concentration]
     serve_both(tab.compare, compare_schedules, compare_inputs, tab.grid + [tab.schedule_paths, tab.compare_data],
                "compare_schedules", notice=tab.compare_notice, **gpu.queue())

@@ -17,7 +17,7 @@ from explainer.schedules import parse_timestep_list
 
 from . import gpu, settings
 from .page import DEFAULT_MODEL, DEFAULT_SPEC, colour_bar, intro, model_choices, on_page, refusal, serve_both, step_slider
-from .session import Session, check_step, current
+from .session import RUNS, Session, check_step, current
 from .streaming import UpdateBudget, run_ahead
 
 LIMITS = config.LIMITS
@@ -36,7 +36,7 @@ class DenoiseTab:
         with gr.Row():
             with gr.Column(scale=1):
                 self.prompt = gr.Textbox(label="Prompt", value=DEFAULT_SPEC.examples[0], max_lines=3)
-                self.prompt_b = gr.Textbox(label="Second prompt (optional): compared from the same starting noise", max_lines=2)
+                self.prompt_b = gr.Textbox("", label="Second prompt (optional): compared from the same starting noise", max_lines=2)
                 self.model_id = gr.Dropdown(choices=model_choices(gpu.on_gpu()), value=DEFAULT_MODEL, label="Model")
                 with gr.Row():
                     self.seed = gr.Number(label="Seed (-1: random)", value=config.DEFAULTS.seed, precision=0)
@@ -51,7 +51,7 @@ class DenoiseTab:
                         self.width = gr.Slider(value=DEFAULT_SPEC.width, label="Width", **sides)
                         self.height = gr.Slider(value=DEFAULT_SPEC.height, label="Height", **sides)
                     self.concentration = gr.Slider(0, settings.APP.concentration_slider_max, value=config.DEFAULTS.concentration, step=1, label="How strongly early and latter crowd the steps")
-                    self.custom = gr.Textbox(label="Custom timesteps (schedule = custom)", placeholder="999, 800, 600, 400, 200, 50")
+                    self.custom = gr.Textbox("", label="Custom timesteps (schedule = custom)", placeholder="999, 800, 600, 400, 200, 50")
                     gr.Markdown(f"Limits: up to {LIMITS.max_steps} steps, sides {LIMITS.min_side}–{LIMITS.max_side} px in multiples of {LIMITS.side_multiple}.")
                 self.run = gr.Button("Run", variant="primary")
                 self.examples = gr.Dataset(components=[self.prompt], samples=[[p] for p in DEFAULT_SPEC.examples], label="Examples")
@@ -79,6 +79,8 @@ class DenoiseTab:
                     self.paths = gr.Image(label="The path from noise to picture (each dot a step)", type="pil", height=220)
                 with gr.Accordion("Data", open=False):
                     self.data = gr.JSON(label="This step's numbers")
+                    self.run_id = gr.Textbox(label="Run id", interactive=False, buttons=["copy"],
+                                             info="Names this run for the API and MCP tools (their run_id argument).")
 
     def run_inputs(self) -> list:
         """``denoise``'s inputs but the session, in its order."""
@@ -110,7 +112,8 @@ class AfterRun:
 
 AFTER_RUN_OUTPUTS = len(dataclasses.fields(AfterRun))
 STEP_OUTPUTS = 9  # step_view's
-PAGE_OUTPUTS = STEP_OUTPUTS + 2 + AFTER_RUN_OUTPUTS  # the Run button's on the page: with the session and the second prompt's row
+# the Run button's on the page: with the run id, the session and the second prompt's row
+PAGE_OUTPUTS = STEP_OUTPUTS + 3 + AFTER_RUN_OUTPUTS
 
 
 def word_scale_bar(own_scale: bool):
@@ -219,11 +222,32 @@ def step_view(runs: list[RunData], step: int, streaming: bool = False, since: in
 
 def denoise(model_id, prompt, prompt_b, negative, seed, steps, guidance, width, height, schedule, concentration, custom, session,
             own_scale=False):
-    """Run the model and stream its steps: for each prompt the prediction view and the noisy view,
-    then a status line, the noise-level chart, one attention overlay per word, the concept chart and
-    the step's data as JSON (timestep, sigma, per-word scores; "steps": the same for every step
-    since the last update, so none is lost when the page falls behind). A second prompt runs from
-    the same noise. The word overlays share one scale unless ``own_scale`` (the page's toggle)."""
+    """Run a text-to-image diffusion model and stream its steps: what it thinks the finished picture
+    is, the noisy picture it holds, and where each word of the prompt is looked at. A second prompt
+    runs from the same noise. The run is kept: pass the returned run_id to the other tools.
+
+    Args:
+        model_id: The model: "embedded/shapes-ldm" (small, runs on a CPU) or a Stable Diffusion id from the page's list.
+        prompt: What to draw.
+        prompt_b: A second prompt, run from the same starting noise for comparison ("" for none).
+        negative: What to steer away from ("" for nothing).
+        seed: The starting noise's seed (-1 for a random one; the seed used is in the data).
+        steps: How many denoising steps to take.
+        guidance: How strictly the model follows the prompt (classifier-free guidance scale).
+        width: The picture's width in pixels (a multiple of 8).
+        height: The picture's height in pixels (a multiple of 8).
+        schedule: The time-step schedule: "uniform", "early" (dense at high noise), "latter" (dense at low noise) or "custom".
+        concentration: How strongly the early and latter schedules crowd their steps (λ, 0 or more).
+        custom: The timesteps of a "custom" schedule, strictly decreasing with commas between, e.g. "999, 500, 50".
+        session: The caller's session, kept by the app (not an API argument).
+        own_scale: Whether each word's overlay has its own colour scale (the page's toggle; not an API argument).
+
+    Returns:
+        for each prompt the predicted and the noisy picture (the second prompt's None without one)
+        a status line, the noise-level chart, one attention overlay per word and the concept chart
+        the step's data as JSON ("steps": every step since the last update)
+        the run_id
+    """
     try:
         first = run_settings(model_id, prompt, negative, seed, steps, guidance, width, height, schedule, concentration, custom)
         runs = [first] + ([RunSettings.from_dict(first.to_dict() | {"prompt": prompt_b})] if (prompt_b or "").strip() else [])
@@ -231,13 +255,13 @@ def denoise(model_id, prompt, prompt_b, negative, seed, steps, guidance, width, 
     except ValueError as error:
         raise refusal("/denoise", error) from error
     session = session or Session()
-    added = False
+    run_id = None
     last_sent = last_pictured = 0
     budget = UpdateBudget(None if gpu.on_gpu() else settings.APP.cpu_stream_share, settings.APP.max_update_gap_s)
     for now, step, waiting in stream(model_id, runs, "/denoise"):
-        if not added:
+        if run_id is None:
             session.add(now)
-            added = True
+            run_id = RUNS.add(now)  # for callers without this session, e.g. over MCP
         if waiting:
             continue  # a newer step is done: this one's facts go out with it
         with_pictures = step == len(now[0].timesteps) or budget.allows()
@@ -248,7 +272,7 @@ def denoise(model_id, prompt, prompt_b, negative, seed, steps, guidance, width, 
                 gpu.decode(model_id, [run.records[step - 1] for run in now])
             view = step_view(up_to(now, step), step, streaming=True, since=last_sent + 1, numbers_only=not with_pictures,
                              pictures_since=last_pictured + 1, own_scale=own_scale)
-            yield *view, session
+            yield *view, run_id, session
         last_sent = step
         last_pictured = step if with_pictures else last_pictured
 
@@ -292,7 +316,7 @@ def denoise_on_page(*inputs):
     prompt_b = inputs[2]
     second = gr.update(visible=bool((prompt_b or "").strip()))
     update, concepts = (), gr.skip()
-    for update in denoise(*inputs):  # the step view, then the session
+    for update in denoise(*inputs):  # the step view, then the run id and the session
         yield *update, second, *[gr.skip()] * AFTER_RUN_OUTPUTS
         second = gr.skip()
         concepts = concepts if isinstance(update[CONCEPTS], dict) else update[CONCEPTS]  # a dict: skipped
@@ -353,8 +377,8 @@ def wire_run(tab: DenoiseTab, session: gr.State, concepts, attention, saliency) 
     outputs = tab.step_outputs(concepts.chart)
     filled = AfterRun(scrubber=tab.slider, word=attention.word, step=attention.step, start=attention.start, end=attention.end,
                       groups=attention.groups, animation=tab.animation, paths=tab.paths, explained_step=saliency.step)
-    page_outputs = outputs + [session, tab.second] + filled.values()
-    serve_both(tab.run, denoise, tab.run_inputs() + [session], outputs + [session], "denoise", notice=tab.status,
+    page_outputs = outputs + [tab.run_id, session, tab.second] + filled.values()
+    serve_both(tab.run, denoise, tab.run_inputs() + [session], outputs + [tab.run_id, session], "denoise", notice=tab.status,
                page_handler=denoise_on_page, page_inputs=tab.run_inputs() + [session, tab.own_scale],
                page_outputs=page_outputs, **gpu.queue())
     # typing a step in the slider's box and dragging both fire "input"; only the latest pending one runs

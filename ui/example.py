@@ -76,4 +76,4 @@ def first_view(session: Session | None) -> tuple:
     view[denoise.STATUS] = (f"**An example run**: “{runs[0].settings.prompt}”, seed {runs[0].settings.seed}. "
                             f"Drag the step slider to look back, or type your own prompt and press **Run**.  \n"
                             + view[denoise.STATUS])
-    return (*view, session, gr.skip(), *denoise.after_run(session, gif).values())
+    return (*view, gr.skip(), session, gr.skip(), *denoise.after_run(session, gif).values())  # the example has no run id

@@ -7,15 +7,26 @@ import gradio as gr
 from explainer import export
 
 from . import gpu
-from .page import about_sections, notice_line, refusal, serve_both
-from .session import current
+from .page import about_sections, notice_line, refusal, run_id_input, serve_both
+from .session import by_run_id, current
 
 
 
-def export_run(session):
-    """A ZIP of the latest run (per-step pictures, maps as .npy and .png, run.json that reproduces it)
-    and its animation (GIF)."""
+def export_run(session, run_id=""):
+    """A finished run as files to download: a ZIP of every step's pictures, its attention maps (.npy
+    and .png) and run.json (every setting and library version needed to make it again), and its
+    animation.
+
+    Args:
+        session: The caller's session, kept by the app (not an API argument).
+        run_id: The run_id that /denoise returned; empty for the latest run of this caller's session.
+
+    Returns:
+        the ZIP file
+        the animation (GIF)
+    """
     try:
+        session = by_run_id(session, run_id)
         run = current(session)[0]
         if not run.done:
             raise ValueError("The run is still going; export when it has finished.")
@@ -35,7 +46,7 @@ def build(session: gr.State) -> None:
     notice = notice_line()
     with gr.Row():
         archive, gif = gr.File(label="Run (ZIP)"), gr.File(label="Animation (GIF)")
-    serve_both(button, export_run, [session], [archive, gif], "export", notice=notice)
+    serve_both(button, export_run, [session, run_id_input()], [archive, gif], "export", notice=notice)
     gr.Markdown(API_USE)
 
 
@@ -47,13 +58,19 @@ with their arguments):
 from gradio_client import Client
 
 client = Client("THIS_PAGE_ADDRESS")  # or a Space's name, e.g. "user/diffusion-xray"
-last_step = client.predict("embedded/shapes-ldm", "a red circle on the left", "", "", 1, 20, 5.0, 64, 64, "uniform", 60, "",
-                           api_name="/denoise")
-word_map = client.predict("circle", 20, "this step", 1, 20, [], "prediction", 0.8, False, "first prompt", api_name="/attention")
+*last_step, run_id = client.predict("embedded/shapes-ldm", "a red circle on the left", "", "", 1, 20, 5.0, 64, 64, "uniform",
+                                    60, "", api_name="/denoise")
+word_map = client.predict("circle", 20, "this step", 1, 20, [], "prediction", 0.8, False, "first prompt", run_id,
+                          api_name="/attention")  # run_id "": this client's latest run
 ```
 
 Each call returns what the page shows: pictures as files, maps as `.npy` files and the numbers as JSON.
 The repository's README walks through every endpoint.
+
+### From an AI agent (MCP)
+The same endpoints are MCP tools at this page's address followed by `gradio_api/mcp/`. Pass the `run_id` that the
+`denoise` tool returns to the others: over MCP no caller has a session of its own. This run's id is in the Denoise
+tab's Data fold.
 """
 
 

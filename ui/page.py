@@ -14,8 +14,9 @@ import os
 import tempfile
 from pathlib import Path
 
+import anyio
 import gradio as gr
-from gradio import processing_utils
+from gradio import mcp, processing_utils
 
 from explainer import config
 
@@ -56,13 +57,24 @@ def save_picture_atomically(img, cache_dir: str, name: str = "image", format: st
     return str(target)
 
 
+async def every_tool_output(self, job) -> list:
+    """Gradio's MCP server without progress reports (``GradioMCPServer._execute_tool_without_progress``),
+    but a tool's outputs one by one, as with progress reports. Gradio 6.31 takes the client's tuple
+    of outputs for one output: an agent got a single text of it, and a tool with a session output
+    (``/denoise``) failed with "pop index out of range"."""
+    result = await anyio.to_thread.run_sync(job.result)
+    return list(result) if isinstance(result, tuple) else [result]  # a tuple: several outputs (JSON has none)
+
+
 class XRayBlocks(gr.Blocks):
     """gr.Blocks whose refusals by Gradio itself (a slider's bound, a choice not in a list) are one
-    log line each, as the app's own are, instead of a traceback, and whose pictures are cached
-    with ``save_picture_atomically`` (for every Blocks in the process: the cache is Gradio's)."""
+    log line each, as the app's own are, instead of a traceback, whose pictures are cached with
+    ``save_picture_atomically`` and whose MCP tools return every output (``every_tool_output``; both
+    for every Blocks in the process: the cache and the MCP server are Gradio's)."""
 
     def __init__(self, *args, **kwargs):
         processing_utils.save_pil_to_cache = save_picture_atomically
+        mcp.GradioMCPServer._execute_tool_without_progress = every_tool_output
         super().__init__(*args, **kwargs)
 
     async def process_api(self, block_fn, *args, **kwargs):
@@ -132,6 +144,13 @@ def serve_both(trigger, handler, inputs, outputs, api_name, notice, page_handler
         page, page_outputs = on_page(page_handler or handler, len(page_outputs)), page_outputs + [notice]
     trigger.click(page, page_inputs or inputs, page_outputs, api_name=f"page_{api_name}", api_visibility="private", **options)
     gr.Button(visible=False).click(handler, inputs, outputs, api_name=api_name, **options)
+
+
+def run_id_input() -> gr.Textbox:
+    """The last input of every endpoint that reads a finished run: a run id from ``/denoise`` names
+    the run (a caller without a session of its own, such as an MCP agent, needs one); empty, as on
+    the page, reads the session's latest run."""
+    return gr.Textbox("", visible=False, label="Run id (from /denoise; empty: this session's latest run)")
 
 
 class StepSlider(gr.Slider):

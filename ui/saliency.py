@@ -16,8 +16,8 @@ from explainer.methods.variants import VARIANTS
 from explainer.render import charts, pictures
 
 from . import gpu, settings
-from .page import DEFAULT_SPEC, MIN_MAX_TICKS, colour_bar, intro, notice_line, refusal, serve_both, step_slider
-from .session import check_step, current
+from .page import DEFAULT_SPEC, MIN_MAX_TICKS, colour_bar, intro, notice_line, refusal, run_id_input, serve_both, step_slider
+from .session import by_run_id, check_step, current
 
 SALIENCY_METHODS = {method.label: name for name, method in METHODS.items() if method.saliency_tab}  # label -> name
 ALL_LAYERS = "sum of all layers"
@@ -121,18 +121,45 @@ class SaliencyTab:
 
 
 def saliency(method, step, masks, keep, mode, mask_kind, seed, layer, opacity, score, estimator, rectify, target, weighting,
-             layer_scale, session):
-    """Where does the model recover the image at this step? A DF-RISE, DF-CAM or DF-LIME map (or a
-    baseline) of the latest run, its overlay, and its insertion and deletion curves with their AUC.
-    ``seed`` is any seeded method's; the other options are DF-RISE's and DF-CAM's own."""
+             layer_scale, session, run_id=""):
+    """Where the model recovers the picture at a step of a finished run: a saliency map by DF-RISE,
+    DF-CAM or DF-LIME (or a baseline), scored by how well it holds up under insertion and deletion.
+
+    Args:
+        method: "DF-RISE", "DF-CAM", "DF-LIME", "random baseline" or "centred baseline".
+        step: The step of the run to explain (1-based).
+        masks: DF-RISE's number of random masks; more give a smoother map and take longer.
+        keep: DF-RISE's share of the picture each mask leaves in place, from 0.05 to 0.95.
+        mode: How DF-RISE scores a masked result: "next-latent" (its distance to the real next step) or "paper".
+        mask_kind: DF-RISE's masks: "pixel" (spot by spot) or "grid" (in blocks).
+        seed: The seed of a seeded method's random masks or samples; the same seed gives the same map.
+        layer: The DF-CAM layer whose map is shown, or "sum of all layers" (the result's "layers" names them).
+        opacity: How strongly the map covers the picture, from 0 to 1.
+        score: Whether to score the map by insertion and deletion (slower).
+        estimator: How DF-RISE's masks add up: "contrast" (kept minus hidden), "mean" or "sum" (the paper's).
+        rectify: What each DF-CAM layer's map keeps: "relu" (where it pushes the result up) or "abs" (either way).
+        target: What DF-CAM explains: "guidance" (how much the prompt changes the prediction) or "sum" (the whole prediction).
+        weighting: How DF-CAM reads a layer: "layercam", "hirescam" or "grad-cam" (the paper's).
+        layer_scale: How DF-CAM's layers add up: "target" (by the share of the change each carries) or "min-max" (the paper's).
+        session: The caller's session, kept by the app (not an API argument).
+        run_id: The run_id that /denoise returned; empty for the latest run of this caller's session.
+
+    Returns:
+        the map over the picture
+        the insertion and deletion chart (None unless scored)
+        the map as a .npy file
+        the result as JSON (scores, options, cost, layers)
+        the DF-CAM layer choices
+    """
     values = {("df-rise", "n_masks"): masks, ("df-rise", "keep"): keep, ("df-rise", "mode"): mode, ("df-rise", "mask"): mask_kind,
               (None, "seed"): seed, ("df-rise", "estimator"): estimator, ("df-cam", "rectify"): rectify,
               ("df-cam", "target"): target, ("df-cam", "weighting"): weighting, ("df-cam", "layer_scale"): layer_scale}
-    return _explain(method, values, step, layer, opacity, score, session)
+    return _explain(method, values, step, layer, opacity, score, session, run_id)
 
 
-def _explain(method, values: dict, step, layer, opacity, score, session):
+def _explain(method, values: dict, step, layer, opacity, score, session, run_id=""):
     try:
+        session = by_run_id(session, run_id)
         run = current(session)[0]
         if method not in SALIENCY_METHODS:
             raise ValueError(f"method must be one of {list(SALIENCY_METHODS)}, got {method!r}.")
@@ -194,7 +221,7 @@ def build(session: gr.State) -> SaliencyTab:
                   tab.opacity, tab.score, rise["estimator"], cam["rectify"], cam["target"], cam["weighting"], cam["layer_scale"]]
     page_inputs = [tab.method, tab.step, tab.layer, tab.opacity, tab.score]
     page_inputs += [control for form in tab.forms.values() for control in form.controls.values()]
-    serve_both(tab.explain, saliency, api_inputs + [session], tab.outputs(), "saliency", notice=tab.notice,
+    serve_both(tab.explain, saliency, api_inputs + [session, run_id_input()], tab.outputs(), "saliency", notice=tab.notice,
                page_handler=saliency_on_page, page_inputs=page_inputs + [session], page_outputs=tab.outputs() + [tab.summary],
                **gpu.queue())
     names = list(tab.forms)

@@ -1,9 +1,12 @@
-"""What one visitor has run: the last few runs (bounded) and a private folder for their files."""
+"""What one visitor has run: the last few runs (bounded) and a private folder for their files; and
+the runs kept by run id (bounded too), for callers that have no session of their own."""
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import tempfile
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -64,6 +67,65 @@ def current(session: Session | None) -> list[RunData]:
     if session is None:
         raise ValueError(NO_RUN)
     return session.latest()
+
+
+class RunIds:
+    """The latest ``limit`` runs by run id, the oldest dropped: how a caller without a session of its
+    own (an MCP agent: Gradio's MCP server calls every tool through one shared client) names a run.
+
+    An id is unguessable (``secrets.token_urlsafe``), so knowing it is what lets one read the run.
+    Each run gets a one-run ``Session`` with a folder of its own for the files made from it.
+    Handlers run in several threads at once, hence the lock.
+    """
+
+    def __init__(self, limit: int = APP.max_registered_runs):
+        self.limit = limit
+        self.sessions: OrderedDict[str, Session] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def add(self, runs: list[RunData]) -> str:
+        session = Session(limit=1)
+        session.add(runs)  # the same objects the visitor's session holds: filled in place while running
+        run_id = secrets.token_urlsafe(16)
+        with self.lock:
+            self.sessions[run_id] = session
+            dropped = [self.sessions.popitem(last=False)[1] for _ in range(len(self.sessions) - self.limit)]
+        for old in dropped:
+            old.close()
+        return run_id
+
+    def get(self, run_id: str) -> Session:
+        with self.lock:
+            session = self.sessions.get(run_id)
+        if session is None:
+            raise ValueError(f"Unknown run_id {run_id!r}: no run has that id, or it was dropped (the app keeps the "
+                             f"last {self.limit} runs). Run /denoise again for a new run_id, or leave run_id empty "
+                             "for this session's latest run.")
+        return session
+
+
+RUNS = RunIds()
+
+
+def by_run_id(session: Session | None, run_id: str | None) -> Session | None:
+    """What a request reads: the run ``run_id`` names (a ValueError if unknown), or, when it is
+    empty, the visitor's own session. Over MCP an empty id is refused: every agent's calls share one
+    Gradio client, so "the session's latest run" could be another agent's."""
+    run_id = (run_id or "").strip()
+    if run_id:
+        return RUNS.get(run_id)
+    if over_mcp():
+        raise ValueError("Give run_id, the id the denoise tool returned: over MCP every agent shares one session, "
+                         "so its latest run may be another agent's.")
+    return session
+
+
+def over_mcp() -> bool:
+    """Whether the request being handled came through Gradio's MCP server (its client marks them)."""
+    from gradio.context import LocalContext
+
+    request = LocalContext.request.get(None)
+    return request is not None and request.headers.get("x-gradio-user") == "mcp"
 
 
 def check_step(run: RunData, value, name: str = "step") -> int:

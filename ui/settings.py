@@ -15,6 +15,7 @@ class AppSettings:
     max_concurrent_runs: int = 2  # runs (and GPU calls) at once, across visitors
     max_queue: int = 32
     max_runs_per_session: int = 4  # groups of runs a visitor's session keeps for scrubbing and export
+    max_registered_runs: int = 32  # runs kept by run id for callers without a session (MCP), the oldest dropped
     gpu_overhead_seconds: float = 15.0  # a ZeroGPU call's fixed part: model to GPU, prompt encoding, final decode
     # On a CPU, pictures are streamed while drawing and sending them has taken at most this share of
     # the time (every step's numbers still go out); on a GPU every step is drawn.
