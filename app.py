@@ -37,6 +37,7 @@ def build_demo() -> gr.Blocks:
             denoise_tab = denoise.build()
         with gr.Tab("Words"):
             attention_tab = attention.build(session)
+            attention.follow_model(attention_tab, denoise_tab.model_id)
         with gr.Tab("Concepts"):
             concepts_tab = concepts.build(session, denoise_tab)
         with gr.Tab("Why here"):

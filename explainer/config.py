@@ -38,6 +38,8 @@ class ModelSpec:
         gated: the Hub asks for a token of an account that accepted the model's licence.
         gpu_dtype: the torch dtype the model loads in on a GPU ("float16"; "bfloat16" for a model whose
             activations overflow float16, as FLUX.1's); a CPU loads float32.
+        concepts: the words ConceptAttention starts from for this model (words of its vocabulary).
+        trained_by: for an embedded model, the command that trains it and saves it to ``source``.
         listed: among the models the page's list offers first; the tiny test models are not, and
             come last (the list holds every model of the config: the API takes no other id).
     """
@@ -53,6 +55,8 @@ class ModelSpec:
     vae_decode_every: int = 1
     needs_gpu: bool = False
     listed: bool = True
+    concepts: tuple[str, ...] = ("circle", "square", "background")
+    trained_by: str = ""
     closed_vocabulary: bool = False  # every word must be one token of the tokenizer (the shapes model)
     gpu_seconds_per_step: float = 0.05  # per 512x512 guided step on the Space GPU: an estimate, not yet measured
     latent_rgb: tuple[tuple[float, float, float], ...] | None = None
@@ -101,6 +105,7 @@ def _stable_diffusion_1(repo_id: str, label: str) -> ModelSpec:
 
 
 EMBEDDED_MODEL_ID = "embedded/shapes-ldm"
+EMBEDDED_MMDIT_MODEL_ID = "embedded/shapes-mmdit"
 TINY_RANDOM_MODEL_ID = "tiny-random"
 TINY_SD3_MODEL_ID = "tiny-sd3"
 TINY_SDXL_MODEL_ID = "tiny-sdxl"
@@ -120,6 +125,23 @@ MODELS: dict[str, ModelSpec] = {
             guidance=5.0,
             closed_vocabulary=True,
             examples=SHAPES_PROMPTS,
+            trained_by="python -m explainer.shapes.train --resume",
+        ),
+        ModelSpec(
+            id=EMBEDDED_MMDIT_MODEL_ID,
+            source=str(ASSETS_DIR / "shapes-mmdit"),
+            label="Shapes world MM-DiT (embedded, SD 3's design, runs on CPU)",
+            hub=False,
+            width=64,
+            height=64,
+            steps=20,
+            guidance=5.0,
+            closed_vocabulary=True,
+            examples=SHAPES_PROMPTS,
+            family="sd3",
+            max_sequence_length=1,  # no T5 encoder: one zero token stands in for T5's (the model card)
+            concepts=("circle", "square", "triangle"),  # its closed vocabulary has no "background"
+            trained_by="python -m explainer.shapes.train_mmdit --resume, then --export-only",
         ),
         ModelSpec(
             id=TINY_RANDOM_MODEL_ID,
@@ -277,9 +299,17 @@ HUB_OFFLINE = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "F
 
 def default_model_id() -> str:
     """The embedded model once its weights are in assets/, else the tiny random one."""
-    if Path(MODELS[EMBEDDED_MODEL_ID].source, "model_index.json").is_file():
-        return EMBEDDED_MODEL_ID
-    return TINY_RANDOM_MODEL_ID
+    return TINY_RANDOM_MODEL_ID if weights_missing(MODELS[EMBEDDED_MODEL_ID]) else EMBEDDED_MODEL_ID
+
+
+def weights_missing(spec: ModelSpec) -> bool:
+    """An embedded model whose weights are not (yet) in its folder."""
+    return not spec.hub and bool(spec.source) and not Path(spec.source, "model_index.json").is_file()
+
+
+def embedded_models_present() -> list[str]:
+    """The embedded models whose weights are in assets/ (one per family: the UNet, the MM-DiT)."""
+    return [model_id for model_id in (EMBEDDED_MODEL_ID, EMBEDDED_MMDIT_MODEL_ID) if not weights_missing(MODELS[model_id])]
 
 
 def portable_path(path: str | Path) -> str:

@@ -16,7 +16,6 @@ import weakref
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -208,9 +207,9 @@ def check_loadable(spec: config.ModelSpec) -> None:
     if spec.hub and config.HUB_OFFLINE:
         raise ValueError(f"{spec.label} is downloaded from the Hugging Face Hub, which is switched off here "
                          f"(HF_HUB_OFFLINE=1). {_what_to_do_instead(spec)}")
-    if not spec.hub and spec.source and not (Path(spec.source) / "model_index.json").is_file():
-        raise ValueError(f"{spec.label} has no weights in {config.portable_path(spec.source)}: train it first "
-                         "(see assets/README.md).")
+    if config.weights_missing(spec):
+        raise ValueError(f"{spec.label} has no weights in {config.portable_path(spec.source)} yet: train it first "
+                         f"({spec.trained_by or 'its model card says how'}).")
 
 
 def _what_to_do_instead(spec: config.ModelSpec) -> str:

@@ -105,28 +105,38 @@ def test_custom_schedule_through_the_api(client):
     assert [summary["timestep"] for u in updates for summary in u[DATA]["steps"]] == [999, 500, 100]
 
 
-@pytest.mark.parametrize("model_id", [config.TINY_SD3_MODEL_ID, config.TINY_SDXL_MODEL_ID, config.TINY_FLUX_MODEL_ID])
-def test_every_endpoint_serves_the_newer_families_end_to_end(url, model_id):
-    """A tiny model of each newer family, through gradio_client: the run, its views and every method."""
+NEWER_FAMILIES = [  # (model, prompt, its last word, concepts, the spot's row at the picture's middle)
+    *((model_id, "a cat", "cat", "cat, dog", 4) for model_id in (config.TINY_SD3_MODEL_ID, config.TINY_SDXL_MODEL_ID, config.TINY_FLUX_MODEL_ID)),
+    pytest.param(config.EMBEDDED_MMDIT_MODEL_ID, "a red circle", "circle", "circle, square", 8, id="embedded-mmdit",
+                 marks=pytest.mark.skipif(config.weights_missing(config.MODELS[config.EMBEDDED_MMDIT_MODEL_ID]),
+                                          reason="no shapes-mmdit in assets/")),
+]
+
+
+@pytest.mark.parametrize("model_id, prompt, word, concepts, middle_row", NEWER_FAMILIES)
+def test_every_endpoint_serves_the_newer_families_end_to_end(url, model_id, prompt, word, concepts, middle_row):
+    """A model of each newer family (tiny ones, and the embedded MM-DiT), through gradio_client: the
+    run, its views and every method."""
     family = config.MODELS[model_id].family
+    words = {f"{i}:{w}" for i, w in enumerate(prompt.split())}
     session_client = Client(url, verbose=False)
-    last = list(session_client.submit(*denoise_args(model_id=model_id, prompt="a cat", steps=3), api_name="/denoise"))[-1]
-    assert last[DATA]["step"] == 3 and last[PRED_A] is not None and set(last[DATA]["token_scores"]) == {"0:a", "1:cat"}
-    assert session_client.predict("cat", 2, "all steps", 1, 3, [], "prediction", 0.8, False, "first prompt",
+    last = list(session_client.submit(*denoise_args(model_id=model_id, prompt=prompt, steps=3), api_name="/denoise"))[-1]
+    assert last[DATA]["step"] == 3 and last[PRED_A] is not None and set(last[DATA]["token_scores"]) == words
+    assert session_client.predict(word, 2, "all steps", 1, 3, [], "prediction", 0.8, False, "first prompt",
                                   api_name="/attention")[2]["steps"] == [1, 2, 3]
-    assert session_client.predict(0.5, 0.5, 2, "first prompt", api_name="/spot")[2]["row"] == 4
+    assert session_client.predict(0.5, 0.5, 2, "first prompt", api_name="/spot")[2]["row"] == middle_row
     assert session_client.predict("mass", api_name="/concepts")[2]["steps"] == [1, 2, 3]
-    assert set(session_client.predict("abs", api_name="/relevance")[2]["series"]) == {"0:a", "1:cat"}
+    assert set(session_client.predict("abs", api_name="/relevance")[2]["series"]) == words
     for method in ("DF-RISE", "DF-CAM", "DF-LIME"):
         result = session_client.predict(method, 2, 8, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, True,
                                         api_name="/saliency")[3]
         assert result["step"] == 2 and 0 <= result["insertion_auc"] <= 1
     if family == "sd3":
-        shares, raw, data = session_client.predict("cat, dog", 2, "all", "first prompt", api_name="/concept_maps")
+        shares, raw, data = session_client.predict(concepts, 2, "all", "first prompt", api_name="/concept_maps")
         assert len(shares) == len(raw) == 2 and abs(sum(data["shares"].values()) - 1) < 1e-4
     else:
         with pytest.raises(Exception, match="needs a model whose blocks attend jointly"):
-            session_client.predict("cat, dog", 2, "all", "first prompt", api_name="/concept_maps")
+            session_client.predict(concepts, 2, "all", "first prompt", api_name="/concept_maps")
     archive, _ = session_client.predict(api_name="/export")
     assert archive.endswith(".zip")
 

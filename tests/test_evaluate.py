@@ -7,12 +7,14 @@ import sys
 import numpy as np
 import pytest
 
-from explainer.evaluate.protocol import MAP_METHODS, REFERENCE, Protocol, make_map
+from explainer.evaluate.protocol import DEFAULT_METHODS, PHASES_ONLY, REFERENCE, Protocol, make_map, phases
 from explainer.evaluate.tables import mean_interval
 from explainer.metrics import iou, pointing_game
 from explainer.shapes.truth import shape_grid
 
-SMALL = ["--model", "tiny-random", "--num-prompts", "3", "--steps", "4", "--step", "3", "--masks", "8", "--lime-samples", "16", "--batch-size", "16"]
+# a UNet on the shapes world (localised against the drawn shape) and a tiny MM-DiT (ConceptAttention)
+SMALL = ["--model", "embedded/shapes-ldm", "tiny-sd3", "--num-prompts", "2", "--steps", "6", "--step", "5", "--masks", "8",
+         "--lime-samples", "16", "--batch-size", "16"]
 
 
 def test_pointing_game_and_iou_known_answers():
@@ -43,24 +45,32 @@ def _run(args, out, processes=1):
             port = sock.getsockname()[1]
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port),
                    "-m", "explainer.evaluate"]
-    subprocess.run(command + args + ["--out", str(out)], check=True, env=env, capture_output=True, timeout=600)
-    return json.loads((out / "results.json").read_text())
+    subprocess.run(command + args + ["--out", str(out)], check=True, env=env, capture_output=True, timeout=900)
+    return {folder.name: json.loads((folder / "results.json").read_text()) for folder in out.iterdir() if folder.is_dir()}
 
 
 @pytest.mark.slow
-def test_one_command_writes_the_tables_and_two_processes_give_the_same(tmp_path):
+def test_one_command_writes_both_families_side_by_side_and_two_processes_give_the_same(tmp_path):
     single = _run(SMALL, tmp_path / "one")
-    assert {p.name for p in (tmp_path / "one").iterdir()} == {"results.json", "results.csv", "curves.png"}
-    summary = single["summary"]
-    assert summary["prompts"] == 3 and set(summary["methods"]) == set(MAP_METHODS)
-    assert summary["reference"] is None  # the drawn-shape reference exists on the shapes world only
-    for entry in summary["methods"].values():
-        assert 0 <= entry["insertion_auc"]["mean"] <= 1 and len(entry["deletion_mean_curve"]) == 8 + 1
+    assert {p.name for p in (tmp_path / "one").iterdir()} == {"shapes-ldm", "tiny-sd3", "comparison.md", "timesteps.png"}
+    assert {p.name for p in (tmp_path / "one" / "tiny-sd3").iterdir()} == {"results.json", "results.csv", "curves.png"}
+    unet, mmdit = single["shapes-ldm"]["summary"], single["tiny-sd3"]["summary"]
+    assert set(mmdit["methods"]) == set(DEFAULT_METHODS) and mmdit["reference"] is None  # no drawn shape off the shapes world
+    assert set(unet["methods"]) == set(DEFAULT_METHODS) - {"concept-attention"} | {REFERENCE}  # ConceptAttention: MM-DiT only
+    for entry, side in [*((e, 16) for e in unet["methods"].values()), *((e, 8) for e in mmdit["methods"].values())]:
+        assert 0 <= entry["insertion_auc"]["mean"] <= 1 and len(entry["deletion_mean_curve"]) == side + 1  # a point per row
         assert 0 <= entry["other_distances"]["mse"]["deletion_auc"]["mean"] <= 1  # both distances from one pass
-    csv_rows = (tmp_path / "one" / "results.csv").read_text().splitlines()
-    assert len(csv_rows) == 1 + 2 * len(MAP_METHODS)
+    csv_rows = (tmp_path / "one" / "tiny-sd3" / "results.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + 2 * len(DEFAULT_METHODS)
+    per_step = unet["localisation"]["steps"]  # every step, the slow methods at the three phases only
+    scored = {name: [k + 1 for k, value in enumerate(scores["iou"]) if value["mean"] is not None] for name, scores in per_step.items()}
+    assert scored["df-cam"] == scored["cross-attention"] == list(range(1, 7))
+    assert scored["df-rise"] == scored["df-lime"] == sorted(set(phases(6).values())) and "df-lime" in PHASES_ONLY
+    comparison = (tmp_path / "one" / "comparison.md").read_text()
+    assert "| shapes-ldm (UNet) insertion ↓ |" in comparison and "tiny-sd3 (MM-DiT) insertion ↓" in comparison
+    assert "| ConceptAttention (output space) | — | — | — |" in comparison  # no row of numbers for the UNet
     split = _run(SMALL, tmp_path / "two", processes=2)
-    assert split == single  # prompts split across processes, gathered into the identical table
+    assert split == single  # prompts split across processes, gathered into the identical tables
 
 
 def test_shape_mask_reference_is_the_drawn_shape(embedded_model):

@@ -76,6 +76,19 @@ def test_a_gpu_model_chosen_on_a_cpu_machine_is_refused_on_the_page_with_what_to
     assert all(not label.endswith("none here") for label, _ in model_choices(on_gpu=True))
 
 
+def test_an_embedded_model_not_trained_here_is_left_out_of_the_list_and_refused_with_the_command(monkeypatch, tmp_path):
+    import dataclasses
+
+    from explainer.models import check_loadable
+    from ui.page import model_choices
+
+    untrained = dataclasses.replace(config.MODELS[config.EMBEDDED_MMDIT_MODEL_ID], source=str(tmp_path / "absent"))
+    monkeypatch.setitem(config.MODELS, untrained.id, untrained)
+    assert untrained.id not in [model_id for _, model_id in model_choices(on_gpu=False)]
+    with pytest.raises(ValueError, match="has no weights in absent yet: train it first \\(python -m explainer.shapes.train_mmdit"):
+        check_loadable(untrained)
+
+
 def test_other_tabs_keep_their_results_and_clear_the_notice_once_all_is_well(session):
     attention = page_event("attention")
     good = attention("cat", 2, "this step", 1, 3, [], "prediction", 0.8, False, "first prompt", session)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gradio as gr
 import numpy as np
 
+from explainer import config
 from explainer.render import charts, pictures, views
 from explainer.run import RunData, StepRecord
 
@@ -57,7 +58,7 @@ class AttentionTab:
                     "(Stable Diffusion 3), any words can be followed through the model without changing the picture: "
                     "where each is drawn, as shares of every spot (ConceptAttention), and where the picture looks for it.")
         with gr.Row():
-            self.concepts = gr.Textbox("circle, square, background", label="Concepts (words, commas between)", scale=3)
+            self.concepts = gr.Textbox(", ".join(DEFAULT_SPEC.concepts), label="Concepts (words, commas between)", scale=3)
             self.concept_blocks = gr.Radio(["all", "last half"], value="all", label="Blocks", scale=1,
                                            info="The deeper half often separates concepts best.")
             self.concept_button = gr.Button("Show concepts", scale=1)
@@ -230,6 +231,12 @@ def _steps_for(run: RunData, aggregation: str, step: int, start: int, end: int) 
     if aggregation == "all steps":
         return list(run.records)
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}.")
+
+
+def follow_model(tab: AttentionTab, model_id: gr.Dropdown) -> None:
+    """The concepts box starts from the chosen model's own words (``ModelSpec.concepts``)."""
+    model_id.change(lambda chosen: ", ".join(config.model_spec(chosen).concepts), model_id, tab.concepts,
+                    api_visibility="private")
 
 
 def build(session: gr.State) -> AttentionTab:

@@ -172,8 +172,10 @@ def step_slider(value: int, label: str = "Step", **options) -> StepSlider:
 
 def model_choices(on_gpu: bool) -> list[tuple[str, str]]:
     """The model dropdown's (label, id) pairs, the listed models first and the tiny test models last; on
-    a machine without a GPU the models that need one say so."""
-    ordered = sorted(config.MODELS.values(), key=lambda spec: not (spec.listed or spec.id == DEFAULT_MODEL))
+    a machine without a GPU the models that need one say so. An embedded model whose weights are not
+    in assets/ (not trained here yet) is left out."""
+    present = [spec for spec in config.MODELS.values() if not config.weights_missing(spec)]
+    ordered = sorted(present, key=lambda spec: not (spec.listed or spec.id == DEFAULT_MODEL))
     return [(spec.label + (" — needs a GPU, none here" if spec.needs_gpu and not on_gpu else ""), spec.id) for spec in ordered]
 
 

@@ -9,22 +9,32 @@ from itertools import combinations
 import numpy as np
 
 from explainer import config, metrics
-from explainer.methods import METHODS, variant
+from explainer.methods import METHODS, ConceptAttention, variant
 from explainer.maps import normalise
 from explainer.render import views
 from explainer.run import InstrumentedRun, RunData, RunSettings
 from explainer.shapes.truth import noun_iou, shape_grid
-from explainer.shapes.world import evaluation_prompts
+from explainer.shapes.world import SHAPES, evaluation_prompts
 
 MAP_METHODS = ("df-rise", "df-rise-structure", "df-rise-paper", "df-cam", "df-cam-paper", "df-cam-gradcam", "df-cam-hirescam",
-               "df-cam-abs", "df-lime", "cross-attention", "relevance", "relevance-paper", "random", "centre")
+               "df-cam-abs", "df-lime", "cross-attention", "concept-attention", "relevance", "relevance-paper", "random", "centre")
 # Each a method variant (``explainer.methods.VARIANTS``: a method's defaults, or the paper's rules and
-# other options beside them), except "cross-attention", the recorded maps themselves.
+# other options beside them), except the attention maps: "cross-attention", the recorded maps
+# themselves (cross-attention in a UNet, the image-to-text block of joint attention in an MM-DiT),
+# and "concept-attention", ConceptAttention's output-space map of the prompt's shape noun against
+# the other shape nouns (MM-DiT only).
+DEFAULT_METHODS = ("df-rise", "df-cam", "df-lime", "cross-attention", "concept-attention", "relevance", "random", "centre")
+ATTENTION_MAPS = ("cross-attention", "concept-attention")
 # A map that knows the answer, as an upper reference on the shapes world: the drawn shape's own pixels.
 REFERENCE = "shape-mask"
-# cheap enough at 3 phases
-LOCALISED = ("df-rise", "df-cam", "df-cam-paper", "df-cam-gradcam", "df-cam-hirescam", "df-cam-abs", "cross-attention",
-             "relevance", "relevance-paper", "random", "centre")
+# Localisation is scored at every step, except for these (each map takes many denoiser calls):
+# at the three phases only, unless the protocol's ``every_step`` names them.
+PHASES_ONLY = ("df-rise", "df-rise-structure", "df-rise-paper", "df-lime", "df-lime-paper")
+
+
+def applies(name: str, model) -> bool:
+    """Whether method ``name`` is defined on ``model`` (ConceptAttention needs joint attention)."""
+    return name != "concept-attention" or model.family.name == "sd3"
 
 
 @dataclass
@@ -41,6 +51,7 @@ class Protocol:
     batch_size: int = 64
     distances: tuple[str, ...] = ("1-ssim", "mse")  # the first is the main table's; all come from the same states
     methods: tuple[str, ...] = MAP_METHODS
+    every_step: tuple[str, ...] = ()  # methods of PHASES_ONLY localised at every step all the same
 
     @property
     def distance(self) -> str:
@@ -54,6 +65,8 @@ def make_map(name: str, protocol: Protocol, model, run: RunData, step: int) -> n
     if name == "cross-attention":  # raw attention of all prompt words, as recorded
         maps = [views.word_map(run, i, [run.records[step - 1]]) for i in range(len(run.tokens.words))]
         return normalise(np.sum(maps, axis=0)) if maps else np.zeros(run.latent_size, np.float32)
+    if name == "concept-attention":
+        return normalise(ConceptAttention(concepts=shape_concepts(run)).explain(model, run, step).saliency)
     chosen = variant(name)
     sizes = {  # the protocol's sizes, under the variant's own options
         "df-rise": dict(n_masks=protocol.masks, batch_size=protocol.batch_size, mode="next-latent"),
@@ -63,14 +76,21 @@ def make_map(name: str, protocol: Protocol, model, run: RunData, step: int) -> n
     return METHODS[chosen.method](**(sizes | chosen.options)).explain(model, run, step).saliency
 
 
+def shape_concepts(run: RunData) -> tuple[str, ...]:
+    """ConceptAttention's concepts on the shapes world: the prompt's first shape noun, then the other
+    shape nouns, which compete with it for every latent cell (the vocabulary has no "background")."""
+    named = [word.text for word in run.tokens.words if word.text in SHAPES]
+    return tuple(dict.fromkeys([*named[:1], *SHAPES]))
+
+
 def evaluate_prompt(protocol: Protocol, model, index: int, prompt: str) -> dict:
     """Every number for one prompt: AUCs and curves per method, correlations, localisation."""
     settings = RunSettings(prompt=prompt, seed=protocol.seed + index, steps=protocol.steps, guidance=protocol.guidance,
                            width=model.spec.width, height=model.spec.height)
     run = InstrumentedRun(model, settings).run_all().data
     step = protocol.step
-    maps = {name: make_map(name, protocol, model, run, step) for name in protocol.methods}
-    row = {"index": index, "prompt": prompt, "seed": settings.seed, "step": step, "methods": {}}
+    maps = {name: make_map(name, protocol, model, run, step) for name in protocol.methods if applies(name, model)}
+    row = {"model": model.id, "index": index, "prompt": prompt, "seed": settings.seed, "step": step, "methods": {}}
     scored_maps = dict(maps)
     if config.MODELS[model.id].closed_vocabulary:
         scored_maps[REFERENCE] = make_map(REFERENCE, protocol, model, run, step)
@@ -91,20 +111,32 @@ def phases(steps: int) -> dict[str, int]:
 
 
 def localisation(protocol: Protocol, model, run: RunData, maps_at_step: dict) -> dict:
-    """Pointing game and IoU of each map against the drawn shape, at early, middle and late steps;
-    and the shape noun's attention IoU (last third of the steps), as DAAM reports."""
+    """Pointing game and IoU of each map against the drawn shape at every step (``None`` at the steps
+    a method of PHASES_ONLY is not scored), the same at early, middle and late steps, and the shape
+    noun's attention and ConceptAttention IoU (mean map of the last third of the steps), as DAAM reports."""
     mask = shape_grid(run)
     if not mask.any() or mask.all():
         return {"shape_found": False}
-    result = {"shape_found": True, "phases": {}}
-    for phase, step in phases(len(run.records)).items():
-        result["phases"][phase] = {}
-        for name in (n for n in LOCALISED if n in protocol.methods):
+    count = len(run.records)
+    phase_steps = phases(count)
+    per_step, concept_maps = {}, []
+    for name in maps_at_step:
+        every = name not in PHASES_ONLY or name in protocol.every_step
+        scores = {"pointing": [None] * count, "iou": [None] * count}
+        for step in range(1, count + 1) if every else sorted(set(phase_steps.values())):
             saliency = maps_at_step[name] if step == protocol.step else make_map(name, protocol, model, run, step)
-            result["phases"][phase][name] = {"pointing": metrics.pointing_game(saliency, mask),
-                                                 "iou": metrics.iou(saliency, mask)}
+            scores["pointing"][step - 1] = metrics.pointing_game(saliency, mask)
+            scores["iou"][step - 1] = metrics.iou(saliency, mask)
+            if name == "concept-attention" and step > count - max(1, count // 3):
+                concept_maps.append(saliency)
+        per_step[name] = scores
+    result = {"shape_found": True, "steps": per_step,
+              "phases": {phase: {name: {key: scores[key][step - 1] for key in scores} for name, scores in per_step.items()}
+                         for phase, step in phase_steps.items()}}
     if (score := noun_iou(run, mask)) is not None:
         result["noun_iou"] = score
+    if concept_maps:  # the shape noun's ConceptAttention map, on the same footing as its attention
+        result["concept_noun_iou"] = metrics.iou(np.mean(concept_maps, axis=0), mask)
     return result
 
 

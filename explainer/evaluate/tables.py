@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from explainer import metrics
+from explainer import config, metrics
 from explainer.evaluate.protocol import REFERENCE, Protocol
 from explainer.render.charts import figure_to_image, new_figure
 
@@ -53,15 +53,23 @@ def summarise(rows: list[dict], protocol: Protocol) -> dict:
     }
     located = [r["localisation"] for r in rows if r.get("localisation", {}).get("shape_found")]
     if located:
-        phase_table = {}
-        for phase in located[0]["phases"]:
-            phase_table[phase] = {
-                name: {key: mean_interval([loc["phases"][phase][name][key] for loc in located]) for key in ("pointing", "iou")}
-                for name in located[0]["phases"][phase]
-            }
-        summary["localisation"] = {"prompts_with_a_shape": len(located), "phases": phase_table,
-                                   "noun_iou": mean_interval([loc.get("noun_iou") for loc in located])}
+        summary["localisation"] = localisation_summary(located)
     return summary
+
+
+def localisation_summary(located: list[dict]) -> dict:
+    """Pointing game and IoU per phase and at every step (each with its interval), and the shape
+    noun's attention and ConceptAttention IoU, over the prompts where a shape was drawn."""
+    first = located[0]
+    phase_table = {phase: {name: {key: mean_interval([loc["phases"][phase][name][key] for loc in located])
+                                  for key in ("pointing", "iou")}
+                           for name in first["phases"][phase]} for phase in first["phases"]}
+    per_step = {name: {key: [mean_interval([loc["steps"][name][key][k] for loc in located]) for k in range(len(values))]
+                       for key, values in scores.items()}
+                for name, scores in first["steps"].items()}
+    return {"prompts_with_a_shape": len(located), "phases": phase_table, "steps": per_step,
+            "noun_iou": mean_interval([loc.get("noun_iou") for loc in located]),
+            "concept_noun_iou": mean_interval([loc.get("concept_noun_iou") for loc in located])}
 
 
 def write_results(rows: list[dict], summary: dict, out: Path) -> None:
@@ -113,3 +121,101 @@ def format_table(summary: dict) -> str:
             line += f" {scores['insertion_auc']['mean']:.3f} / {scores['deletion_auc']['mean']:.3f} |"
         lines.append(line)
     return "\n".join(lines)
+
+
+ARCHITECTURE = {"sd1": "UNet", "sdxl": "UNet", "sd3": "MM-DiT", "flux": "MM-DiT"}
+ROW_LABELS = {"cross-attention": "attention (cross in a UNet, joint in an MM-DiT)",
+              "concept-attention": "ConceptAttention (output space)", "random": "random baseline", "centre": "centred baseline"}
+
+
+def model_heading(model_id: str) -> str:
+    spec = config.MODELS[model_id]
+    return f"{model_id.rsplit('/', 1)[-1]} ({ARCHITECTURE.get(spec.family, spec.family)})"
+
+
+def _cell(interval: dict | None, digits: int = 3) -> str:
+    if not interval or interval.get("mean") is None:
+        return "—"
+    if interval["n"] < 2:
+        return f"{interval['mean']:.{digits}f}"
+    return f"{interval['mean']:.{digits}f} ({interval['low']:.{digits}f}–{interval['high']:.{digits}f})"
+
+
+def _methods(summaries: dict[str, dict], reference: bool = True) -> list[str]:
+    """The methods of any model, in the protocol's order, the reference last (when asked for)."""
+    names = dict.fromkeys(name for summary in summaries.values() for name in summary["protocol"]["methods"])
+    present = {name for summary in summaries.values() for name in summary["methods"]}
+    return [name for name in names if name in present] + ([REFERENCE] if reference and REFERENCE in present else [])
+
+
+def format_comparison(summaries: dict[str, dict]) -> str:
+    """The families side by side: insertion/deletion (the main distance with 95 % intervals, the
+    others' means), pointing and IoU per phase, the shape noun's mIoU; "—" where a method does not
+    apply to a model."""
+    models = list(summaries)
+    distance = next(iter(summaries.values()))["protocol"]["distances"][0]
+    others = next(iter(summaries.values()))["protocol"]["distances"][1:]
+    lines = [f"Insertion AUC ↓ and deletion AUC ↑ ({distance}; 95 % intervals), then {', '.join(others)} means.", "",
+             "| method | " + " | ".join(f"{model_heading(m)} insertion ↓ | deletion ↑ | " + " | ".join(f"{o} ins / del" for o in others)
+                                       for m in models) + " |",
+             "|---|" + "---|---|" * len(models) + "---|" * len(others) * len(models)]
+    for name in _methods(summaries):
+        cells = []
+        for model in models:
+            entry = summaries[model]["methods"].get(name)
+            if entry is None:
+                cells += ["—", "—"] + ["—"] * len(others)
+                continue
+            cells += [_cell(entry["insertion_auc"]), _cell(entry["deletion_auc"])]
+            cells += [f"{entry['other_distances'][o]['insertion_auc']['mean']:.3f} / "
+                      f"{entry['other_distances'][o]['deletion_auc']['mean']:.3f}" for o in others]
+        label = f"*{name} (reference)*" if name == REFERENCE else ROW_LABELS.get(name, name)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Localisation against the drawn shape: pointing game and IoU (map above its mean) at the early / middle / late step.", "",
+              "| method | " + " | ".join(f"{model_heading(m)} pointing | IoU" for m in models) + " |",
+              "|---|" + "---|---|" * len(models)]
+    for name in _methods(summaries, reference=False):
+        cells = []
+        for model in models:
+            table = summaries[model].get("localisation", {}).get("phases", {})
+            if not table or name not in next(iter(table.values())):
+                cells += ["—", "—"]
+                continue
+            for key in ("pointing", "iou"):
+                cells.append(" / ".join("—" if table[p][name][key]["mean"] is None else f"{table[p][name][key]['mean']:.2f}"
+                                        for p in table))
+        lines.append(f"| {ROW_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    lines += ["", "The shape noun's map, mean of the last third of the steps, IoU with the drawn shape (mIoU, 95 % interval):", "",
+              "| map | " + " | ".join(model_heading(m) for m in models) + " |", "|---|" + "---|" * len(models)]
+    for key, label in (("noun_iou", "attention of the noun"), ("concept_noun_iou", "ConceptAttention of the noun")):
+        lines.append(f"| {label} | " + " | ".join(_cell(summaries[m].get("localisation", {}).get(key), 2) for m in models) + " |")
+    return "\n".join(lines)
+
+
+def plot_timesteps(summaries: dict[str, dict]) -> Image.Image:
+    """mIoU with the drawn shape at every step, one panel per model, one line per method (dots alone
+    where a method is scored at the three phases only)."""
+    figure, axes = new_figure((5.2 * len(summaries), 3.6), columns=len(summaries))
+    axes = np.atleast_1d(axes)
+    for axis, (model, summary) in zip(axes, summaries.items()):
+        for name, scores in summary.get("localisation", {}).get("steps", {}).items():
+            means = [s["mean"] for s in scores["iou"]]
+            steps = [k + 1 for k, m in enumerate(means) if m is not None]
+            values = [m for m in means if m is not None]
+            style = dict(marker="o", linestyle="none") if len(values) < len(means) else dict(linewidth=1.4)
+            axis.plot(steps, values, label=ROW_LABELS.get(name, name), **style)
+        axis.set_title(f"{model_heading(model)}: mIoU with the drawn shape", fontsize=10)
+        axis.set_xlabel("step (1 = pure noise)", fontsize=9)
+        axis.set_ylim(0, 1)
+        axis.grid(alpha=0.3)
+    axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    return figure_to_image(figure)
+
+
+def write_comparison(summaries: dict[str, dict], out: Path) -> str:
+    """``comparison.md`` and ``timesteps.png`` in ``out``; returns the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = format_comparison(summaries)
+    (out / "comparison.md").write_text(text + "\n")
+    plot_timesteps(summaries).save(out / "timesteps.png")
+    return text

@@ -15,6 +15,15 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+def family_of_pipeline_class(class_name: str) -> str:
+    """The family whose pipeline a saved folder's ``model_index.json`` names (its ``_class_name``)."""
+    for name, adapter in FAMILIES.items():
+        if adapter.pipeline_class == class_name:
+            return name
+    raise ValueError(f"No model family loads a {class_name}; known: "
+                     f"{', '.join(adapter.pipeline_class for adapter in FAMILIES.values())}.")
+
+
 def family(name: str) -> Family:
     """The adapter of family ``name``; a ValueError naming the known ones otherwise."""
     if name not in FAMILIES:
@@ -22,4 +31,5 @@ def family(name: str) -> Family:
     return FAMILIES[name]
 
 
-__all__ = ["FAMILIES", "Conditioning", "Family", "Flux", "StableDiffusion1", "StableDiffusion3", "StableDiffusionXL", "family"]
+__all__ = ["FAMILIES", "Conditioning", "Family", "Flux", "StableDiffusion1", "StableDiffusion3", "StableDiffusionXL", "family",
+           "family_of_pipeline_class"]

@@ -51,6 +51,7 @@ class Family:
     denoiser module or tensors on the model's device; shapes are noted where they matter."""
 
     name: str = "family"
+    pipeline_class: str = ""  # the diffusers pipeline class a saved folder of this family names
 
     # --- loading and shapes
     def load(self, source: str, device: torch.device, dtype: torch.dtype, local_files_only: bool):

@@ -154,6 +154,7 @@ def t5_attention(module: T5Attention, hidden_states, attention_mask=None, positi
 
 class Flux(Family):
     name = "flux"
+    pipeline_class = "FluxPipeline"
 
     def load(self, source, device, dtype, local_files_only):
         pipe = FluxPipeline.from_pretrained(source, torch_dtype=dtype, local_files_only=local_files_only, use_safetensors=True)

@@ -1,12 +1,17 @@
-"""Quality report for the shapes model on held-out colour-shape-place prompts: the colour, place
+"""Quality report for a shapes model on held-out colour-shape-place prompts: the colour, place
 and shape gates on --n prompts, and the attention gate on the first --attention-n of them.
 
     python -m explainer.shapes.quality --model assets/shapes-ldm --n 200
+    python -m explainer.shapes.quality --model assets/shapes-mmdit --n 200
+
+``--model`` is a folder holding a saved pipeline (its family read from ``model_index.json``) or a
+model id of the config; images come from the family's own diffusers pipeline call.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -16,12 +21,15 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from explainer import config
+from explainer.families import family as family_named
+from explainer.families import family_of_pipeline_class
+from explainer.models import LoadedModel
 from explainer.shapes.checker import Detection, detect, generated_shape_mask
 from explainer.shapes.world import evaluation_prompts
 
 GATES = {"colour": 0.90, "place": 0.85, "shape": 0.75}
 ATTENTION_GATE = 0.4  # mean IoU of the noun's map (last third of the steps, thresholded at its mean)
-DEFAULT_GUIDANCE = 5.0
 DEFAULT_STEPS = 20
 FIRST_SEED = 1000
 
@@ -39,25 +47,45 @@ class EvaluationSample:
         return self.detection is not None and getattr(self.detection, key) == self.expected[key]
 
 
-def load_pipeline(model: str | Path):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(model))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+# The embedded model of each family: a folder of that family is checked with its spec's settings.
+_EMBEDDED_OF_FAMILY = {"sd1": config.EMBEDDED_MODEL_ID, "sd3": config.EMBEDDED_MMDIT_MODEL_ID}
 
 
-def generate(pipe, prompts: list[str], seeds: list[int], guidance: float = DEFAULT_GUIDANCE,
+def model_spec_for(model: str | Path) -> config.ModelSpec:
+    """The spec of a config id, or of a pipeline folder: the embedded spec of its family with that source."""
+    if str(model) in config.MODELS:
+        return config.MODELS[str(model)]
+    index = Path(model) / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"{model} is neither a model id of the config nor a folder with a model_index.json.")
+    family = family_of_pipeline_class(json.loads(index.read_text())["_class_name"])
+    if family not in _EMBEDDED_OF_FAMILY:
+        raise ValueError(f"No shapes model of the {family} family is known; known: {', '.join(_EMBEDDED_OF_FAMILY)}.")
+    return dataclasses.replace(config.MODELS[_EMBEDDED_OF_FAMILY[family]], source=str(model))
+
+
+def load_model(model: str | Path) -> LoadedModel:
+    """The model on the CPU in float32, as the app loads it."""
+    spec = model_spec_for(model)
+    pipe = family_named(spec.family).load(spec.source, torch.device("cpu"), torch.float32, local_files_only=True)
+    return LoadedModel.from_pipeline(pipe, spec.id, spec)
+
+
+def generate(model: LoadedModel, prompts: list[str], seeds: list[int], guidance: float | None = None,
              steps: int = DEFAULT_STEPS) -> list[np.ndarray]:
-    """Images (uint8 H x W x 3) for prompts, one fixed seed each."""
+    """Images (uint8 H x W x 3) for prompts, one fixed seed each, from the pipeline's own call
+    (guidance None: the model's own)."""
     generators = [torch.Generator().manual_seed(s) for s in seeds]
+    length = model.spec.max_sequence_length
+    extra = {} if length is None else {"max_sequence_length": length}
     with torch.no_grad():
-        out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance,
-                   generator=generators, output_type="np")
+        out = model.pipe(prompts, num_inference_steps=steps,
+                         guidance_scale=model.spec.guidance if guidance is None else guidance, generator=generators,
+                         height=model.spec.height, width=model.spec.width, output_type="np", **extra)
     return [np.round(np.clip(im, 0, 1) * 255).astype(np.uint8) for im in out.images]
 
 
-def evaluation_samples(pipe, n: int = 200, guidance: float = DEFAULT_GUIDANCE,
+def evaluation_samples(model: LoadedModel, n: int = 200, guidance: float | None = None,
                        steps: int = DEFAULT_STEPS, batch: int = 25) -> Iterator[EvaluationSample]:
     """Generate the n held-out evaluation prompts and check each image.
 
@@ -69,7 +97,7 @@ def evaluation_samples(pipe, n: int = 200, guidance: float = DEFAULT_GUIDANCE,
     for start in range(0, n, batch):
         chunk = items[start:start + batch]
         seeds = [FIRST_SEED + start + i for i in range(len(chunk))]
-        images = generate(pipe, [c[0] for c in chunk], seeds, guidance, steps)
+        images = generate(model, [c[0] for c in chunk], seeds, guidance, steps)
         for (prompt, colour, shape, place), seed, image in zip(chunk, seeds, images):
             yield EvaluationSample(
                 prompt=prompt, seed=seed,
@@ -99,13 +127,10 @@ def save_grid(samples: list[EvaluationSample], path: Path, columns: int = 10) ->
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
-def attention_gate(pipe, n: int) -> dict:
+def attention_gate(model: LoadedModel, n: int) -> dict:
     """The attention gate (``explainer.shapes.truth.noun_attention_iou``) on the first n held-out prompts."""
-    from explainer import config
     from explainer.shapes.truth import noun_attention_iou
-    from explainer.models import LoadedModel
 
-    model = LoadedModel.from_pipeline(pipe, "shapes-under-test", config.MODELS[config.EMBEDDED_MODEL_ID])
     scores = noun_attention_iou(model, [prompt for prompt, *_ in evaluation_prompts(n)], first_seed=FIRST_SEED)
     return {"mean": float(np.mean(scores)), "per_prompt": [round(score, 3) for score in scores]}
 
@@ -114,7 +139,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Shapes model quality report")
     parser.add_argument("--model", default="assets/shapes-ldm")
     parser.add_argument("--n", type=int, default=200)
-    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--guidance", type=float, default=None, help="default: the model's own (config)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--attention-n", type=int, default=40, help="prompts for the attention gate (0: skip)")
@@ -123,20 +148,21 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     started = time.time()
-    pipe = load_pipeline(args.model)
-    samples = list(evaluation_samples(pipe, args.n, args.guidance, args.steps))
+    model = load_model(args.model)
+    args.guidance = model.spec.guidance if args.guidance is None else args.guidance
+    samples = list(evaluation_samples(model, args.n, args.guidance, args.steps))
     report = quality_report(samples)
     if args.attention_n:
-        report["attention_iou"] = attention_gate(pipe, args.attention_n)
+        report["attention_iou"] = attention_gate(model, args.attention_n)
     report.update(model=str(args.model), guidance=args.guidance, steps=args.steps,
-                  scheduler=type(pipe.scheduler).__name__, seconds=round(time.time() - started, 1))
+                  scheduler=type(model.pipe.scheduler).__name__, seconds=round(time.time() - started, 1))
     report["samples"] = [
         {"prompt": s.prompt, "seed": s.seed, "expected": s.expected,
          "detected": None if s.detection is None else
          {k: getattr(s.detection, k) for k in ("colour", "shape", "place")}}
         for s in samples
     ]
-    out = Path(args.out or f"runs/quality-g{args.guidance:g}-n{args.n}.json")
+    out = Path(args.out or f"runs/quality-{Path(args.model).name}-g{args.guidance:g}-n{args.n}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     save_grid(samples[:40], out.with_suffix(".png"))
