@@ -131,7 +131,7 @@ def test_every_endpoint_serves_the_newer_families_end_to_end(url, model_id, prom
         result = session_client.predict(method, 2, 8, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, True,
                                         api_name="/saliency")[3]
         assert result["step"] == 2 and 0 <= result["insertion_auc"] <= 1
-    if family == "sd3":
+    if family in ("sd3", "flux"):
         shares, raw, data = session_client.predict(concepts, 2, "all", "first prompt", api_name="/concept_maps")
         assert len(shares) == len(raw) == 2 and abs(sum(data["shares"].values()) - 1) < 1e-4
     else:

@@ -55,7 +55,7 @@ class AttentionTab:
                     self.spot_words = gr.Image(label="Which words the clicked spot looks at", show_label=False, type="pil",
                                                height=300)
         gr.Markdown("### Concepts, in or out of the prompt\nOn a model whose blocks attend jointly over picture and text "
-                    "(Stable Diffusion 3), any words can be followed through the model without changing the picture: "
+                    "(Stable Diffusion 3, FLUX.1), any words can be followed through the model without changing the picture: "
                     "where each is drawn, as shares of every spot (ConceptAttention), and where the picture looks for it.")
         with gr.Row():
             self.concepts = gr.Textbox(", ".join(DEFAULT_SPEC.concepts), label="Concepts (words, commas between)", scale=3)
@@ -173,8 +173,8 @@ def spot(x, y, step, which, session, run_id=""):
 
 def concept_maps(concepts, step, blocks, which, session, run_id=""):
     """ConceptAttention: where each of some concepts is drawn at a step of a finished run, on a model
-    whose blocks attend jointly over picture and text (Stable Diffusion 3); the concepts need not be
-    in the prompt, and the picture does not change.
+    whose blocks attend jointly over picture and text (Stable Diffusion 3, FLUX.1); the concepts need
+    not be in the prompt, and the picture does not change.
 
     Args:
         concepts: The concepts, as words with commas between, e.g. "circle, square, background".

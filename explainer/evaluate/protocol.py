@@ -9,7 +9,7 @@ from itertools import combinations
 import numpy as np
 
 from explainer import config, metrics
-from explainer.methods import METHODS, ConceptAttention, variant
+from explainer.methods import METHODS, ConceptAttention, concept_attention, variant
 from explainer.maps import normalise
 from explainer.render import views
 from explainer.run import InstrumentedRun, RunData, RunSettings
@@ -34,7 +34,7 @@ PHASES_ONLY = ("df-rise", "df-rise-structure", "df-rise-paper", "df-lime", "df-l
 
 def applies(name: str, model) -> bool:
     """Whether method ``name`` is defined on ``model`` (ConceptAttention needs joint attention)."""
-    return name != "concept-attention" or model.family.name == "sd3"
+    return name != "concept-attention" or model.family.name in concept_attention.FAMILIES
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Concept maps of an MM-DiT in the attention's output space (ConceptAttention, Helbling et al., 2025),
-for the SD 3 family.
+for the SD 3 and FLUX.1 families.
 
 Concept tokens ride along the text stream of every joint-attention block, read-only for the image:
 each block, a concept's query attends over [the block's image keys; the concept keys], its output
@@ -8,6 +8,11 @@ the image or the prompt, so the prediction is the model's own, bit for bit. The 
 block is, for every image token, the softmax over the concepts of the dot products between the
 image token's attention output and each concept's; maps are averaged over the chosen blocks. The
 raw-attention maps beside them: each image query's attention over the concept keys alone.
+
+On FLUX.1 the blocks are the double-stream ones (``transformer_blocks``: separate text and image
+projections), as the authors ride them; the single-stream blocks that follow carry no concepts. The
+image's queries and keys take their rotary embeddings as the block's attention gives them; the
+concepts take the text's position ids (FLUX's are all zero: no rotation).
 
     >>> found = ConceptAttention(concepts=("circle", "square", "background")).explain(model, run, step=15)
     >>> found.token_maps["0:circle"].shape, found.saliency  # (H_lat, W_lat): the first concept's map
@@ -23,11 +28,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffusers.models.embeddings import apply_rotary_emb
+
+from ..families.base import call_argument
 from ..maps import normalise
 from ..replay import raw_prediction, step_inputs
 from .base import Explanation, Method, check_choice
 
 BLOCKS = ("all", "last half")
+FAMILIES = ("sd3", "flux")  # MM-DiTs: the text has its own stream through joint-attention blocks
 
 
 @dataclass(kw_only=True)
@@ -40,6 +49,10 @@ class ConceptAttention(Method):
         concept's map (min-max), ``per_layer`` the raw-attention maps by the same keys (each image
         query's attention over the concept keys alone, heads and blocks averaged), ``token_scores``
         each concept's share of the picture, ``denoiser_calls`` = 1.
+
+    The blocks are the joint-attention blocks: all of SD 3's; FLUX.1's double-stream blocks only (its
+    single-stream blocks share one set of projections between text and image and carry no concepts,
+    as in the authors' FLUX code). ``blocks="last half"`` is the deeper half of those.
     """
 
     concepts: tuple[str, ...] = field(default=("circle", "background"))
@@ -54,13 +67,13 @@ class ConceptAttention(Method):
             raise ValueError(f"concepts must be one or more words, got {self.concepts!r}.")
 
     def _explain(self, model, run, step: int) -> Explanation:
-        if model.family.name != "sd3":
+        if model.family.name not in FAMILIES:
             raise ValueError(f"ConceptAttention needs a model whose blocks attend jointly over image and text (the SD 3 "
-                             f"family); {model.id} is of the {model.family.name!r} family.")
+                             f"and FLUX.1 families); {model.id} is of the {model.family.name!r} family.")
         inputs = step_inputs(model, run, step)
         concepts = _concept_states(model, self.concepts)  # (C, D)
         transformer = model.denoiser
-        blocks = list(transformer.transformer_blocks)
+        blocks = list(transformer.transformer_blocks)  # FLUX: the double-stream blocks only
         chosen = range(len(blocks) // 2, len(blocks)) if self.blocks == "last half" else range(len(blocks))
         stream = _ConceptStream(concepts, inputs.conditioning.halves - 1, run.latent_size, model.family, set(chosen))
         with torch.no_grad(), stream.riding(blocks):
@@ -76,7 +89,8 @@ class ConceptAttention(Method):
 
 def _concept_states(model, concepts: tuple[str, ...]) -> torch.Tensor:
     """Each concept's text state as the transformer's blocks receive text: the concept encoded alone as
-    a prompt, its word's pieces averaged, through the transformer's context embedder: (C, D)."""
+    a prompt, its word's pieces averaged (SD 3: both CLIP encoders' states, where its words are; FLUX.1:
+    T5's), through the transformer's context embedder: (C, D)."""
     family, pipe = model.family, model.pipe
     states = []
     for concept in concepts:
@@ -96,6 +110,7 @@ class _ConceptStream:
 
     def __init__(self, states: torch.Tensor, conditional: int, latent_size, family, chosen: set[int]):
         self.states, self.conditional, self.latent_size, self.family, self.chosen = states, conditional, latent_size, family, chosen
+        self.flux = family.name == "flux"  # rotary positions over [text; image], text first
         self.output_maps: list[torch.Tensor] = []
         self.raw_maps: list[torch.Tensor] = []
         self._seen: dict = {}
@@ -119,7 +134,10 @@ class _ConceptStream:
         def before_block(module, args, kwargs):
             if threading.get_ident() == thread:
                 self._seen.clear()
-                self._seen["temb"] = kwargs["temb"] if "temb" in kwargs else args[2]
+                self._seen["temb"] = call_argument(args, kwargs, 2, "temb")
+                if self.flux:
+                    self._seen["rotary"] = call_argument(args, kwargs, 3, "image_rotary_emb")
+                    self._seen["text_tokens"] = call_argument(args, kwargs, 1, "encoder_hidden_states").shape[1]
 
         for index, block in enumerate(blocks):
             attn = block.attn
@@ -145,16 +163,28 @@ class _ConceptStream:
         heads = attn.heads
         temb = seen["temb"][half:half + 1]
         concepts = self.states[None]  # (1, C, D)
+        if "query" not in seen:
+            raise ValueError("ConceptAttention reads the image's projections (to_q, to_k, to_v) one by one; "
+                             "this model's attention fuses them.")
 
         def split(x):  # (1, T, heads * d) -> (1, heads, T, d)
             return x.view(1, x.shape[1], heads, -1).transpose(1, 2)
 
+        def rotate(x, rows):  # FLUX: the rotary embedding of positions ``rows`` of [text; image]
+            if seen.get("rotary") is None:
+                return x
+            cos, sin = seen["rotary"]
+            return apply_rotary_emb(x, (cos[rows], sin[rows]), sequence_dim=2)
+
+        image_rows = slice(seen.get("text_tokens"), None)  # after the text, in FLUX's order
+        concept_rows = [0] * concepts.shape[1]  # the text's position ids: FLUX's are all zero
         image_query, image_key, image_value = (split(seen[name][half:half + 1]) for name in ("query", "key", "value"))
         if attn.norm_q is not None:
             image_query = attn.norm_q(image_query)
         if attn.norm_k is not None:
             image_key = attn.norm_k(image_key)
-        if block.context_pre_only:
+        image_query, image_key = rotate(image_query, image_rows), rotate(image_key, image_rows)
+        if getattr(block, "context_pre_only", False):  # SD 3's last block (FLUX's double-stream blocks have none)
             normed = block.norm1_context(concepts, temb)
         else:
             normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(concepts, emb=temb)
@@ -163,20 +193,24 @@ class _ConceptStream:
             query = attn.norm_added_q(query)
         if attn.norm_added_k is not None:
             key = attn.norm_added_k(key)
+        query, key = rotate(query, concept_rows), rotate(key, concept_rows)
         scale = query.shape[-1] ** -0.5
         # the concepts attend over the image and each other, never the other way round
         weights = torch.matmul(query * scale, torch.cat([image_key, key], 2).transpose(-1, -2)).softmax(-1)
         concept_output = torch.matmul(weights, torch.cat([image_value, value], 2))  # (1, heads, C, d)
         concept_output = concept_output.transpose(1, 2).reshape(1, -1, heads * concept_output.shape[-1])
-        if index in self.chosen:
-            image_output = seen["attention_output"][half]  # (N, heads * d): the image tokens' attention output
-            self.output_maps.append(self._on_grid((image_output @ concept_output[0].T).softmax(-1)))
-            raw = torch.matmul(image_query * scale, key.transpose(-1, -2)).softmax(-1).mean(1)[0]  # (N, C)
+        if index in self.chosen:  # the maps in float32, whatever the model's dtype
+            image_output = seen["attention_output"][half].float()  # (N, heads * d): the image tokens' attention output
+            self.output_maps.append(self._on_grid((image_output @ concept_output[0].float().T).softmax(-1)))
+            raw = torch.matmul(image_query.float() * scale, key.float().transpose(-1, -2)).softmax(-1).mean(1)[0]  # (N, C)
             self.raw_maps.append(self._on_grid(raw))
-        if not block.context_pre_only:  # the concepts' residual stream moves on as the text's does
+        if not getattr(block, "context_pre_only", False):  # the concepts' residual stream moves on as the text's does
             moved = self.states[None] + gate_msa.unsqueeze(1) * attn.to_add_out(concept_output)
             normed = block.norm2_context(moved) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-            self.states = (moved + gate_mlp.unsqueeze(1) * block.ff_context(normed))[0]
+            moved = moved + gate_mlp.unsqueeze(1) * block.ff_context(normed)
+            if self.flux and moved.dtype == torch.float16:  # as FLUX's block clips its text stream
+                moved = moved.clip(-65504, 65504)
+            self.states = moved[0]
 
     def _on_grid(self, per_token: torch.Tensor) -> torch.Tensor:
         """(N image tokens, C) -> (C, H_lat, W_lat), bilinear from the patch grid."""
