@@ -115,7 +115,9 @@ class StepRecord:
     """What the model did at step ``index`` (1-based) of ``total``: from ``x_t`` to ``x_{t-1}``.
 
     ``timestep`` is what the denoiser saw: an int for DDPM families, a float (1000 sigma) for flow
-    matching. Latents are CPU float32 tensors (1, C, h, w) in the denoiser's scale. ``attention`` is float16
+    matching. Latents are CPU tensors (1, C, h, w) in the denoiser's scale and the run's dtype (float32
+on a CPU, the model's half precision on a GPU); a step's ``latents`` is the previous step's
+``next_latents`` object. ``attention`` is float16
     (P + 1, h, w): rows 0..P-1 are token positions 0 (start) to the end token, the last row is all
     padding positions summed; rows sum to 1 at every latent pixel. ``group_attention`` holds each
     layer group's mean map (same rows) at the group's own resolution, at most
@@ -271,10 +273,12 @@ class InstrumentedRun:
             next_timestep=self.data.timesteps[index + 1] if index + 1 < total else None,
             alpha_bar=alpha_bar,
             sigma=sigma,
-            latents=latents.float().cpu(),
-            next_latents=next_latents.float().cpu(),
-            x0_hat=x0_hat.cpu(),
-            noise_pred=noise_pred.float().cpu(),
+            # in the run's own dtype (what the model computed; half the bytes on a GPU), each step's x_t
+            # the previous step's stored x_{t-1} itself, not a copy
+            latents=self.data.records[-1].next_latents if self.data.records else latents.cpu(),
+            next_latents=next_latents.cpu(),
+            x0_hat=x0_hat.to(latents.dtype).cpu(),
+            noise_pred=noise_pred.cpu(),
             image_size=size,
             preview_noisy=self.model.preview(latents),
             preview_prediction=self.model.preview(x0_hat),

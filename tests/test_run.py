@@ -213,3 +213,22 @@ def test_settings_of_an_older_export_still_load():
     old = RunSettings(prompt="a cat", concentration=12.0).to_dict()
     old["lam"] = old.pop("concentration")
     assert RunSettings.from_dict(old).concentration == 12.0
+
+
+def test_records_keep_the_runs_dtype_and_share_each_steps_latents_with_the_step_before():
+    """A half-precision run (as on a GPU; bfloat16 here, which the CPU computes) stores its tensors in
+    that dtype, half the bytes, each x_t being the step before's x_{t-1} object; the methods and the
+    views read them as before."""
+    from explainer.families.sd1_tiny import tiny_pipeline
+    from explainer.methods import METHODS
+    from explainer.models import LoadedModel
+
+    model = LoadedModel.from_pipeline(tiny_pipeline().to(torch.bfloat16), model_id="tiny-random")
+    run = InstrumentedRun(model, settings(steps=3)).run_all().data
+    for name in ("latents", "next_latents", "x0_hat", "noise_pred"):
+        assert {getattr(record, name).dtype for record in run.records} == {torch.bfloat16}, name
+    assert all(later.latents is earlier.next_latents for earlier, later in zip(run.records, run.records[1:]))
+    for name, options in (("df-cam", {}), ("df-rise", {"n_masks": 8, "batch_size": 8})):
+        saliency = METHODS[name](**options).explain(model, run, 2).saliency
+        assert saliency.shape == (8, 8) and np.isfinite(saliency).all() and saliency.max() > saliency.min(), name
+    assert run.records[-1].prediction_view is not None and run.final_image.size == (64, 64)
