@@ -157,7 +157,7 @@ class Flux(Family):
     pipeline_class = "FluxPipeline"
 
     def load(self, source, device, dtype, local_files_only):
-        pipe = FluxPipeline.from_pretrained(source, torch_dtype=dtype, local_files_only=local_files_only, use_safetensors=True)
+        pipe = FluxPipeline.from_pretrained(source, dtype=dtype, local_files_only=local_files_only, use_safetensors=True)
         return pipe.to(device)
 
     def denoiser(self, pipe):

@@ -27,7 +27,7 @@ class StableDiffusion1(Family):
 
     def load(self, source, device, dtype, local_files_only):
         pipe = StableDiffusionPipeline.from_pretrained(
-            source, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
+            source, dtype=dtype, safety_checker=None, requires_safety_checker=False,
             local_files_only=local_files_only, use_safetensors=True,
         )
         return pipe.to(device)

@@ -54,7 +54,7 @@ class StableDiffusion3(Family):
         index = StableDiffusion3Pipeline.load_config(source, local_files_only=local_files_only)
         absent = {name: None for name in ("text_encoder_3", "tokenizer_3") if (index.get(name) or [None])[0] is None}
         pipe = StableDiffusion3Pipeline.from_pretrained(
-            source, torch_dtype=dtype, local_files_only=local_files_only, use_safetensors=True, **absent
+            source, dtype=dtype, local_files_only=local_files_only, use_safetensors=True, **absent
         )
         return pipe.to(device)
 

@@ -78,7 +78,7 @@ class StableDiffusionXL(StableDiffusion1):
         """The pipeline (never remote code, no watermarker: the explainer decodes itself), its VAE
         upcast at once where ``force_upcast`` asks for it (``decoding_vae``)."""
         pipe = StableDiffusionXLPipeline.from_pretrained(
-            source, torch_dtype=dtype, local_files_only=local_files_only, use_safetensors=True, add_watermarker=False,
+            source, dtype=dtype, local_files_only=local_files_only, use_safetensors=True, add_watermarker=False,
         )
         pipe = pipe.to(device)
         decoding_vae(pipe)
