@@ -104,6 +104,14 @@ def _stable_diffusion_1(repo_id: str, label: str) -> ModelSpec:
     )
 
 
+def _tiny_spec(model_id: str, family: str, label: str, **changes) -> ModelSpec:
+    """A tiny test model: built from configs by explainer.families.<family>_tiny with random weights
+    (no source), left off the page's list, 64x64 at 10 steps and guidance 5 unless ``changes`` say otherwise."""
+    fields = dict(id=model_id, family=family, source="", label=label, hub=False, listed=False, width=64, height=64,
+                  steps=10, guidance=5.0, examples=("a cat playing soccer",))
+    return ModelSpec(**(fields | changes))
+
+
 EMBEDDED_MODEL_ID = "embedded/shapes-ldm"
 EMBEDDED_MMDIT_MODEL_ID = "embedded/shapes-mmdit"
 TINY_RANDOM_MODEL_ID = "tiny-random"
@@ -143,57 +151,16 @@ MODELS: dict[str, ModelSpec] = {
             concepts=("circle", "square", "triangle"),  # its closed vocabulary has no "background"
             trained_by="python -m explainer.shapes.train_mmdit --resume, then --export-only",
         ),
-        ModelSpec(
-            id=TINY_RANDOM_MODEL_ID,
-            source="",  # built from configs by explainer.families.sd1_tiny, random weights
-            label="Tiny random model (for tests; pictures mean nothing)",
-            hub=False,
-            listed=False,
-            width=64,
-            height=64,
-            steps=10,
-            guidance=5.0,
-            examples=("a cat playing soccer",),
-        ),
-        ModelSpec(
-            id=TINY_SD3_MODEL_ID,
-            source="",  # built from configs by explainer.families.sd3_tiny, random weights
-            label="Tiny random SD 3 model (for tests; pictures mean nothing)",
-            hub=False,
-            listed=False,
-            width=64,
-            height=64,
-            steps=10,
-            guidance=5.0,
-            examples=("a cat playing soccer",),
-            family="sd3",
+        _tiny_spec(TINY_RANDOM_MODEL_ID, "sd1", "Tiny random model (for tests; pictures mean nothing)"),
+        _tiny_spec(
+            TINY_SD3_MODEL_ID, "sd3", "Tiny random SD 3 model (for tests; pictures mean nothing)",
             max_sequence_length=8,  # zero T5 tokens: the tiny model has no T5 encoder
         ),
-        ModelSpec(
-            id=TINY_SDXL_MODEL_ID,
-            source="",  # built from configs by explainer.families.sdxl_tiny, random weights
-            label="Tiny random SDXL model (for tests; pictures mean nothing)",
-            hub=False,
-            listed=False,
-            width=64,
-            height=64,
-            steps=10,
-            guidance=5.0,
-            examples=("a cat playing soccer",),
-            family="sdxl",
-        ),
-        ModelSpec(
-            id=TINY_FLUX_MODEL_ID,
-            source="",  # built from configs by explainer.families.flux_tiny, random weights
-            label="Tiny random FLUX.1 model (for tests; pictures mean nothing)",
-            hub=False,
-            listed=False,
-            width=64,
-            height=64,
+        _tiny_spec(TINY_SDXL_MODEL_ID, "sdxl", "Tiny random SDXL model (for tests; pictures mean nothing)"),
+        _tiny_spec(
+            TINY_FLUX_MODEL_ID, "flux", "Tiny random FLUX.1 model (for tests; pictures mean nothing)",
             steps=4,
             guidance=0.0,  # guidance-distilled as FLUX.1-schnell: no guidance input, no unconditional half
-            examples=("a cat playing soccer",),
-            family="flux",
             max_sequence_length=16,  # T5 tokens (the tiny T5 tokenizer's limit)
         ),
         _stable_diffusion_1("CompVis/stable-diffusion-v1-4", "Stable Diffusion v1.4 (the paper's model, GPU)"),

@@ -1,11 +1,11 @@
-"""The FLUX.1 family on a tiny FLUX-shaped model: the run equals the pipeline (packed latents, rotary
-ids, the resolution-dependent shift, no guidance half, FLUX.1-dev's guidance input), flow matching's
-estimates and steps, attention capture in double- and single-stream blocks (text first), every
-method, the region view, token relevance through T5, T5's words."""
+"""The FLUX.1 family on a tiny FLUX-shaped model: no guidance half and FLUX.1-dev's guidance input, its
+attention maps in double- and single-stream blocks (text first) against an independent computation,
+the region view, T5's words, the resolution-dependent shift, packed latents. The contract every family
+keeps (the run equals the pipeline, flow matching's estimates and steps, capture, every method, token
+relevance through T5) is tested in test_families.py."""
 
 import dataclasses
 import math
-import threading
 
 import numpy as np
 import pytest
@@ -15,18 +15,17 @@ from diffusers import FluxPipeline
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-from test_methods import CASES, IDS
+from test_families import FLUX_SITES as SITES
 
 from explainer import config, run as run_module
 from explainer.capture import AttentionRecorder, capture_attention
 from explainer.families import FAMILIES
 from explainer.families.flux import pack, resolution_shift, unpack
 from explainer.families.flux_tiny import t5_tokenizer, tiny_flux_pipeline
-from explainer.methods import METHODS, SpotAttention, cam_layers
-from explainer.methods.relevance import RelevanceState, relevance_hooks
+from explainer.methods import SpotAttention
 from explainer.models import LoadedModel, load_model
 from explainer.render import views
-from explainer.replay import guided_prediction, noise_from, step_from, step_inputs
+from explainer.replay import guided_prediction, step_inputs
 from explainer.run import InstrumentedRun, RunSettings
 from explainer.schedules import flow_sigmas
 
@@ -35,8 +34,6 @@ STEP = 3
 FLUX = FAMILIES["flux"]
 SPEC = config.MODELS[config.TINY_FLUX_MODEL_ID]
 TEXT_LENGTH = SPEC.max_sequence_length
-SITES = [f"transformer_blocks.{i}.attn.processor" for i in range(2)] + [f"single_transformer_blocks.{i}.attn.processor" for i in range(2)]
-GROUPS = {"double blocks 0–1": SITES[:2], "single block 0": SITES[2:3], "single block 1": SITES[3:]}
 
 
 def settings(**changes):
@@ -64,45 +61,6 @@ def dev_model():
 @pytest.fixture(scope="module")
 def dev_run(dev_model):
     return InstrumentedRun(dev_model, settings(guidance=3.5)).run_all().data
-
-
-@pytest.mark.parametrize("schedule, variant, guidance", [
-    ("uniform", "schnell", 0.0), ("early", "schnell", 0.0), ("latter", "dev", 3.5), ("uniform", "dev", 3.5), ("uniform", "dev", 1.0),
-])
-def test_final_image_equals_the_plain_pipeline(schedule, variant, guidance):
-    """Capture must not change the generation: the same noise (drawn unpacked, then packed), the same
-    sigmas (the pipeline's own spacing, the shift with mu from the token count), one prediction per
-    step, the guidance as an input where the model takes one, the same Euler steps and decoding."""
-    dev = variant == "dev"
-    pipe = tiny_flux_pipeline(guidance_embeds=dev, dynamic_shift=dev)
-    model = LoadedModel.from_pipeline(pipe, config.TINY_FLUX_MODEL_ID, spec=SPEC)
-    instrumented = InstrumentedRun(model, settings(steps=5, schedule=schedule, concentration=10, guidance=guidance)).run_all()
-    expected = pipe(
-        PROMPT, num_inference_steps=5, sigmas=flow_sigmas(schedule, 5, 10), guidance_scale=guidance, width=64, height=64,
-        generator=torch.Generator().manual_seed(3), output_type="np", max_sequence_length=TEXT_LENGTH,
-    ).images[0]
-    assert instrumented.data.timesteps == pipe.scheduler.timesteps.tolist()  # the pipeline's own, after its call
-    assert np.abs(expected - instrumented.data.final_array).max() <= 1e-4  # measured: about 2e-6
-
-
-def test_each_step_is_euler_and_the_estimates_invert_the_flow(model, run):
-    """x0_hat = x - sigma v, eps_hat = x + (1 - sigma) v, x_next = x + (sigma_next - sigma) v; replayed alike."""
-    sigmas = [r.sigma for r in run.records] + [0.0]
-    assert sigmas[0] == 1.0 and all(a > b for a, b in zip(sigmas, sigmas[1:]))
-    assert run.noise_levels == sigmas[:-1] and run.records[0].label == "step 1 of 4, t = 1000"
-    for record, sigma, next_sigma in zip(run.records, sigmas, sigmas[1:]):
-        assert record.latents.shape == (1, 4, 8, 8) and record.alpha_bar == pytest.approx((1 - sigma) ** 2)
-        velocity = record.noise_pred
-        torch.testing.assert_close(record.x0_hat, record.latents - sigma * velocity, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(record.next_latents, record.latents + (next_sigma - sigma) * velocity, atol=1e-5, rtol=1e-5)
-        inputs = step_inputs(model, run, record.index)
-        assert not inputs.guided and inputs.conditional_index == 0 and inputs.conditioning.halves == 1
-        with torch.no_grad():
-            prediction = guided_prediction(model, inputs, inputs.latents)
-        torch.testing.assert_close(prediction, velocity, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(step_from(model, inputs, inputs.latents, prediction), record.next_latents, atol=1e-5, rtol=1e-5)
-        noise = noise_from(model, inputs, inputs.latents, prediction)
-        torch.testing.assert_close((1 - sigma) * record.x0_hat + sigma * noise, record.latents, atol=1e-5, rtol=1e-5)
 
 
 def test_guidance_is_never_a_second_half_and_an_input_only_where_the_model_takes_one(model, dev_model, dev_run, monkeypatch):
@@ -133,21 +91,6 @@ def test_guidance_is_never_a_second_half_and_an_input_only_where_the_model_takes
         without = dev_model.encode(PROMPT, "", guided=False)
         with pytest.raises(ValueError, match="takes the guidance scale as an input"):
             FLUX.predict(dev_model.pipe, inputs.latents, inputs.timestep, without)
-
-
-@pytest.mark.parametrize("guidance", [0.0, 3.5])
-def test_maps_sum_to_one_over_the_text_in_double_and_single_blocks(dev_model, guidance):
-    data = InstrumentedRun(dev_model, settings(guidance=guidance, per_group=True)).run_all().data
-    assert data.attention_groups == GROUPS
-    for record in data.records:
-        assert record.attention.shape == (data.tokens.stored_positions + 1, 8, 8) and record.attention.dtype == np.float16
-        assert np.abs(record.attention.astype(np.float32).sum(0) - 1).max() <= 1e-3  # the padding row included
-        assert record.text_share.shape == (8, 8) and record.text_share.dtype == np.float16
-        assert 0 < record.text_share.min() and record.text_share.max() < 1
-        assert set(record.group_attention) == set(GROUPS)
-        for maps in record.group_attention.values():  # each kind of block on its own
-            assert maps.shape == (data.tokens.stored_positions + 1, 4, 4)
-            assert np.abs(maps.astype(np.float32).sum(0) - 1).max() <= 1e-3
 
 
 class KeepingFluxProcessor:
@@ -209,117 +152,6 @@ def test_recorded_maps_are_the_image_to_text_block_renormalised(dev_model, dev_r
     np.testing.assert_allclose(share, torch.stack(expected_share).mean(0).numpy(), atol=2e-3)
 
 
-def test_recording_processor_matches_the_stock_one_and_every_attention_is_a_site(model, run):
-    inputs = step_inputs(model, run, STEP)
-    transformer = model.denoiser
-    before = transformer.attn_processors
-    with torch.no_grad():
-        stock = guided_prediction(model, inputs, inputs.latents)
-        with capture_attention(model) as sites:
-            installed = transformer.attn_processors
-            unrecorded = guided_prediction(model, inputs, inputs.latents)
-            recorder = AttentionRecorder(FLUX, (8, 8), 5, conditional_index=0, batch_size=1, sites=sites)
-            recorded = guided_prediction(model, inputs, inputs.latents, recorder=recorder)
-    assert sites == SITES
-    assert {key: type(proc).__name__ for key, proc in installed.items()} == {site: "FluxAttentionRecordingProcessor" for site in SITES}
-    assert torch.equal(unrecorded, stock)
-    torch.testing.assert_close(recorded, stock, atol=1e-5, rtol=1e-5)
-    assert transformer.attn_processors == before
-
-
-def test_processors_restored_when_a_run_stops_fails_or_the_denoiser_raises(model, monkeypatch):
-    transformer = model.denoiser
-    before = transformer.attn_processors
-    steps = InstrumentedRun(model, settings()).steps()
-    next(steps)
-    assert transformer.attn_processors != before
-    steps.close()
-    assert transformer.attn_processors == before
-    steps = InstrumentedRun(model, settings()).steps()
-    next(steps)
-    with pytest.raises(KeyError):
-        steps.throw(KeyError("failure inside the run"))
-    assert transformer.attn_processors == before
-
-    def fail(*args, **kwargs):
-        raise RuntimeError("failure inside the denoiser")
-
-    monkeypatch.setattr(transformer.single_transformer_blocks[1], "forward", fail)
-    with pytest.raises(RuntimeError, match="failure inside the denoiser"):
-        InstrumentedRun(model, settings()).run_all()
-    assert transformer.attn_processors == before
-
-
-def test_two_threads_give_the_same_records_as_in_sequence(dev_model):
-    jobs = [settings(prompt="a cat", seed=1, guidance=3.5), settings(prompt="a red dog on a circle", seed=2, guidance=2.0)]
-    sequential = [InstrumentedRun(dev_model, job).run_all().data for job in jobs]
-    parallel = [InstrumentedRun(dev_model, job) for job in jobs]
-    threads = [threading.Thread(target=one.run_all) for one in parallel]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for one, other in zip(sequential, parallel):
-        assert [r.timestep for r in one.records] == [r.timestep for r in other.data.records]
-        for a, b in zip(one.records, other.data.records):
-            for name in ("latents", "next_latents", "x0_hat", "noise_pred"):
-                assert torch.equal(getattr(a, name), getattr(b, name)), name
-            assert np.array_equal(a.attention, b.attention) and np.array_equal(a.text_share, b.text_share)
-        assert np.array_equal(one.final_array, other.data.final_array)
-
-
-def test_every_method_is_covered_here():
-    assert {name for name, _ in CASES} == set(METHODS)
-
-
-@pytest.mark.parametrize("name, options", CASES, ids=IDS)
-def test_every_method_gives_a_finite_map_that_is_not_flat(model, run, dev_model, dev_run, name, options):
-    for loaded, data in ((model, run), (dev_model, dev_run)):
-        first = METHODS[name](**options).explain(loaded, data, STEP)
-        again = METHODS[name](**options).explain(loaded, data, STEP)
-        assert first.method == name and first.timestep == data.records[STEP - 1].timestep
-        assert first.saliency.shape == (8, 8) and first.saliency.dtype == np.float32
-        assert np.isfinite(first.saliency).all() and first.saliency.min() >= 0 and first.saliency.max() <= 1
-        assert np.ptp(first.saliency) > 0
-        assert np.array_equal(first.saliency, again.saliency)
-        if name == "df-cam":
-            assert set(first.per_layer) == set(cam_layers(loaded)) == {f"transformer_blocks.{i}" for i in range(2)} | {
-                f"single_transformer_blocks.{i}" for i in range(2)}
-        if name == "relevance":
-            assert set(first.token_scores) == {f"{i}:{w}" for i, w in enumerate(data.tokens.word_texts)}
-
-
-def test_a_bfloat16_model_runs_and_gives_the_float32_maps(model, run):
-    """As the app loads FLUX on a GPU (bfloat16; CPU bfloat16 here): dtype slips show up now."""
-    half = LoadedModel.from_pipeline(tiny_flux_pipeline().to(dtype=torch.bfloat16), config.TINY_FLUX_MODEL_ID, spec=SPEC)
-    half_run = InstrumentedRun(half, run.settings).run_all().data
-    assert np.abs(half_run.final_array - run.final_array).max() < 0.05
-    assert all(np.isfinite(r.attention.astype(np.float32)).all() and np.isfinite(r.text_share).all() for r in half_run.records)
-    for name, options in CASES:
-        full = METHODS[name](**options).explain(model, run, STEP).saliency
-        saliency = METHODS[name](**options).explain(half, run, STEP).saliency
-        assert np.isfinite(saliency).all() and np.corrcoef(full.ravel(), saliency.ravel())[0, 1] > 0.9, f"{name} {options}"
-
-
-@pytest.mark.parametrize("name", ["df-cam", "relevance", "df-rise"])
-def test_no_hook_or_processor_left_after_a_method_or_an_error(model, run, monkeypatch, name):
-    modules = [m for part in (model.pipe.transformer, model.pipe.text_encoder_2) for m in part.modules()]
-    hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules)  # noqa: E731
-    processors, count = model.denoiser.attn_processors, hooks()
-    options = {"n_masks": 4, "batch_size": 4} if name == "df-rise" else {}
-    METHODS[name](**options).explain(model, run, STEP)
-    assert model.denoiser.attn_processors == processors and hooks() == count
-
-    def fail(*args, **kwargs):
-        raise RuntimeError("failure inside the denoiser")
-
-    monkeypatch.setattr(model.denoiser.single_transformer_blocks[1], "forward", fail)
-    with pytest.raises(RuntimeError, match="failure inside"):
-        METHODS[name](**options).explain(model, run, STEP)
-    monkeypatch.undo()
-    assert model.denoiser.attn_processors == processors and hooks() == count
-
-
 def test_a_spot_looks_where_its_image_to_image_attention_goes(dev_model, dev_run):
     """The region view: the spot's attention over the image keys (renormalised), heads and the four
     blocks averaged, from the packed grid; its words read from the record."""
@@ -338,26 +170,6 @@ def test_a_spot_looks_where_its_image_to_image_attention_goes(dev_model, dev_run
     assert found.token_scores == {f"{i}:{w.text}": pytest.approx(float(shares[list(w.positions)].sum()))
                                   for i, w in enumerate(dev_run.tokens.words)}
     assert found.denoiser_calls == 1
-
-
-def test_relevance_rebuilds_the_conditioning_through_t5_and_its_hooks_do_not_change_the_model(dev_model, dev_run):
-    pipe, inputs = dev_model.pipe, step_inputs(dev_model, dev_run, STEP)
-    ids = torch.tensor([dev_run.tokens.ids])
-    assert ids.shape == (1, TEXT_LENGTH)
-    with torch.no_grad():
-        rebuilt = FLUX.encode_ids(pipe, ids, inputs.conditioning)  # as encode_prompt built it, bit for bit
-        stock = guided_prediction(dev_model, inputs, inputs.latents)
-    assert list(rebuilt.tensors) == ["encoder_hidden_states", "pooled_projections", "guidance"]
-    assert all(torch.equal(rebuilt.tensors[name], inputs.conditioning.tensors[name]) for name in inputs.conditioning.tensors)
-    state = RelevanceState(conditional_index=0, batch_size=1, rectify="abs", latent_size=(8, 8))
-    with relevance_hooks(dev_model, state), torch.enable_grad():
-        ours_text = FLUX.encode_ids(pipe, ids, inputs.conditioning)
-        ours = guided_prediction(dev_model, inputs, inputs.latents)
-    assert [(layer["kind"], layer["tokens"]) for layer in state.denoiser_layers] == [("joint", 16)] * 4  # double and single
-    assert len(state.text_layers) == 2  # T5's, whose tokens the maps read
-    for name, tensor in inputs.conditioning.tensors.items():
-        torch.testing.assert_close(ours_text.tensors[name], tensor, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
 
 
 def test_t5_pieces_join_into_the_prompts_words():
@@ -445,9 +257,7 @@ def test_sizes_that_are_not_whole_patches_are_refused(model):
         InstrumentedRun(model, settings(width=72))
 
 
-def test_the_config_reaches_tiny_flux_and_refuses_schnell_with_what_it_needs(monkeypatch):
-    loaded = load_model(config.TINY_FLUX_MODEL_ID)
-    assert loaded.family.name == "flux" and loaded.spec is SPEC and not SPEC.hub and not SPEC.needs_gpu and not SPEC.listed
+def test_the_config_refuses_schnell_with_what_it_needs(monkeypatch):
     schnell = config.MODELS["black-forest-labs/FLUX.1-schnell"]
     assert schnell.family == "flux" and schnell.hub and schnell.needs_gpu and not schnell.gated
     assert (schnell.width, schnell.height, schnell.steps, schnell.guidance, schnell.max_sequence_length) == (1024, 1024, 4, 0.0, 256)

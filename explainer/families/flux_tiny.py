@@ -5,19 +5,17 @@ blocks with rotary position ids over 2x2-packed latents; FLUX.1-schnell's no gui
 FLUX.1-dev's guidance embedding; CLIP's pooled output and T5's tokens with a sentencepiece-style
 tokenizer; an AutoencoderKL with a scaling and a shift factor and no quant convs; flow matching stepped
 by Euler with FLUX.1-dev's resolution-dependent shift, or FLUX.1-schnell's none) at a size that runs in
-milliseconds on a CPU. Tests use it. Nothing is downloaded: the tokenizers are written here.
+milliseconds on a CPU. Tests use it. Nothing is downloaded: CLIP's tokenizer files are written by ``tiny``,
+T5's tokenizer is built here.
 """
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
 
-from .sd1_tiny import write_tokenizer_files
+from .tiny import clip_text_config, make_shifted_vae, make_tokenizer, quiet
 
 LATENT_CHANNELS = 4  # the transformer takes them packed: 16 channels per token
 CLIP_WIDTH = 16  # CLIP's hidden size: the pooled projection's width
@@ -68,36 +66,9 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = False, dynamic_shi
         guidance_embeds=guidance_embeds,
         axes_dims_rope=(2, 2, 4),  # the rotary dimensions of (0, row, column): they sum to the head size
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 16, 16),
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=1.5,
-        shift_factor=0.1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer = write_tokenizer_files(Path(folder))
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=CLIP_WIDTH,
-            intermediate_size=2 * CLIP_WIDTH,
-            projection_dim=CLIP_WIDTH,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    vae = make_shifted_vae(LATENT_CHANNELS)
+    tokenizer = make_tokenizer()
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, CLIP_WIDTH, projection_dim=CLIP_WIDTH))
     tokenizer_2 = t5_tokenizer()
     text_encoder_2 = T5EncoderModel(
         T5Config(
@@ -129,5 +100,4 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = False, dynamic_shi
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet(pipe)

@@ -6,19 +6,16 @@ resolutions cross-attend with several transformer layers per block, taking the p
 embedding and the added time ids through ``addition_embed_type="text_time"``; an AutoencoderKL with
 SDXL's scaling factor and ``force_upcast``; SDXL's own scheduler config, Euler with "leading"
 timestep spacing) at a size that runs in milliseconds on a CPU. Tests use it. Nothing is downloaded:
-the tokenizer files are written here.
+the tokenizer files are written by ``tiny``.
 """
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from .sd1_tiny import write_tokenizer_files
+from .tiny import clip_text_config, make_tokenizer_pair, make_vae, quiet
 
 CLIP_WIDTHS = (16, 24)  # CLIP-L's and OpenCLIP-G's hidden sizes: side by side, the UNet's cross_attention_dim
 POOLED_WIDTH = 32  # the second encoder's projection (SDXL: 1280), the pooled ``text_embeds``
@@ -44,21 +41,6 @@ SDXL_SCHEDULER_CONFIG = {
 }
 
 
-def _text_config(tokenizer: CLIPTokenizer, width: int, max_length: int, **extra) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=3,  # the penultimate layer's states are used: two layers reach them
-        num_attention_heads=2,
-        max_position_embeddings=max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **extra,
-    )
-
-
 def tiny_sdxl_pipeline(seed: int = 0, max_length: int = 77) -> StableDiffusionXLPipeline:
     """A randomly initialised SDXL-shaped pipeline: 64x64 images, 8x8x4 latents, cross-attention on
     the 4x4 and 2x2 grids (one and two transformer layers per block), SDXL's Euler scheduler config."""
@@ -80,28 +62,11 @@ def tiny_sdxl_pipeline(seed: int = 0, max_length: int = 77) -> StableDiffusionXL
         projection_class_embeddings_input_dim=6 * TIME_EMBED_WIDTH + POOLED_WIDTH,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 16, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.13025,  # SDXL's VAE
-        force_upcast=True,
-    )
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer = write_tokenizer_files(Path(folder), max_length=max_length)
-        # the second tokenizer: the same vocabulary, padding with "!" as SDXL's does
-        tokenizer_2 = CLIPTokenizer(
-            str(Path(folder) / "vocab.json"), str(Path(folder) / "merges.txt"), pad_token="!", model_max_length=max_length
-        )
-    text_encoder = CLIPTextModel(_text_config(tokenizer, CLIP_WIDTHS[0], max_length))
-    text_encoder_2 = CLIPTextModelWithProjection(
-        _text_config(tokenizer_2, CLIP_WIDTHS[1], max_length, projection_dim=POOLED_WIDTH)
-    )
+    vae = make_vae(scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE
+    tokenizer, tokenizer_2 = make_tokenizer_pair(max_length)
+    # three layers: the penultimate layer's states are used, so two layers reach them
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, CLIP_WIDTHS[0], layers=3))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(tokenizer_2, CLIP_WIDTHS[1], layers=3, projection_dim=POOLED_WIDTH))
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -113,5 +78,4 @@ def tiny_sdxl_pipeline(seed: int = 0, max_length: int = 77) -> StableDiffusionXL
         force_zeros_for_empty_prompt=True,  # as SDXL base's model_index.json
         add_watermarker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet(pipe)
