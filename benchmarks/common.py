@@ -76,9 +76,37 @@ def mmdit_shaped_pipeline():
     )
 
 
+def flux_shaped_pipeline():
+    """FLUX.1's shape where it sets what a run stores, narrow elsewhere, random weights: 16 latent
+    channels packed 2x2, an 8x VAE with FLUX.1's scale and shift, 19 double-stream and 38
+    single-stream blocks (their layer groups), T5 tokens as the maps' rows; 2 heads of 16 and tiny
+    text encoders, so that a 1024x1024 step runs on a CPU."""
+    from diffusers import FluxTransformer2DModel
+
+    from explainer.families.flux_tiny import CLIP_WIDTH, T5_WIDTH, t5_tokenizer, tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=T5_WIDTH, pooled_projection_dim=CLIP_WIDTH, guidance_embeds=False, axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )
+    return type(pipe)(**(pipe.components | {"transformer": transformer.eval(), "vae": vae.eval(), "tokenizer_2": t5_tokenizer(512)}))
+
+
 def benchmark_model(kind: str) -> tuple[LoadedModel, dict]:
-    """``embedded`` (the CPU default), ``sd15`` (SD v1.5-shaped, random weights; for a GPU) or
-    ``mmdit`` (the embedded MM-DiT's shape, random weights: an SD 3 family model on the CPU)."""
+    """``embedded`` (the CPU default), ``sd15`` (SD v1.5-shaped, random weights; for a GPU),
+    ``mmdit`` (the embedded MM-DiT's shape, random weights: an SD 3 family model on the CPU) or
+    ``flux`` (FLUX.1-schnell's shape where it sets what a run stores, 1024x1024; ``flux_shaped_pipeline``)."""
+    if kind == "flux":
+        spec = config.MODELS["black-forest-labs/FLUX.1-schnell"]
+        spec = dataclasses.replace(spec, id="flux-shaped", hub=False, needs_gpu=False, latent_rgb=None)
+        return LoadedModel.from_pipeline(flux_shaped_pipeline(), "flux-shaped", spec), dict(width=1024, height=1024, steps=28, guidance=0.0)
     if kind == "mmdit":
         spec = dataclasses.replace(config.MODELS[config.TINY_SD3_MODEL_ID], id="mmdit-shaped", max_sequence_length=1)
         return LoadedModel.from_pipeline(mmdit_shaped_pipeline(), "mmdit-shaped", spec), dict(width=64, height=64, steps=20, guidance=5.0)
@@ -119,7 +147,7 @@ def side_by_side(functions: dict, repeats: int) -> dict[str, float]:
 
 def parser(description: str) -> argparse.ArgumentParser:
     result = argparse.ArgumentParser(description=description)
-    result.add_argument("--model", choices=["embedded", "sd15", "mmdit"], default="sd15" if torch.cuda.is_available() else "embedded")
+    result.add_argument("--model", choices=["embedded", "sd15", "mmdit", "flux"], default="sd15" if torch.cuda.is_available() else "embedded")
     result.add_argument("--repeats", type=int, default=5)
     return result
 

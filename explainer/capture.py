@@ -35,7 +35,10 @@ class AttentionRecorder:
 
     Args:
         family: the model family's adapter (where a site's grid and group come from).
-        latent_size: ``(H_lat, W_lat)``, the grid every layer's map is resized to.
+        latent_size: ``(H_lat, W_lat)``, the latent grid. A step's map is kept at the finest grid of
+            its layers (the latent grid in a UNet; an MM-DiT's token grid, H_lat / patch), coarser
+            layers' maps resized to it: an MM-DiT's maps at the latent grid would only be upsampled
+            copies, 4x the bytes at a patch of 2 (docs/design.md, "Memory of an MM-DiT's records").
         kept_positions: token positions kept one by one (start, prompt pieces, end token);
             the remaining positions (padding) are summed into one extra row.
         conditional_index: which item of the denoiser batch is the conditional prompt
@@ -105,19 +108,13 @@ class AttentionRecorder:
         maps = reduced.T.reshape(kept + 1, height, width)
         if self.per_group:
             self._add_to_group(layer, maps)
-        if (height, width) != self.latent_size:
-            # bilinear weights are convex, so the maps still sum to 1 over tokens
-            maps = F.interpolate(maps[None], size=self.latent_size, mode="bilinear", align_corners=False)[0]
-        self._sum = maps if self._sum is None else self._sum + maps
+        self._sum = _summed(self._sum, maps)
         self._count += 1
 
     def _add_share(self, share: torch.Tensor) -> None:
-        """Add one layer's text share per image token (N,), on the latent grid."""
+        """Add one layer's text share per image token (N,), on the layer's grid."""
         height, width = self.family.layer_grid(share.shape[0], self.latent_size)
-        share = share.reshape(1, 1, height, width)
-        if (height, width) != self.latent_size:
-            share = F.interpolate(share, size=self.latent_size, mode="bilinear", align_corners=False)
-        self._share_sum = share[0, 0] if self._share_sum is None else self._share_sum + share[0, 0]
+        self._share_sum = _summed(self._share_sum, share.reshape(1, height, width))
         self._share_count += 1
 
     def _add_to_group(self, layer: str, maps: torch.Tensor) -> None:
@@ -130,14 +127,15 @@ class AttentionRecorder:
 
     def text_share(self) -> np.ndarray | None:
         """The step's text share so far, averaged over the joint-attention layers: float16
-        (H_lat, W_lat) in [0, 1]; None where no joint attention was recorded (cross-attention gives
+        (h, w) on the maps' grid, in [0, 1]; None where no joint attention was recorded (cross-attention gives
         all of its mass to the text). Read it before ``finish_step``, which starts the next step."""
         if self._share_sum is None:
             return None
-        return (self._share_sum / self._share_count).to(torch.float16).cpu().numpy()
+        return (self._share_sum[0] / self._share_count).to(torch.float16).cpu().numpy()
 
     def finish_step(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """The step's layer-averaged maps (kept + 1, H_lat, W_lat) and the per-group maps, float16."""
+        """The step's layer-averaged maps (kept + 1, h, w) on its finest layer's grid, and the per-group
+        maps, float16."""
         if self._sum is None:
             raise RuntimeError(
                 "No cross-attention was captured in this step: is the denoiser inside `capture_attention`, "
@@ -155,6 +153,21 @@ class AttentionRecorder:
         if pooled != (height, width):
             mean = F.adaptive_avg_pool2d(mean, pooled)  # area means: rows still sum to 1 over tokens
         return mean.to(torch.float16).cpu().numpy()
+
+
+def _summed(total: torch.Tensor | None, maps: torch.Tensor) -> torch.Tensor:
+    """``total + maps`` (each (rows, h, w)) on the finer of their two grids, the coarser resized
+    bilinearly (convex weights: maps that sum to 1 over the rows still do)."""
+    if total is None:
+        return maps
+    size = max(total.shape[1:], maps.shape[1:], key=lambda grid: grid[0] * grid[1])
+
+    def on_grid(values):
+        if values.shape[1:] == size:
+            return values
+        return F.interpolate(values[None], size=size, mode="bilinear", align_corners=False)[0]
+
+    return on_grid(total) + on_grid(maps)
 
 
 def classic_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, on_probs=None):

@@ -115,15 +115,16 @@ class StepRecord:
     """What the model did at step ``index`` (1-based) of ``total``: from ``x_t`` to ``x_{t-1}``.
 
     ``timestep`` is what the denoiser saw: an int for DDPM families, a float (1000 sigma) for flow
-    matching. Latents are CPU tensors (1, C, h, w) in the denoiser's scale and the run's dtype (float32
-on a CPU, the model's half precision on a GPU); a step's ``latents`` is the previous step's
-``next_latents`` object. ``attention`` is float16
-    (P + 1, h, w): rows 0..P-1 are token positions 0 (start) to the end token, the last row is all
-    padding positions summed; rows sum to 1 at every latent pixel. ``group_attention`` holds each
-    layer group's mean map (same rows) at the group's own resolution, at most
-    ``LIMITS.max_group_map_side`` a side, when the run asked for them (``RunData.attention_groups``
-    names each group's layers). ``text_share`` (joint attention only, float16 (h, w) in [0, 1]): the
-    part of each image token's attention that went to the text, averaged over heads and layers.
+    matching. Latents are CPU tensors (1, C, h, w) in the denoiser's scale and the run's dtype
+    (float32 on a CPU, the model's half precision on a GPU); a step's ``latents`` is the previous
+    step's ``next_latents`` object. ``attention`` is float16 (P + 1, h, w) on the grid of the model's
+    finest attention layer (the latent grid in a UNet, the token grid H_lat / patch in an MM-DiT):
+    rows 0..P-1 are token positions 0 (start) to the end token, the last row is all padding
+    positions summed; rows sum to 1 at every cell. ``group_attention`` holds each layer group's mean
+    map (same rows) at the group's own resolution, at most ``LIMITS.max_group_map_side`` a side,
+    when the run asked for them (``RunData.attention_groups`` names each group's layers).
+    ``text_share`` (joint attention only, float16 (h, w) on the same grid, in [0, 1]): the part of
+    each image token's attention that went to the text, averaged over heads and layers.
     """
 
     index: int

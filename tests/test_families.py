@@ -234,11 +234,13 @@ def test_maps_sum_to_one_over_the_text_in_every_group(model, tiny, guidance):
     data = InstrumentedRun(model, settings(tiny, guidance=guidance, per_group=True)).run_all().data
     assert data.attention_groups == tiny.groups
     rows = data.tokens.stored_positions + 1  # the prompt's kept positions and the padding row
+    finest = max(GROUP_GRIDS[tiny.family].values())  # a step's map: on its finest layer's grid, not upsampled
+    assert finest == (4, 4)  # the transformers' 2x2 patches; SDXL's first level has no attention
     for record in data.records:
-        assert record.attention.shape == (rows, 8, 8) and record.attention.dtype == np.float16
+        assert record.attention.shape == (rows, *finest) and record.attention.dtype == np.float16
         assert np.abs(record.attention.astype(np.float32).sum(0) - 1).max() <= 1e-3  # the padding row included
         if tiny.text_share:
-            assert record.text_share.shape == (8, 8) and record.text_share.dtype == np.float16
+            assert record.text_share.shape == finest and record.text_share.dtype == np.float16
             assert 0 < record.text_share.min() and record.text_share.max() < 1
         else:
             assert record.text_share is None  # cross-attention gives all of its mass to the text

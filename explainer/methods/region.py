@@ -53,7 +53,9 @@ class SpotAttention(Method):
         with torch.no_grad(), _explicit_attention(model, collector):
             raw_prediction(model, inputs, inputs.latents)
         record = run.records[step - 1]
-        shares = record.attention[:, self.row, self.column].astype(np.float32)
+        height, width = record.attention.shape[1:]  # the maps' grid: an MM-DiT's token grid is coarser
+        shares = record.attention[:, self.row * height // run.latent_size[0], self.column * width // run.latent_size[1]]
+        shares = shares.astype(np.float32)
         words = {f"{i}:{w.text}": float(shares[list(w.positions)].sum()) for i, w in enumerate(run.tokens.words)}
         explanation = self._result(run, step, collector.mean(), token_scores=words)
         explanation.denoiser_calls = 1
