@@ -8,7 +8,8 @@ The library behind the app, usable on its own (no Gradio here):
     ...     print(record.label, record.attention.shape)
 """
 
-from .capture import AttentionRecorder, capture_attention
+from .capture import capture_attention
+from .recorder import AttentionRecorder
 from .config import DEFAULTS, LIMITS, MODELS, default_model_id
 from .families import FAMILIES, Family
 from .models import LoadedModel, load_model

@@ -27,7 +27,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from . import config
-from .capture import AttentionRecorder, capture_attention
+from .capture import capture_attention
+from .recorder import AttentionRecorder
 from .models import LoadedModel
 from .replay import combine_guidance, model_input
 from .schedules import timesteps as schedule_timesteps

@@ -213,6 +213,26 @@ def test_training_script_runs_every_phase_resumes_and_exports_a_loadable_pipelin
     assert pipe.unet.config.sample_size == 16 and pipe.scheduler.config.prediction_type == "v_prediction"
 
 
+@pytest.mark.skipif(not (MODEL_DIR / "model_index.json").exists(), reason="the MM-DiT reuses the embedded UNet's VAE")
+def test_the_mmdit_training_runs_both_phases_resumes_and_exports_a_loadable_pipeline(tmp_path):
+    from explainer.shapes import quality, train_mmdit
+
+    tiny = ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--vae-from", str(MODEL_DIR), "--threads", "1",
+            "--scenes", "8", "--layers", "1", "--heads", "2", "--head-dim", "8", "--steps", "2", "--shape-steps", "2",
+            "--batch", "2", "--warmup", "1"]
+    train_mmdit.main(tiny)
+    work = tmp_path / "work"
+    steps = {phase: torch.load(work / name, weights_only=False)["step"] for phase, name in train_mmdit.CHECKPOINTS.items()}
+    assert steps == {"base": 2, "shape": 2}
+    before = (work / train_mmdit.CHECKPOINTS["shape"]).stat().st_mtime_ns
+    train_mmdit.main(tiny + ["--resume"])  # both phases are done: nothing is trained again
+    assert (work / train_mmdit.CHECKPOINTS["shape"]).stat().st_mtime_ns == before
+    model = quality.load_model(tmp_path / "out")  # a StableDiffusion3Pipeline without T5, through the sd3 family
+    assert model.family.name == "sd3" and model.pipe.text_encoder_3 is None
+    image = quality.generate(model, ["a red circle on the left"], [0], steps=2)[0]
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+
+
 def test_the_noun_cache_points_each_shape_noun_at_its_own_shape(tmp_path):
     from explainer.shapes.grounding import cache_nouns
     from explainer.shapes.tokenizer import write_tokenizer

@@ -26,7 +26,7 @@ import torch
 from explainer.shapes.architecture import make_flow_scheduler, make_mmdit, make_projected_text_encoder
 from explainer.shapes.grounding import cache_outlines
 from explainer.shapes.train_vae import cache_latents
-from explainer.shapes.training import CHECKPOINT_SECONDS, log, save_checkpoint, warmup_cosine
+from explainer.shapes.training import CHECKPOINT_SECONDS, ema_update, log, save_checkpoint, warmup_cosine
 
 CHECKPOINTS = {"base": "mmdit_base.pt", "shape": "mmdit_shape.pt"}
 T5_TOKENS = 1  # no T5: the pipeline appends this many zero tokens (the model card's max_sequence_length)
@@ -138,8 +138,7 @@ def train(args, work: Path, phase: str) -> None:
         opt.step(), sched.step()
         step += 1
         decay = args.shape_ema if phase == "shape" else min(args.ema, (1 + step) / (10 + step))
-        torch._foreach_mul_(ema, decay)
-        torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - decay)
+        ema_update(ema, params, decay)
         losses.append(loss.item())
         if step % 25 == 0:
             rate, started = (time.time() - started) / 25, time.time()

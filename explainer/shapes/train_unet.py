@@ -13,15 +13,10 @@ import torch
 from explainer.shapes.architecture import make_noise_schedulers, make_text_encoder, make_unet
 from explainer.shapes.grounding import grounding_loss, tap_cross_attention
 from explainer.shapes.tokenizer import MODEL_MAX_LENGTH
-from explainer.shapes.training import CHECKPOINT_SECONDS, log, save_checkpoint, warmup_cosine
+from explainer.shapes.training import CHECKPOINT_SECONDS, ema_update, log, save_checkpoint, warmup_cosine
 
 CHECKPOINTS = {"base": "unet_ckpt.pt", "refine": "refine_ckpt.pt", "shape": "shape_ckpt.pt", "ground": "ground_ckpt.pt"}  # one per UNet phase
 PREVIOUS_PHASE = {"refine": "base", "shape": "refine", "ground": "shape"}
-
-
-def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float):
-    torch._foreach_mul_(ema, decay)
-    torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - decay)
 
 
 def train_unet(args, work: Path, phase: str = "base"):
@@ -142,7 +137,7 @@ def train_unet(args, work: Path, phase: str = "base"):
         step += 1
         decay = {"refine": args.refine_ema, "shape": args.shape_ema, "ground": args.ground_ema}.get(
             phase, min(args.ema, (1 + step) / (10 + step)))
-        _ema_update(ema, params, decay)
+        ema_update(ema, params, decay)
         losses.append(per_sample.mean().item())
         if step % 25 == 0:
             rate = (time.time() - started) / 25

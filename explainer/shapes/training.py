@@ -26,6 +26,12 @@ def warmup_cosine(warmup: int, total: int, floor: float = 0.05):
     return factor
 
 
+def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * params, in place."""
+    torch._foreach_mul_(ema, decay)
+    torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - decay)
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
