@@ -18,7 +18,7 @@ from gradio_client import Client
 from explainer import config
 
 # /denoise outputs, in order
-PRED_A, NOISY_A, PRED_B, NOISY_B, STATUS, CHART, OVERLAYS, CONCEPTS, DATA, RUN_ID = range(10)
+PRED_A, NOISY_A, PRED_B, NOISY_B, STATUS, CHART, OVERLAYS, CONCEPTS, DATA = range(9)
 ATTENTION_ARGS = ("cat", 2, "this step", 1, 3, [], "prediction", 0.8, False, "first prompt")  # after a 3-step run
 
 
@@ -177,7 +177,9 @@ def test_a_run_id_names_the_run_for_a_client_without_that_session(url):
     """What an MCP agent does: /denoise's run id, passed by a client with no session of that run,
     reads that run; and a later run of the first client does not change what the id names."""
     first = Client(url, verbose=False)
-    run_id = list(first.submit(*denoise_args(steps=3), api_name="/denoise"))[-1][RUN_ID]
+    updates = list(first.submit(*denoise_args(steps=3), api_name="/denoise"))
+    assert all(len(update) == DATA + 1 for update in updates)  # the outputs API clients had before run ids
+    run_id = updates[-1][DATA]["run_id"]
     _, own_npy, own = first.predict(*ATTENTION_ARGS, api_name="/attention")  # the session's run, as before
     _, npy, summary = Client(url, verbose=False).predict(*ATTENTION_ARGS, run_id, api_name="/attention")
     assert summary == own and np.array_equal(np.load(npy), np.load(own_npy))
@@ -223,7 +225,7 @@ def test_an_mcp_client_runs_the_model_and_reads_the_run_by_its_id(url):
                 await session.initialize()
                 tools = {tool.name for tool in (await session.list_tools()).tools}
                 ran = await session.call_tool("denoise", denoise_kwargs(steps=3))
-                run_id = ran.content[-1].text
+                run_id = ast.literal_eval(ran.content[-1].text)["run_id"]  # the last output: the data
                 scores = await session.call_tool("concepts", {"score": "mass", "run_id": run_id})
                 unknown = await session.call_tool("concepts", {"score": "mass", "run_id": "no-such-run"})
                 anyones = await session.call_tool("concepts", {"score": "mass"})  # the shared session's latest run

@@ -22,7 +22,7 @@ from .streaming import UpdateBudget, run_ahead
 
 LIMITS = config.LIMITS
 CONCEPT_CHART_TITLE = "Concept chart (quick score)"
-STATUS, CONCEPTS = 4, 7  # the status line's and the concept chart's places among step_view's outputs
+STATUS, CONCEPTS, DATA = 4, 7, 8  # the status line's, the concept chart's and the data's places among step_view's outputs
 
 
 class DenoiseTab:
@@ -224,7 +224,7 @@ def denoise(model_id, prompt, prompt_b, negative, seed, steps, guidance, width, 
             own_scale=False):
     """Run a text-to-image diffusion model and stream its steps: what it thinks the finished picture
     is, the noisy picture it holds, and where each word of the prompt is looked at. A second prompt
-    runs from the same noise. The run is kept: pass the returned run_id to the other tools.
+    runs from the same noise. The run is kept: pass the run_id in the returned data to the other tools.
 
     Args:
         model_id: The model: "embedded/shapes-ldm" (small, runs on a CPU) or a Stable Diffusion id from the page's list.
@@ -245,8 +245,7 @@ def denoise(model_id, prompt, prompt_b, negative, seed, steps, guidance, width, 
     Returns:
         for each prompt the predicted and the noisy picture (the second prompt's None without one)
         a status line, the noise-level chart, one attention overlay per word and the concept chart
-        the step's data as JSON ("steps": every step since the last update)
-        the run_id
+        the step's data as JSON ("steps": every step since the last update; "run_id": the run's id)
     """
     try:
         first = run_settings(model_id, prompt, negative, seed, steps, guidance, width, height, schedule, concentration, custom)
@@ -270,9 +269,9 @@ def denoise(model_id, prompt, prompt_b, negative, seed, steps, guidance, width, 
         with budget.spending():
             if with_pictures and not gpu.on_gpu():  # a CPU run decodes its last step only: the shown steps here
                 gpu.decode(model_id, [run.records[step - 1] for run in now])
-            view = step_view(up_to(now, step), step, streaming=True, since=last_sent + 1, numbers_only=not with_pictures,
-                             pictures_since=last_pictured + 1, own_scale=own_scale)
-            yield *view, run_id, session
+            *view, data = step_view(up_to(now, step), step, streaming=True, since=last_sent + 1,
+                                    numbers_only=not with_pictures, pictures_since=last_pictured + 1, own_scale=own_scale)
+            yield *view, data | {"run_id": run_id}, session
         last_sent = step
         last_pictured = step if with_pictures else last_pictured
 
@@ -316,12 +315,12 @@ def denoise_on_page(*inputs):
     prompt_b = inputs[2]
     second = gr.update(visible=bool((prompt_b or "").strip()))
     update, concepts = (), gr.skip()
-    for update in denoise(*inputs):  # the step view, then the run id and the session
-        yield *update, second, *[gr.skip()] * AFTER_RUN_OUTPUTS
+    for update in denoise(*inputs):  # the step view, then the session
+        yield *update[:-1], update[DATA]["run_id"], update[-1], second, *[gr.skip()] * AFTER_RUN_OUTPUTS
         second = gr.skip()
         concepts = concepts if isinstance(update[CONCEPTS], dict) else update[CONCEPTS]  # a dict: skipped
-    last = [gr.skip()] * len(update)
-    if last:
+    last = [gr.skip()] * (len(update) + 1)  # the step view, the run id box, the session
+    if update:
         last[CONCEPTS] = concepts
     yield *last, gr.skip(), *after_run(update[-1]).values()
 
@@ -378,7 +377,7 @@ def wire_run(tab: DenoiseTab, session: gr.State, concepts, attention, saliency) 
     filled = AfterRun(scrubber=tab.slider, word=attention.word, step=attention.step, start=attention.start, end=attention.end,
                       groups=attention.groups, animation=tab.animation, paths=tab.paths, explained_step=saliency.step)
     page_outputs = outputs + [tab.run_id, session, tab.second] + filled.values()
-    serve_both(tab.run, denoise, tab.run_inputs() + [session], outputs + [tab.run_id, session], "denoise", notice=tab.status,
+    serve_both(tab.run, denoise, tab.run_inputs() + [session], outputs + [session], "denoise", notice=tab.status,
                page_handler=denoise_on_page, page_inputs=tab.run_inputs() + [session, tab.own_scale],
                page_outputs=page_outputs, **gpu.queue())
     # typing a step in the slider's box and dragging both fire "input"; only the latest pending one runs

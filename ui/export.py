@@ -58,8 +58,9 @@ with their arguments):
 from gradio_client import Client
 
 client = Client("THIS_PAGE_ADDRESS")  # or a Space's name, e.g. "user/diffusion-xray"
-*last_step, run_id = client.predict("embedded/shapes-ldm", "a red circle on the left", "", "", 1, 20, 5.0, 64, 64, "uniform",
-                                    60, "", api_name="/denoise")
+*last_step, data = client.predict("embedded/shapes-ldm", "a red circle on the left", "", "", 1, 20, 5.0, 64, 64, "uniform",
+                                  60, "", api_name="/denoise")
+run_id = data["run_id"]
 word_map = client.predict("circle", 20, "this step", 1, 20, [], "prediction", 0.8, False, "first prompt", run_id,
                           api_name="/attention")  # run_id "": this client's latest run
 ```
