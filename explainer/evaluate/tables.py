@@ -13,6 +13,7 @@ from PIL import Image
 
 from explainer import config, metrics
 from explainer.evaluate.protocol import REFERENCE, Protocol
+from explainer.families import family
 from explainer.render.charts import figure_to_image, new_figure
 
 
@@ -123,14 +124,12 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-ARCHITECTURE = {"sd1": "UNet", "sdxl": "UNet", "sd3": "MM-DiT", "flux": "MM-DiT"}
 ROW_LABELS = {"cross-attention": "attention (cross in a UNet, joint in an MM-DiT)",
               "concept-attention": "ConceptAttention (output space)", "random": "random baseline", "centre": "centred baseline"}
 
 
 def model_heading(model_id: str) -> str:
-    spec = config.MODELS[model_id]
-    return f"{model_id.rsplit('/', 1)[-1]} ({ARCHITECTURE.get(spec.family, spec.family)})"
+    return f"{model_id.rsplit('/', 1)[-1]} ({family(config.MODELS[model_id].family).architecture})"
 
 
 def _cell(interval: dict | None, digits: int = 3) -> str:

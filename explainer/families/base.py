@@ -52,6 +52,7 @@ class Family:
 
     name: str = "family"
     pipeline_class: str = ""  # the diffusers pipeline class a saved folder of this family names
+    architecture: str = ""  # the denoiser's kind, as tables name it: "UNet" or "MM-DiT"
 
     # --- loading and shapes
     def load(self, source: str, device: torch.device, dtype: torch.dtype, local_files_only: bool):

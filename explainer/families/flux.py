@@ -155,6 +155,7 @@ def t5_attention(module: T5Attention, hidden_states, attention_mask=None, positi
 class Flux(Family):
     name = "flux"
     pipeline_class = "FluxPipeline"
+    architecture = "MM-DiT"
 
     def load(self, source, device, dtype, local_files_only):
         pipe = FluxPipeline.from_pretrained(source, dtype=dtype, local_files_only=local_files_only, use_safetensors=True)

@@ -24,6 +24,7 @@ _CAM_LAYER = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.(" + "|"
 class StableDiffusion1(Family):
     name = "sd1"
     pipeline_class = "StableDiffusionPipeline"
+    architecture = "UNet"
 
     def load(self, source, device, dtype, local_files_only):
         pipe = StableDiffusionPipeline.from_pretrained(

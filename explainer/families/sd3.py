@@ -47,6 +47,7 @@ def sigma_at(scheduler, timestep) -> torch.Tensor:
 class StableDiffusion3(Family):
     name = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
+    architecture = "MM-DiT"
 
     def load(self, source, device, dtype, local_files_only):
         """The pipeline; a text encoder the pipeline's index leaves out (no T5, as the embedded model)

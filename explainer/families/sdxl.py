@@ -72,6 +72,7 @@ def vae_input(vae, latents: torch.Tensor) -> torch.Tensor:
 class StableDiffusionXL(StableDiffusion1):
     name = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
+    architecture = "UNet"
 
     # --- loading and shapes
     def load(self, source, device, dtype, local_files_only):
