@@ -38,6 +38,8 @@ class ModelSpec:
         gated: the Hub asks for a token of an account that accepted the model's licence.
         gpu_dtype: the torch dtype the model loads in on a GPU ("float16"; "bfloat16" for a model whose
             activations overflow float16, as FLUX.1's); a CPU loads float32.
+        preload: on ZeroGPU, loaded into memory at startup (a Hub model); False: loaded when first asked
+            for, as the largest are (SD 3.5 with T5, FLUX.1: tens of GB together).
         concepts: the words ConceptAttention starts from for this model (words of its vocabulary).
         trained_by: for an embedded model, the command that trains it and saves it to ``source``.
         listed: among the models the page's list offers first; the tiny test models are not, and
@@ -55,6 +57,7 @@ class ModelSpec:
     vae_decode_every: int = 1
     needs_gpu: bool = False
     listed: bool = True
+    preload: bool = True
     concepts: tuple[str, ...] = ("circle", "square", "background")
     trained_by: str = ""
     closed_vocabulary: bool = False  # every word must be one token of the tokenizer (the shapes model)
@@ -180,6 +183,7 @@ MODELS: dict[str, ModelSpec] = {
             vae_decode_every=5,
             gpu_seconds_per_step=0.25,  # an estimate, not measured
             examples=PAPER_PROMPTS,
+            preload=False,  # gated, and with T5 about 15 GB: loaded when first asked for
         ),
         ModelSpec(
             id="stabilityai/stable-diffusion-xl-base-1.0",
@@ -213,6 +217,7 @@ MODELS: dict[str, ModelSpec] = {
             gpu_seconds_per_step=0.5,  # per 512x512 step with every attention explicit: an estimate, not measured
             gpu_dtype="bfloat16",  # the model card's; float16 overflows in T5 and the transformer
             examples=PAPER_PROMPTS,
+            preload=False,  # about 33 GB with T5: loaded when first asked for
         ),
     )
 }

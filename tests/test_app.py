@@ -387,7 +387,8 @@ def test_on_zerogpu_the_hub_models_load_at_startup_and_nothing_elsewhere():
     from ui.gpu import models_to_preload
 
     assert models_to_preload(zero_gpu=False) == []
-    assert set(models_to_preload(zero_gpu=True)) == {spec.id for spec in config.MODELS.values() if spec.hub} != set()
+    assert set(models_to_preload(zero_gpu=True)) == {spec.id for spec in config.MODELS.values() if spec.hub and spec.preload} != set()
+    assert {"stabilityai/stable-diffusion-3.5-medium", "black-forest-labs/FLUX.1-schnell"}.isdisjoint(models_to_preload(zero_gpu=True))
 
 
 def test_what_crosses_into_and_out_of_a_zerogpu_worker_pickles():

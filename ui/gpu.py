@@ -27,9 +27,9 @@ def queue() -> dict:
 
 
 def models_to_preload(zero_gpu: bool) -> list[str]:
-    """On ZeroGPU, the Hub models load at startup in the main process (see ``models.preload``);
-    elsewhere every model loads when first asked for."""
-    return [spec.id for spec in config.MODELS.values() if spec.hub] if zero_gpu else []
+    """On ZeroGPU, the Hub models marked ``preload`` load at startup in the main process (see
+    ``models.preload``); the others, and every model elsewhere, load when first asked for."""
+    return [spec.id for spec in config.MODELS.values() if spec.hub and spec.preload] if zero_gpu else []
 
 
 def preload_models() -> None:
