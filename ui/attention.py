@@ -100,11 +100,7 @@ def attention(word, step, aggregation, start, end, groups, view, opacity, includ
         a JSON summary (steps, layers, min, max)
     """
     try:
-        session = by_run_id(session, run_id)
-        runs = current(session)
-        if which == "second prompt" and len(runs) < 2:
-            raise ValueError("The run has no second prompt.")
-        run = runs[1 if which == "second prompt" else 0]
+        session, run = chosen_run(session, run_id, which)
         labels = views.token_labels(run, include_special)
         if word not in labels:
             raise ValueError(f"The word {word!r} is not in the prompt. Its words are: {', '.join(map(repr, labels))}.")
@@ -146,11 +142,7 @@ def spot(x, y, step, which, session, run_id=""):
         both as JSON
     """
     try:
-        session = by_run_id(session, run_id)
-        runs = current(session)
-        if which == "second prompt" and len(runs) < 2:
-            raise ValueError("The run has no second prompt.")
-        run = runs[1 if which == "second prompt" else 0]
+        session, run = chosen_run(session, run_id, which)
         check_step(run, step)
         for name, value in (("x", x), ("y", y)):
             if not 0 <= float(value) <= 1:
@@ -190,11 +182,7 @@ def concept_maps(concepts, step, blocks, which, session, run_id=""):
         as JSON each concept's share of the picture
     """
     try:
-        session = by_run_id(session, run_id)
-        runs = current(session)
-        if which == "second prompt" and len(runs) < 2:
-            raise ValueError("The run has no second prompt.")
-        run = runs[1 if which == "second prompt" else 0]
+        session, run = chosen_run(session, run_id, which)
         check_step(run, step)
         words = tuple(word.strip() for word in (concepts or "").split(",") if word.strip())
         if not words:
@@ -231,6 +219,16 @@ def _steps_for(run: RunData, aggregation: str, step: int, start: int, end: int) 
     if aggregation == "all steps":
         return list(run.records)
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}.")
+
+
+def chosen_run(session, run_id: str, which: str) -> tuple:
+    """The session holding the run ``run_id`` names (or the caller's, for its latest run) and that
+    run's first or second prompt's run (``which``); a ValueError if there is no such run."""
+    session = by_run_id(session, run_id)
+    runs = current(session)
+    if which == "second prompt" and len(runs) < 2:
+        raise ValueError("The run has no second prompt.")
+    return session, runs[1 if which == "second prompt" else 0]
 
 
 def follow_model(tab: AttentionTab, model_id: gr.Dropdown) -> None:
