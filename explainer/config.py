@@ -117,6 +117,7 @@ def _tiny_spec(model_id: str, family: str, label: str, **changes) -> ModelSpec:
 
 EMBEDDED_MODEL_ID = "embedded/shapes-ldm"
 EMBEDDED_MMDIT_MODEL_ID = "embedded/shapes-mmdit"
+EMBEDDED_MODEL_IDS = (EMBEDDED_MODEL_ID, EMBEDDED_MMDIT_MODEL_ID)  # one per family: the UNet, the MM-DiT
 TINY_RANDOM_MODEL_ID = "tiny-random"
 TINY_SD3_MODEL_ID = "tiny-sd3"
 TINY_SDXL_MODEL_ID = "tiny-sdxl"
@@ -281,7 +282,7 @@ def weights_missing(spec: ModelSpec) -> bool:
 
 def embedded_models_present() -> list[str]:
     """The embedded models whose weights are in assets/ (one per family: the UNet, the MM-DiT)."""
-    return [model_id for model_id in (EMBEDDED_MODEL_ID, EMBEDDED_MMDIT_MODEL_ID) if not weights_missing(MODELS[model_id])]
+    return [model_id for model_id in EMBEDDED_MODEL_IDS if not weights_missing(MODELS[model_id])]
 
 
 def portable_path(path: str | Path) -> str:

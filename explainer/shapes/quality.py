@@ -48,7 +48,7 @@ class EvaluationSample:
 
 
 # The embedded model of each family: a folder of that family is checked with its spec's settings.
-_EMBEDDED_OF_FAMILY = {"sd1": config.EMBEDDED_MODEL_ID, "sd3": config.EMBEDDED_MMDIT_MODEL_ID}
+_EMBEDDED_OF_FAMILY = {config.MODELS[model_id].family: model_id for model_id in config.EMBEDDED_MODEL_IDS}
 
 
 def model_spec_for(model: str | Path) -> config.ModelSpec:
