@@ -9,7 +9,7 @@ import gradio as gr
 
 from explainer import config
 from explainer.models import share_cpu_cores
-from ui import attention, concepts, denoise, example, export, gpu, saliency, settings
+from ui import attention, concepts, denoise, example, export, gpu, image, saliency, settings
 from ui.page import DEFAULT_MODEL, XRayBlocks
 from ui.session import OUTPUT_ROOT, close
 
@@ -18,7 +18,7 @@ example.start()
 
 
 def build_demo() -> gr.Blocks:
-    """The page: the Denoise, Words, Concepts, Why here, Export & API and About tabs, one visitor's
+    """The page: the Denoise, Words, Concepts, Why here, Image, Export & API and About tabs, one visitor's
     session shared by them, and the queue; a finished example on the first view. Every named
     endpoint has a twin event for the page."""
     with XRayBlocks(title="Diffusion X-Ray", delete_cache=(3600, 3600)) as demo:
@@ -42,12 +42,15 @@ def build_demo() -> gr.Blocks:
             concepts_tab = concepts.build(session, denoise_tab)
         with gr.Tab("Why here"):
             saliency_tab = saliency.build(session)
+        with gr.Tab("Image"):
+            image_tab = image.build_tab()
         with gr.Tab("Export & API"):
             export.build(session)
         with gr.Tab("About"):
             export.about()
         # the run fills the other tabs: wired once they exist
         run_outputs = denoise.wire_run(denoise_tab, session, concepts=concepts_tab, attention=attention_tab, saliency=saliency_tab)
+        image.wire_run(image_tab, session, denoise.filled_by_run(denoise_tab, attention_tab, saliency_tab))
         demo.load(example.first_view, session, run_outputs, api_visibility="private")  # the first view: a finished example
     demo.queue(max_size=settings.APP.max_queue, default_concurrency_limit=settings.APP.max_concurrent_runs)
     _poll_queue_less(demo)

@@ -137,6 +137,7 @@ MODELS: dict[str, ModelSpec] = {
             guidance=5.0,
             closed_vocabulary=True,
             examples=SHAPES_PROMPTS,
+            concepts=("circle", "square", "triangle"),  # its closed vocabulary has no "background"
             trained_by="python -m explainer.shapes.train --resume",
         ),
         ModelSpec(
@@ -232,6 +233,9 @@ class Limits:
     max_steps: int = 100
     min_side: int = 8
     max_side: int = 1024
+    min_image_side: int = 8  # an image to explain (image mode): smallest side, and most pixels before resizing
+    max_image_pixels: int = 8192 * 8192
+    inversion_refinements: int = 3  # fixed-point refinements of each inverted step (docs/design.md, "Inverting an image")
     side_multiple: int = 8
     max_guidance: float = 30.0
     max_concentration: float = 500.0
@@ -261,6 +265,8 @@ class Defaults:
     concentration: float = 60.0
     scheduler: str = "dpm++"
     negative_prompt: str = ""
+    image_mode: str = "noise"  # an image run's trajectory (image_mode.MODES)
+    image_guidance: float = 1.0  # an image run's guidance: the prompt's prediction alone, which inverts best
 
 
 DEFAULTS = Defaults()

@@ -171,6 +171,8 @@ class RunData:
     final_array: np.ndarray | None = None  # (H, W, 3) float in [0, 1], as pipe(output_type="np")
     final_image: Image.Image | None = None
     reproduction: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)  # an image run's: {"mode", "sha256", ...} (``image_mode``); empty for a generation
+    source_image: Image.Image | None = None  # the image an image run explains, at the run's size
 
     @property
     def done(self) -> bool:
@@ -182,7 +184,7 @@ class RunData:
         worker process; at SD size these are most of a run's bytes (per-group maps 9 KB per
         prompt token per step, views 1.5 MB every fifth step, the final image 3.8 MB)."""
         records = [dataclasses.replace(r, group_attention={}, noisy_view=None, prediction_view=None) for r in self.records]
-        return dataclasses.replace(self, records=records, final_array=None, final_image=None)
+        return dataclasses.replace(self, records=records, final_array=None, final_image=None, source_image=None)
 
 
 class InstrumentedRun:
@@ -197,6 +199,7 @@ class InstrumentedRun:
         self.model = model
         self.settings = settings.validated()
         self.scheduler = model.family.scheduler(model.pipe, self.settings)
+        self._last_next_latents = None  # the previous step's x_{t-1} on the model's device
         tokens = model.tokenize(self.settings.prompt)
         timesteps = [t.item() for t in self.scheduler.timesteps]
         self.data = RunData(
@@ -220,10 +223,7 @@ class InstrumentedRun:
         device, dtype = model.device, model.dtype
         with torch.inference_mode():
             conditioning = model.encode(settings.prompt, settings.negative_prompt, self.guided, guidance=settings.guidance)
-            generator = torch.Generator("cpu").manual_seed(settings.seed)
-            shape = (1, model.family.latent_channels(model.pipe), *self.data.latent_size)
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-            latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow matching starts at the noise
+            latents = self.initial_latents(conditioning)
         recorder = AttentionRecorder(
             model.family,
             self.data.latent_size,
@@ -237,18 +237,32 @@ class InstrumentedRun:
         with capture_attention(model):
             for index, timestep in enumerate(self.scheduler.timesteps):
                 with torch.inference_mode():
+                    latents = self.latents_at(timestep, latents)
                     noise_pred = self._denoise(latents, timestep, conditioning, recorder)
                     # deterministic: DDIM's eta defaults to 0; no solver used here draws noise
                     next_latents = self.scheduler.step(noise_pred, timestep, latents).prev_sample
                 record = self._record(index, timestep.item(), latents, next_latents, noise_pred, recorder)
                 self.data.records.append(record)
-                latents = next_latents
+                latents = self._last_next_latents = next_latents
                 yield record
         with torch.inference_mode():
             final = model.decode(latents, output_type="np")[0]
         self.data.final_array = final
         self.data.final_image = Image.fromarray((final * 255).round().astype(np.uint8))
         self.data.reproduction = self.reproduction()
+
+    def initial_latents(self, conditioning) -> torch.Tensor:
+        """x_T, where the loop starts: noise drawn from the run's seed (scaled for schedulers that ask)."""
+        model = self.model
+        generator = torch.Generator("cpu").manual_seed(self.settings.seed)
+        shape = (1, model.family.latent_channels(model.pipe), *self.data.latent_size)
+        latents = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
+        return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow matching starts at the noise
+
+    def latents_at(self, timestep, latents: torch.Tensor) -> torch.Tensor:
+        """x_t the step at ``timestep`` starts from, given the previous step's x_{t-1} (``latents``): that
+        itself in a denoising run; an image run may start each step elsewhere (``image_mode``)."""
+        return latents
 
     def run_all(self) -> InstrumentedRun:
         """Run to the end without streaming; returns self."""
@@ -277,7 +291,7 @@ class InstrumentedRun:
             sigma=sigma,
             # in the run's own dtype (what the model computed; half the bytes on a GPU), each step's x_t
             # the previous step's stored x_{t-1} itself, not a copy
-            latents=self.data.records[-1].next_latents if self.data.records else latents.cpu(),
+            latents=self._stored(latents),
             next_latents=next_latents.cpu(),
             x0_hat=x0_hat.to(latents.dtype).cpu(),
             noise_pred=noise_pred.cpu(),
@@ -292,6 +306,12 @@ class InstrumentedRun:
         if (every and (index + 1) % every == 0) or index + 1 == total:
             decode_views(self.model, [record])
         return record
+
+    def _stored(self, latents: torch.Tensor) -> torch.Tensor:
+        """x_t as a record keeps it: the previous record's x_{t-1} object where the step started there."""
+        if self.data.records and self._last_next_latents is latents:
+            return self.data.records[-1].next_latents
+        return latents.cpu()
 
     def reproduction(self) -> dict:
         """Everything needed to run this again: settings, model, scheduler, versions, device."""
@@ -316,6 +336,7 @@ class InstrumentedRun:
                 "numpy": np.__version__,
             },
             "messages": self.data.messages,
+            **({"source": self.data.source} if self.data.source else {}),
         }
 
     def _model_source(self) -> str:
@@ -357,7 +378,11 @@ def stream_runs(model: LoadedModel, settings: list[RunSettings]) -> Iterator[tup
     runs' steps interleaved (step k of every run before step k + 1), then ``("end", i, RunData)``.
     Only CPU objects cross this boundary, so it can run in a GPU worker process (ZeroGPU).
     """
-    runs = [InstrumentedRun(model, one) for one in settings]  # all validated before any work
+    yield from stream_instrumented([InstrumentedRun(model, one) for one in settings])  # all validated before any work
+
+
+def stream_instrumented(runs: list[InstrumentedRun]) -> Iterator[tuple[str, int, RunData | StepRecord]]:
+    """``stream_runs`` for runs already made (an image run, say): the same items in the same order."""
     for index, run in enumerate(runs):
         yield "start", index, dataclasses.replace(run.data, records=[])
     generators = [run.steps() for run in runs]

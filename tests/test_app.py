@@ -43,7 +43,7 @@ def denoise_args(*args, **changes) -> list:
 def test_only_named_endpoints_are_public(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert set(endpoints) == {"/denoise", "/attention", "/spot", "/concept_maps", "/concepts", "/relevance",
-                              "/compare_schedules", "/compare_guidance", "/saliency", "/export"}
+                              "/compare_schedules", "/compare_guidance", "/saliency", "/explain_image", "/export"}
 
 
 def test_denoise_streams_the_steps_and_every_steps_facts(client):
@@ -187,6 +187,32 @@ def test_a_run_id_names_the_run_for_a_client_without_that_session(url):
     assert first.predict(*ATTENTION_ARGS, run_id, api_name="/attention")[2] == own
 
 
+def test_explain_image_streams_a_pictures_trajectory_that_the_other_tools_explain(url, tmp_path):
+    """A rendered scene uploaded as a file: the noise trajectory streams, the picture is resized with a
+    message, and the run id names it for /attention and /export as a generation's does."""
+    from gradio_client import handle_file
+    from PIL import Image
+
+    from explainer.shapes.world import generate_scene
+
+    path = tmp_path / "scene.png"
+    Image.fromarray(generate_scene(7, split="any").image).resize((96, 96)).save(path)
+    caller = Client(url, verbose=False)
+    updates = list(caller.submit("tiny-random", handle_file(str(path)), "a cat on a red circle", "cat, dog", "invert", 3, 1.0,
+                                 1, api_name="/explain_image"))
+    source, prediction, noisy, status, overlays, concepts, data = updates[-1]
+    assert data["step"] == 3 and data["source"]["mode"] == "invert" and 0 <= data["source"]["reconstruction_error"] <= 1
+    assert "resized from 96×96" in status and "Not in the prompt, so no map on this UNet model: dog" in status
+    assert len(overlays) == 6 and [item["caption"] for item in concepts] == ["cat"]
+    assert Image.open(source).size[0] >= 64
+    _, npy, summary = Client(url, verbose=False).predict(*ATTENTION_ARGS[:-1], "first prompt", data["run_id"], api_name="/attention")
+    assert summary["steps"] == [2] and np.load(npy).shape == (8, 8)
+    with pytest.raises(Exception, match="not an image that can be read"):
+        caller.predict("tiny-random", handle_file(__file__), "a cat", "", "noise", 2, 1.0, 1, api_name="/explain_image")
+    with pytest.raises(Exception, match="Give a prompt or some concepts"):
+        caller.predict("tiny-random", handle_file(str(path)), "", "", "noise", 2, 1.0, 1, api_name="/explain_image")
+
+
 def test_the_run_ids_keep_the_latest_runs_only():
     from ui.session import RunIds
 
@@ -204,12 +230,12 @@ def test_the_run_ids_keep_the_latest_runs_only():
 def test_the_mcp_schema_describes_every_tool_and_argument_from_the_docstrings(url):
     tools = {tool["name"]: tool for tool in httpx.get(f"{url}gradio_api/mcp/schema").json()}
     assert set(tools) == {"denoise", "attention", "spot", "concept_maps", "concepts", "relevance", "compare_schedules",
-                          "compare_guidance", "saliency", "export_run"}
+                          "compare_guidance", "saliency", "explain_image", "export_run"}
     for tool in tools.values():  # a docstring's Args name every argument (a misspelt name leaves one undescribed)
         assert tool["description"] and all(p["description"] for p in tool["inputSchema"]["properties"].values()), tool["name"]
     attention = tools["attention"]["inputSchema"]
     assert "session" not in attention["properties"] and "run_id" not in attention.get("required", [])
-    assert attention["properties"]["run_id"]["description"].startswith("The run_id that /denoise returned")
+    assert attention["properties"]["run_id"]["description"].startswith("The run_id that /denoise or /explain_image returned")
     assert attention["properties"]["word"]["description"].startswith("A word of the prompt")
     assert "run_id" in tools["denoise"]["description"]
     assert "required" not in tools["denoise"]["inputSchema"]  # every argument has the page's default: a prompt is enough

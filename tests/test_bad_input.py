@@ -1,12 +1,14 @@
 """Every row of docs/bad-input.md, sent through gradio_client: a clear message, then the app still serves."""
 
 import json
+import re
 import logging
 from pathlib import Path
 
 import pytest
 import torch
-from gradio_client import Client
+from gradio_client import Client, handle_file
+from PIL import Image
 
 from explainer import config
 
@@ -203,3 +205,35 @@ def test_refusals_are_one_log_line_each_not_a_traceback(client, capfd, caplog):
     lines = [record.getMessage() for record in caplog.records if record.name == "diffusion_xray"]
     assert len(lines) == len(refused) and all(line.startswith("refused /") for line in lines)
     assert "prompt is empty" in lines[0] and "greater than maximum value 100" in lines[1] and "/attention" in lines[3]
+
+
+def picture_file(folder: Path, name: str, make) -> str:
+    path = folder / name
+    make(path)
+    return str(path)
+
+
+IMAGE_ROWS = [  # (label, how the file is made, changes to the other arguments, message)
+    ("a file that is not a picture", lambda p: p.write_bytes(b"not pixels"), {}, "This is not an image that can be read"),
+    ("a 1×1 picture", lambda p: Image.new("RGB", (1, 1)).save(p), {}, "The image is 1×1 pixels; each side must be at least 8."),
+    ("a 16-bit picture", lambda p: Image.new("I;16", (64, 64)).save(p), {},
+     "The image has pixel mode 'I;16' (16-bit or floating point); save it as an 8-bit RGB or greyscale picture"),
+    ("no prompt and no concepts", lambda p: Image.new("RGB", (64, 64)).save(p), {"prompt": "", "concepts": ""},
+     "Give a prompt or some concepts: the model needs words to look for."),
+    ("an unknown trajectory", lambda p: Image.new("RGB", (64, 64)).save(p), {"mode": "rewind"}, "not in the list of choices"),
+    ("a picture of another size", lambda p: Image.new("RGB", (200, 100)).save(p), {}, None),
+]
+
+
+@pytest.mark.parametrize("label, make, changes, message", IMAGE_ROWS, ids=[row[0] for row in IMAGE_ROWS])
+def test_explain_image_bad_input(client, tmp_path, label, make, changes, message):
+    assert f"| {label} |" in TABLE, "the docs table must list every tested input"
+    arguments = dict(model_id="tiny-random", picture=handle_file(picture_file(tmp_path, "input.png", make)), prompt="a cat",
+                     concepts="cat", mode="noise", steps=2, guidance=1.0, seed=1) | changes
+    if message is None:
+        *_, status, _, _, data = client.predict(*arguments.values(), api_name="/explain_image")
+        assert "resized from 200×100 to the run's 64×64" in status and data["step"] == 2
+    else:
+        assert message in TABLE
+        with pytest.raises(Exception, match=re.escape(message)):
+            client.predict(*arguments.values(), api_name="/explain_image")

@@ -92,7 +92,7 @@ def attention(word, step, aggregation, start, end, groups, view, opacity, includ
         include_special: Whether the start, end and padding tokens may be chosen as the word.
         which: "first prompt", or "second prompt" for a run made with a second prompt.
         session: The caller's session, kept by the app (not an API argument).
-        run_id: The run_id that /denoise returned; empty for the latest run of this caller's session.
+        run_id: The run_id that /denoise or /explain_image returned; empty for the latest run of this caller's session.
 
     Returns:
         the map over the picture
@@ -134,7 +134,7 @@ def spot(x, y, step, which, session, run_id=""):
         step: The step of the run (1-based).
         which: "first prompt", or "second prompt" for a run made with a second prompt.
         session: The caller's session, kept by the app (not an API argument).
-        run_id: The run_id that /denoise returned; empty for the latest run of this caller's session.
+        run_id: The run_id that /denoise or /explain_image returned; empty for the latest run of this caller's session.
 
     Returns:
         the spot's self-attention over the picture, the spot marked
@@ -174,7 +174,7 @@ def concept_maps(concepts, step, blocks, which, session, run_id=""):
         blocks: The blocks whose attention is used: "all" or "last half" (the deeper half).
         which: "first prompt", or "second prompt" for a run made with a second prompt.
         session: The caller's session, kept by the app (not an API argument).
-        run_id: The run_id that /denoise returned; empty for the latest run of this caller's session.
+        run_id: The run_id that /denoise or /explain_image returned; empty for the latest run of this caller's session.
 
     Returns:
         per concept its share of every spot, over the picture

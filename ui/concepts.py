@@ -89,7 +89,7 @@ def concepts(score, session, run_id=""):
     Args:
         score: "peak" (each word's peak attention, relative to the strongest word's) or "mass" (the paper's attention mass).
         session: The caller's session, kept by the app (not an API argument).
-        run_id: The run_id that /denoise returned; empty for the latest run of this caller's session.
+        run_id: The run_id that /denoise or /explain_image returned; empty for the latest run of this caller's session.
 
     Returns:
         a chart of every word's score at every step
@@ -122,7 +122,7 @@ def relevance(rectify, session, run_id=""):
     Args:
         rectify: "abs" (gradient x attention, whichever way it pushes) or "relu" (only its positive part, the paper's).
         session: The caller's session, kept by the app (not an API argument).
-        run_id: The run_id that /denoise returned; empty for the latest run of this caller's session.
+        run_id: The run_id that /denoise or /explain_image returned; empty for the latest run of this caller's session.
 
     Returns:
         a chart of every word's relevance at every step

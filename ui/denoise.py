@@ -132,9 +132,10 @@ def run_settings(model_id, prompt, negative, seed, steps, guidance, width, heigh
     ).validated()
 
 
-def stream(model_id: str, runs: list[RunSettings], endpoint: str):
+def stream(model_id: str, runs: list[RunSettings], endpoint: str, runner=None):
     """Yield (runs, step, waiting) after every step done by all runs: the list of RunData, filled as
-    records arrive, the step, and how many newer steps are already done (the page is behind)."""
+    records arrive, the step, and how many newer steps are already done (the page is behind).
+    ``runner``: as ``collect``'s."""
     try:
         spec = config.model_spec(model_id)
         model = load_model(spec.id)  # fails here, with a message, for a model that cannot load
@@ -143,7 +144,7 @@ def stream(model_id: str, runs: list[RunSettings], endpoint: str):
     except ValueError as error:
         raise refusal(endpoint, error) from error
     # The run goes ahead in a thread: rendering and sending an update never holds it back.
-    for (data, step), waiting in run_ahead(collect(spec.id, runs)):
+    for (data, step), waiting in run_ahead(collect(spec.id, runs, runner)):
         yield data, step, waiting
 
 
@@ -162,6 +163,7 @@ def collect(model_id: str, runs: list[RunSettings], runner=None):
             data[index].final_array, data[index].final_image = item.final_array, item.final_image
             data[index].reproduction = item.reproduction  # in place: the session holds these objects
             data[index].attention_groups = item.attention_groups
+            data[index].source = item.source  # an image run's, with its reconstruction error
 
 
 def up_to(runs: list[RunData], step: int) -> list[RunData]:
@@ -368,14 +370,19 @@ def build() -> DenoiseTab:
     return tab
 
 
+def filled_by_run(tab: DenoiseTab, attention, saliency) -> AfterRun:
+    """The components a finished run fills (``after_run``'s updates go to them)."""
+    return AfterRun(scrubber=tab.slider, word=attention.word, step=attention.step, start=attention.start, end=attention.end,
+                    groups=attention.groups, animation=tab.animation, paths=tab.paths, explained_step=saliency.step)
+
+
 def wire_run(tab: DenoiseTab, session: gr.State, concepts, attention, saliency) -> list:
     """The Run button (page and ``/denoise``) and the scrubber, once the tabs they fill are built:
     the step view draws the Concepts tab's ``chart``; a finished run fills Attention's ``word``,
     ``step``, ``start``, ``end`` and ``groups`` and Saliency's ``step`` (``AfterRun``). Returns the Run
     button's outputs on the page (``PAGE_OUTPUTS`` of them), which the example fills too."""
     outputs = tab.step_outputs(concepts.chart)
-    filled = AfterRun(scrubber=tab.slider, word=attention.word, step=attention.step, start=attention.start, end=attention.end,
-                      groups=attention.groups, animation=tab.animation, paths=tab.paths, explained_step=saliency.step)
+    filled = filled_by_run(tab, attention, saliency)
     page_outputs = outputs + [tab.run_id, session, tab.second] + filled.values()
     serve_both(tab.run, denoise, tab.run_inputs() + [session], outputs + [session], "denoise", notice=tab.status,
                page_handler=denoise_on_page, page_inputs=tab.run_inputs() + [session, tab.own_scale],

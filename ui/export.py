@@ -19,7 +19,7 @@ def export_run(session, run_id=""):
 
     Args:
         session: The caller's session, kept by the app (not an API argument).
-        run_id: The run_id that /denoise returned; empty for the latest run of this caller's session.
+        run_id: The run_id that /denoise or /explain_image returned; empty for the latest run of this caller's session.
 
     Returns:
         the ZIP file

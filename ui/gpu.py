@@ -10,7 +10,8 @@ import spaces
 from explainer import config, metrics
 from explainer.methods import METHODS, ConceptAttention, DFLime, DFRise, SpotAttention, TokenRelevance, relevance_series
 from explainer.models import load_model, preferred_device, preload
-from explainer.run import RunData, RunSettings, StepRecord, attach_views, stream_runs, undecoded, view_latents
+from explainer.image_mode import ImageRun
+from explainer.run import RunData, RunSettings, StepRecord, attach_views, stream_instrumented, stream_runs, undecoded, view_latents
 
 from . import settings
 from .settings import gpu_seconds
@@ -49,6 +50,19 @@ def run_here(model_id: str, settings_dicts: list[dict]):
 
 run_on_device = spaces.GPU(duration=run_duration)(run_here)
 run_on_device.__doc__ = "The only GPU work of a run (``run_here`` on the Space's GPU)."
+
+
+def image_run_duration(model_id, settings_dict, picture, mode) -> int:
+    steps = settings_dict["steps"]
+    calls = steps * (2 + config.LIMITS.inversion_refinements) if mode == "invert" else steps  # invert, then denoise
+    return gpu_seconds(config.model_spec(model_id), calls, settings_dict["width"], settings_dict["height"])
+
+
+@spaces.GPU(duration=image_run_duration)
+def image_run_on_device(model_id: str, settings_dict: dict, picture, mode: str):
+    """An image run (``ImageRun``: ``picture`` noised at every step, or inverted and denoised): yields
+    CPU objects as ``run_here`` does."""
+    yield from stream_instrumented([ImageRun(load_model(model_id), RunSettings.from_dict(settings_dict), picture, mode)])
 
 
 def relevance_duration(model_id, run, *_rectify) -> int:  # the rectifier does not change the work

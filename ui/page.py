@@ -150,7 +150,7 @@ def run_id_input() -> gr.Textbox:
     """The last input of every endpoint that reads a finished run: a run id from ``/denoise`` names
     the run (a caller without a session of its own, such as an MCP agent, needs one); empty, as on
     the page, reads the session's latest run."""
-    return gr.Textbox("", visible=False, label="Run id (from /denoise; empty: this session's latest run)")
+    return gr.Textbox("", visible=False, label="Run id (from /denoise or /explain_image; empty: this session's latest run)")
 
 
 class StepSlider(gr.Slider):

@@ -142,7 +142,7 @@ def saliency(method, step, masks, keep, mode, mask_kind, seed, layer, opacity, s
         weighting: How DF-CAM reads a layer: "layercam", "hirescam" or "grad-cam" (the paper's).
         layer_scale: How DF-CAM's layers add up: "target" (by the share of the change each carries) or "min-max" (the paper's).
         session: The caller's session, kept by the app (not an API argument).
-        run_id: The run_id that /denoise returned; empty for the latest run of this caller's session.
+        run_id: The run_id that /denoise or /explain_image returned; empty for the latest run of this caller's session.
 
     Returns:
         the map over the picture

@@ -133,6 +133,13 @@ class Family:
         """eps_hat, the noise the model sees in ``latents``."""
         raise NotImplementedError
 
+    def noised(self, scheduler, clean: torch.Tensor, noise: torch.Tensor, timestep: int | float | None) -> torch.Tensor:
+        """x_t of the forward process at ``timestep`` from a clean latent and a noise (DDPM:
+        sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps; flow matching: (1 - sigma) x0 + sigma eps), in
+        float32; ``None`` is the clean latent itself. With a prediction's x0_hat and eps_hat it is also
+        the deterministic step to any level, up (inversion) or down."""
+        raise NotImplementedError
+
     def replay_step(self, scheduler, latents, output, timestep: int | float, next_timestep: int | float | None) -> torch.Tensor:
         """x_{t-1} from an output at x_t by a first-order deterministic step (no solver history):
         how the methods and metrics step from a prediction they made themselves."""
@@ -141,6 +148,11 @@ class Family:
     # --- pictures
     def decode(self, pipe, latents: torch.Tensor, output_type: str = "pil"):
         """Latents (B, C, h, w) in the denoiser's scale to pictures, as the pipeline decodes."""
+        raise NotImplementedError
+
+    def encode_pictures(self, pipe, pixels: torch.Tensor) -> torch.Tensor:
+        """Pictures (B, 3, H, W) in [-1, 1] to latents (B, C, h, w) in the denoiser's scale, the inverse of
+        ``decode``: the VAE posterior's mode, scaled (and shifted) as the pipeline's image-to-image mode does."""
         raise NotImplementedError
 
     def fit_preview(self, pipe):

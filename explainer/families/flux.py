@@ -260,6 +260,9 @@ class Flux(Family):
         """eps_hat = x_sigma + (1 - sigma) v."""
         return _SD3.noise_estimate(scheduler, latents, output, timestep)
 
+    def noised(self, scheduler, clean, noise, timestep):
+        return _SD3.noised(scheduler, clean, noise, timestep)
+
     def replay_step(self, scheduler, latents, output, timestep, next_timestep):
         """Euler, the run's own step: x_next = x_sigma + (sigma_next - sigma) v, in float32."""
         return _SD3.replay_step(scheduler, latents, output, timestep, next_timestep)
@@ -267,6 +270,9 @@ class Flux(Family):
     # --- pictures: unpacked latents, z / scaling_factor + shift_factor, as SD 3's
     def decode(self, pipe, latents, output_type="pil"):
         return _SD3.decode(pipe, latents, output_type)
+
+    def encode_pictures(self, pipe, pixels):
+        return _SD3.encode_pictures(pipe, pixels)
 
     def fit_preview(self, pipe):
         return _SD3.fit_preview(pipe)

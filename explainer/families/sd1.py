@@ -4,6 +4,8 @@ DDPM noise schedule stepped by DDIM or DPM-Solver++."""
 
 from __future__ import annotations
 
+import math
+
 import re
 
 import torch
@@ -78,6 +80,10 @@ class StableDiffusion1(Family):
         alpha_bar = ddpm.alpha_bar(scheduler, timestep)
         return ddpm.predicted_noise(latents.float(), output.float(), alpha_bar, scheduler.config.prediction_type)
 
+    def noised(self, scheduler, clean, noise, timestep):
+        alpha_bar = ddpm.alpha_bar(scheduler, timestep)
+        return math.sqrt(alpha_bar) * clean.float() + math.sqrt(1 - alpha_bar) * noise.float()
+
     def replay_step(self, scheduler, latents, output, timestep, next_timestep):
         # first order: a multistep solver's history is not replayed, so for DPM-Solver++ (order 2)
         # this differs slightly from the run's own step after the first step
@@ -89,6 +95,12 @@ class StableDiffusion1(Family):
         with torch.inference_mode():
             pictures = vae.decode(latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor).sample
         return pipe.image_processor.postprocess(pictures.float(), output_type=output_type, do_denormalize=[True] * len(pictures))
+
+    def encode_pictures(self, pipe, pixels):
+        vae = pipe.vae
+        with torch.inference_mode():
+            posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        return posterior.mode() * vae.config.scaling_factor
 
     def fit_preview(self, pipe):
         return fit_linear_preview(pipe.vae, lambda latents: latents / pipe.vae.config.scaling_factor)

@@ -140,6 +140,10 @@ class StableDiffusion3(Family):
         sigma = sigma_at(scheduler, timestep).to(latents.device)
         return latents.float() + (1 - sigma) * output.float()
 
+    def noised(self, scheduler, clean, noise, timestep):
+        sigma = sigma_at(scheduler, timestep).to(clean.device)
+        return (1 - sigma) * clean.float() + sigma * noise.float()
+
     def replay_step(self, scheduler, latents, output, timestep, next_timestep):
         """Euler, the run's own step: x_next = x_sigma + (sigma_next - sigma) v, in float32."""
         step = (sigma_at(scheduler, next_timestep) - sigma_at(scheduler, timestep)).to(latents.device)
@@ -151,6 +155,13 @@ class StableDiffusion3(Family):
         with torch.inference_mode():
             pictures = vae.decode(_vae_input(vae, latents.to(device=vae.device, dtype=vae.dtype))).sample
         return pipe.image_processor.postprocess(pictures.float(), output_type=output_type, do_denormalize=[True] * len(pictures))
+
+    def encode_pictures(self, pipe, pixels):
+        """(z - shift_factor) * scaling_factor of the posterior's mode, the inverse of ``decode``."""
+        vae = pipe.vae
+        with torch.inference_mode():
+            posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        return (posterior.mode() - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
 
     def fit_preview(self, pipe):
         return fit_linear_preview(pipe.vae, lambda latents: _vae_input(pipe.vae, latents))

@@ -135,6 +135,20 @@ class StableDiffusionXL(StableDiffusion1):
             pictures = vae.decode(vae_input(vae, latents.to(device=vae.device, dtype=vae.dtype))).sample
         return pipe.image_processor.postprocess(pictures.float(), output_type=output_type, do_denormalize=[True] * len(pictures))
 
+    def encode_pictures(self, pipe, pixels):
+        """The inverse of ``vae_input`` on the posterior's mode, with the VAE ``decode`` uses (float32 where
+        it must be)."""
+        vae = decoding_vae(pipe)
+        with torch.inference_mode():
+            z = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
+        mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+        if mean is None or std is None:
+            return z * vae.config.scaling_factor
+        per_channel = (1, len(mean), 1, 1)
+        mean = torch.tensor(mean, device=z.device, dtype=z.dtype).view(per_channel)
+        std = torch.tensor(std, device=z.device, dtype=z.dtype).view(per_channel)
+        return (z - mean) * vae.config.scaling_factor / std
+
     def fit_preview(self, pipe):
         vae = decoding_vae(pipe)
         return fit_linear_preview(vae, lambda latents: vae_input(vae, latents))
