@@ -81,6 +81,50 @@ def iou(saliency: np.ndarray, mask: np.ndarray) -> float:
     return float((region & mask).sum() / union) if union else 0.0
 
 
+def on_pixels(saliency: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A latent-grid map brought to a (H, W) pixel grid by bilinear interpolation, as segmentation from
+    attention maps upsamples them."""
+    saliency = np.asarray(saliency, dtype=np.float32)
+    if saliency.shape == tuple(size):
+        return saliency
+    return np.asarray(Image.fromarray(saliency).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Average precision of ``scores`` ranking the true ``labels`` first (the area under the precision-recall
+    curve as scikit-learn's ``average_precision_score`` steps it; tied scores form one threshold)."""
+    scores, labels = np.asarray(scores, np.float64).ravel(), np.asarray(labels, bool).ravel()
+    positives = labels.sum()
+    if positives == 0:
+        raise ValueError("average precision needs at least one positive pixel.")
+    order = np.argsort(-scores, kind="stable")
+    scores, labels = scores[order], labels[order]
+    last_of_ties = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]  # each distinct threshold
+    hits = np.cumsum(labels)[last_of_ties]
+    precision = hits / (last_of_ties + 1)
+    recall_gained = np.diff(np.r_[0, hits]) / positives
+    return float((precision * recall_gained).sum())
+
+
+def segmentation_scores(saliency: np.ndarray, mask: np.ndarray, valid: np.ndarray | None = None) -> dict[str, float]:
+    """A concept's map against its pixel mask, as zero-shot segmentation from attention is scored
+    (ConceptAttention's protocol): the map upsampled to the mask's grid and thresholded at its mean
+    (foreground above it), then ``miou``, the mean of the foreground's and the background's IoU;
+    ``pixel_accuracy``; ``average_precision`` of the soft map; and ``iou`` of the foreground alone.
+    ``valid``: the pixels that count (a data set's "void" label left out)."""
+    mask = np.asarray(mask, bool)
+    valid = np.ones_like(mask) if valid is None else np.asarray(valid, bool)
+    values = on_pixels(saliency, mask.shape)
+    if not mask[valid].any() or mask[valid].all():
+        raise ValueError("mask must have pixels both inside and outside the concept.")
+    predicted = values > values[valid].mean()
+    truth, predicted, values = mask[valid], predicted[valid], values[valid]
+    ious = [float((predicted & truth).sum() / (predicted | truth).sum()),
+            float((~predicted & ~truth).sum() / (~predicted | ~truth).sum())]
+    return {"miou": float(np.mean(ious)), "iou": ious[0], "pixel_accuracy": float((predicted == truth).mean()),
+            "average_precision": average_precision(values, truth)}
+
+
 def blur_latents(latents: torch.Tensor, kernel: int = BLUR_KERNEL, sigma: float = BLUR_SIGMA) -> torch.Tensor:
     """Per-channel Gaussian blur of (B, C, h, w) latents (edges replicated)."""
     offsets = torch.arange(kernel, dtype=torch.float64) - (kernel - 1) / 2

@@ -13,6 +13,7 @@ from explainer.metrics import (
     latent_order,
     spearman,
 )
+from explainer import metrics
 from explainer.run import InstrumentedRun, RunSettings
 
 
@@ -122,3 +123,52 @@ def test_insertion_deletion_bad_arguments(tiny_model, ddim_run, kwargs, message)
     arguments = {"step": 2, "saliency": np.ones((8, 8)), **kwargs}
     with pytest.raises(ValueError, match=message):
         insertion_deletion(tiny_model, ddim_run, **arguments)
+
+
+# --- segmentation scores on known answers
+
+
+def square_mask(size=16):
+    mask = np.zeros((size, size), bool)
+    mask[4:10, 6:12] = True
+    return mask
+
+
+def test_a_perfect_map_scores_one_on_every_segmentation_measure():
+    mask = square_mask()
+    scores = metrics.segmentation_scores(mask.astype(np.float32), mask)
+    assert scores == {"miou": 1.0, "iou": 1.0, "pixel_accuracy": 1.0, "average_precision": 1.0}
+
+
+def test_an_inverted_map_scores_zero_iou_and_accuracy_and_the_lowest_precision():
+    mask = square_mask()
+    scores = metrics.segmentation_scores(1.0 - mask, mask)
+    assert scores["miou"] == 0.0 and scores["pixel_accuracy"] == 0.0
+    assert scores["average_precision"] == pytest.approx(mask.mean())  # every negative ranked first: one tie, at the base rate
+
+
+def test_a_constant_map_predicts_all_background():
+    mask = square_mask()
+    scores = metrics.segmentation_scores(np.full(mask.shape, 0.3, np.float32), mask)
+    background = (~mask).mean()
+    assert scores["iou"] == 0.0 and scores["miou"] == pytest.approx(background / 2)
+    assert scores["pixel_accuracy"] == pytest.approx(background)
+    assert scores["average_precision"] == pytest.approx(mask.mean())  # no ranking: precision is the base rate
+
+
+def test_average_precision_matches_a_hand_computed_ranking():
+    # ranked: +, -, +, - : precision 1 at recall 0.5, 2/3 at recall 1
+    assert metrics.average_precision(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0])) == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_a_latent_map_is_brought_to_the_masks_pixels_and_void_pixels_do_not_count():
+    mask = np.zeros((64, 64), bool)
+    mask[:, :32] = True
+    coarse = np.zeros((8, 8), np.float32)
+    coarse[:, :4] = 1.0
+    assert metrics.segmentation_scores(coarse, mask)["miou"] > 0.9
+    valid = np.ones_like(mask)
+    valid[:, 28:36] = False  # the blurred border, left out
+    assert metrics.segmentation_scores(coarse, mask, valid)["miou"] == 1.0
+    with pytest.raises(ValueError, match="both inside and outside"):
+        metrics.segmentation_scores(coarse, np.zeros_like(mask))

@@ -214,6 +214,25 @@ def generate_scene(seed_or_rng, split: str = "train", n_shapes: int | None = Non
     return Scene(image=image, caption=caption_for(shapes, rng), shapes=shapes)
 
 
+def render_scene(items: list[tuple[str, str, str, str]], seed: int, centres: list[tuple[float, float]] | None = None) -> Scene:
+    """A scene of exactly these (colour, shape, size, place) items on a background drawn from ``seed``, with
+    the world's colour jitter and a caption; ``centres`` overrides the places' centres (the segmentation
+    benchmark's touching shapes). Later items are drawn over earlier ones, and their masks are cut from them."""
+    rng = _rng(seed)
+    image = _background(rng)
+    shapes = []
+    for index, (colour, shape, size, place) in enumerate(items):
+        cx, cy = centres[index] if centres else PLACES[place]
+        mask = shape_mask(shape, cx, cy, SIZES[size])
+        for earlier in shapes:
+            earlier.mask &= ~mask
+        shapes.append(SceneShape(shape, colour, size, place, mask))
+    for item in shapes:
+        image[item.mask] = np.array(COLOURS[item.colour], np.float32) + rng.uniform(-12, 12, 3)
+    image = np.clip(np.round(image), 0, 255).astype(np.uint8)
+    return Scene(image=image, caption=caption_for(shapes, rng), shapes=shapes)
+
+
 def evaluation_prompts(n: int = 200) -> list[tuple[str, str, str, str]]:
     """N single-shape prompts from held-out combos: (prompt, colour, shape, place)."""
     rng = np.random.default_rng(7)
