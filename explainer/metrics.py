@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,7 @@ from .maps import normalise
 from .run import RunData
 
 DISTANCES = ("1-ssim", "mse")
+FILLS = ("blur", "inpaint")  # what stands in for removed latent pixels (docs/methods.md, Insertion and deletion)
 BLUR_KERNEL = 11
 BLUR_SIGMA = 5.0
 
@@ -135,6 +138,35 @@ def blur_latents(latents: torch.Tensor, kernel: int = BLUR_KERNEL, sigma: float 
     return F.conv2d(padded, window, groups=latents.shape[1]).to(latents.dtype)
 
 
+def inpainted(model: LoadedModel, inputs, keep: torch.Tensor, batch_size: int = 8, seed: int = 0) -> torch.Tensor:
+    """x_t of step ``inputs`` with the latent pixels outside each mask of ``keep`` (S, 1, h, w; 1 = keep)
+    filled by the model's own inpainting: the region starts as noise at the run's first timestep and is
+    denoised with the prompt along the run's timesteps down to x_t's, the kept pixels re-imposed at every
+    level (RePaint's scheme, with deterministic steps). The kept content at each level is the real x_t's
+    clean and noise estimates renoised to that level, which is x_t itself at the step's own level. What
+    fills the region is in distribution for the model, unlike a blur or zeros (Cohen, Chefer & Wolf, 2025).
+    Costs 1 + (the step's index - 1) denoiser calls per ``batch_size`` masks."""
+    family, scheduler, latents = model.family, inputs.scheduler, inputs.latents
+    timesteps = [t.item() for t in scheduler.timesteps]
+    here = timesteps.index(inputs.timestep)
+    fresh = torch.randn((len(keep), *latents.shape[1:]), generator=torch.Generator().manual_seed(seed)).to(latents)
+    filled = []
+    with torch.no_grad():
+        prediction = guided_prediction(model, inputs, latents)
+        clean = family.clean_estimate(scheduler, latents, prediction, inputs.timestep)
+        noise = family.noise_estimate(scheduler, latents, prediction, inputs.timestep)
+        known = {level: family.noised(scheduler, clean, noise, level).to(latents.dtype) for level in timesteps[:here]}
+        for start, stop in batches(len(keep), batch_size):
+            mask = keep[start:stop]
+            region = family.noised(scheduler, torch.zeros_like(fresh[start:stop]), fresh[start:stop], timesteps[0]).to(latents.dtype)
+            for level, below in zip(timesteps[:here], timesteps[1:here + 1]):
+                state = mask * known[level] + (1 - mask) * region
+                at_level = dataclasses.replace(inputs, timestep=level, next_timestep=below)
+                region = step_from(model, at_level, state, guided_prediction(model, at_level, state)).to(latents.dtype)
+            filled.append(mask * latents + (1 - mask) * region)
+    return torch.cat(filled)
+
+
 def latent_order(saliency: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Latent pixel indices (h * w,) from most to least salient; the map is resized to the latent grid."""
     saliency = np.asarray(saliency, dtype=np.float32)
@@ -151,12 +183,15 @@ def _distance(images: np.ndarray, target: np.ndarray, kind: str) -> list[float]:
 
 
 def insertion_deletion(
-    model: LoadedModel, run: RunData, step: int, saliency: np.ndarray, distance: str = "1-ssim", batch_size: int = 8
+    model: LoadedModel, run: RunData, step: int, saliency: np.ndarray, distance: str = "1-ssim", batch_size: int = 8,
+    fill: str = "blur",
 ) -> dict:
     """Insertion and deletion curves of a map at one step (docs/methods.md, Insertion and deletion), in latent space.
 
     Insertion starts from x_t blurred per channel (Gaussian, kernel 11, sigma 5) and reveals the
-    real x_t; deletion starts from x_t and sets latent pixels to 0. Each move changes W_lat latent
+    real x_t; deletion starts from x_t and sets latent pixels to 0. With ``fill="inpaint"`` what is not
+    revealed, or is removed, is the model's own inpainting of it instead (``inpainted``: in distribution,
+    at the cost of up to ``step`` - 1 denoiser calls per batch of states). Each move changes W_lat latent
     pixels in descending saliency, so each curve has H_lat + 1 states. A state's score is the
     distance between the decoded DDIM step from its guided prediction and the decoded real x_{t-1}.
     Distances fall along the insertion curve and rise along the deletion curve: a faithful map
@@ -166,16 +201,18 @@ def insertion_deletion(
         saliency: any 2-D map (resized to the latent grid when needed).
         distance: "1-ssim" (scikit-image SSIM on the decoded images) or "mse".
         batch_size: states per denoiser forward pass.
+        fill: "blur" (the paper's) or "inpaint".
     Returns:
         {"insertion": [H_lat + 1 floats], "deletion": [...], "insertion_auc", "deletion_auc",
         "distance", "denoiser_calls"}.
     """
-    scored = insertion_deletion_by_distance(model, run, step, saliency, (distance,), batch_size)
-    return {**scored[distance], "distance": distance, "denoiser_calls": scored["denoiser_calls"]}
+    scored = insertion_deletion_by_distance(model, run, step, saliency, (distance,), batch_size, fill)
+    return {**scored[distance], "distance": distance, "fill": fill, "denoiser_calls": scored["denoiser_calls"]}
 
 
 def insertion_deletion_by_distance(
-    model: LoadedModel, run: RunData, step: int, saliency: np.ndarray, distances=DISTANCES, batch_size: int = 8
+    model: LoadedModel, run: RunData, step: int, saliency: np.ndarray, distances=DISTANCES, batch_size: int = 8,
+    fill: str = "blur",
 ) -> dict:
     """``insertion_deletion`` scored with several distances from the same decoded states (no extra cost).
 
@@ -184,6 +221,7 @@ def insertion_deletion_by_distance(
     """
     for distance in distances:
         check_choice("distance", distance, DISTANCES)
+    check_choice("fill", fill, FILLS)
     check_int("batch_size", batch_size, 1, LIMITS.max_batch_size)
     if not run.records:
         raise ValueError("run has no recorded steps yet.")
@@ -198,9 +236,15 @@ def insertion_deletion_by_distance(
     for move in range(1, height + 1):
         revealed[move, order[: move * width]] = 1
     revealed = revealed.view(height + 1, 1, height, width)  # (states, 1, h, w)
-    insertion = blur_latents(latents) * (1 - revealed) + latents * revealed
-    deletion = latents * (1 - revealed)
-    states = torch.cat([insertion, deletion])  # (2 (H + 1), C, h, w)
+    fill_calls = 0
+    if fill == "blur":
+        insertion = blur_latents(latents) * (1 - revealed) + latents * revealed
+        deletion = latents * (1 - revealed)
+        states = torch.cat([insertion, deletion])  # (2 (H + 1), C, h, w)
+    else:
+        keep = torch.cat([revealed, 1 - revealed])
+        states = inpainted(model, inputs, keep, batch_size)
+        fill_calls = 1 + (step - 1) * len(batches(len(keep), batch_size))
     target = model.decode(inputs.next_latents, output_type="np")[0]
     scores, chunks = {distance: [] for distance in distances}, batches(len(states), batch_size)
     for start, stop in chunks:
@@ -210,7 +254,7 @@ def insertion_deletion_by_distance(
         images = model.decode(predicted_next, output_type="np")
         for distance in distances:
             scores[distance] += _distance(images, target, distance)
-    result: dict = {"denoiser_calls": len(chunks)}
+    result: dict = {"denoiser_calls": len(chunks) + fill_calls}
     for distance, values in scores.items():
         curves = {"insertion": values[: height + 1], "deletion": values[height + 1 :]}
         result[distance] = {**curves, "insertion_auc": auc(curves["insertion"]), "deletion_auc": auc(curves["deletion"])}

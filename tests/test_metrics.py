@@ -172,3 +172,35 @@ def test_a_latent_map_is_brought_to_the_masks_pixels_and_void_pixels_do_not_coun
     assert metrics.segmentation_scores(coarse, mask, valid)["miou"] == 1.0
     with pytest.raises(ValueError, match="both inside and outside"):
         metrics.segmentation_scores(coarse, np.zeros_like(mask))
+
+
+# --- the in-distribution fill: the model's own inpainting
+
+
+def test_inpainting_keeps_what_is_kept_and_fills_the_rest_by_denoising(tiny_model, ddim_run):
+    from explainer.metrics import inpainted
+    from explainer.replay import step_inputs
+
+    inputs = step_inputs(tiny_model, ddim_run, 3)
+    half = torch.zeros(1, 1, 8, 8)
+    half[..., :4] = 1
+    keep = torch.cat([torch.ones(1, 1, 8, 8), half, torch.zeros(1, 1, 8, 8)])
+    filled = inpainted(tiny_model, inputs, keep, batch_size=2)
+    torch.testing.assert_close(filled[0], inputs.latents[0])  # all kept: x_t itself
+    torch.testing.assert_close(filled[1, ..., :4], inputs.latents[0, ..., :4])
+    assert not torch.allclose(filled[1, ..., 4:], inputs.latents[0, ..., 4:]) and torch.isfinite(filled).all()
+    again = inpainted(tiny_model, inputs, keep, batch_size=3)  # the fill does not depend on how states are batched
+    torch.testing.assert_close(again, filled, atol=1e-4, rtol=1e-3)  # batched convolutions round differently
+    # nothing kept: a sample of the prompt from the run's first level down to this one, at x_t's scale
+    assert 0.5 < float(filled[2].std() / inputs.latents.std()) < 2.0
+
+
+def test_insertion_deletion_with_inpainting_has_known_ends_and_counts_its_calls(tiny_model, ddim_run):
+    saliency = np.random.default_rng(0).random((8, 8))
+    result = insertion_deletion(tiny_model, ddim_run, 3, saliency, distance="mse", batch_size=6, fill="inpaint")
+    assert result["insertion"][-1] == pytest.approx(0, abs=1e-6) and result["deletion"][0] == pytest.approx(0, abs=1e-6)
+    assert result["fill"] == "inpaint" and result["denoiser_calls"] == 3 + 1 + 2 * 3  # scoring + estimate + 2 levels x 3 batches
+    blurred = insertion_deletion(tiny_model, ddim_run, 3, saliency, distance="mse", batch_size=6)
+    assert result["deletion"][1:] != blurred["deletion"][1:]
+    with pytest.raises(ValueError, match="fill must be one of"):
+        insertion_deletion(tiny_model, ddim_run, 3, saliency, fill="zeros")
