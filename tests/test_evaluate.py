@@ -60,6 +60,7 @@ def test_one_command_writes_both_families_side_by_side_and_two_processes_give_th
     for entry, side in [*((e, 16) for e in unet["methods"].values()), *((e, 8) for e in mmdit["methods"].values())]:
         assert 0 <= entry["insertion_auc"]["mean"] <= 1 and len(entry["deletion_mean_curve"]) == side + 1  # a point per row
         assert 0 <= entry["other_distances"]["mse"]["deletion_auc"]["mean"] <= 1  # both distances from one pass
+        assert 0 <= entry["other_fills"]["inpaint"]["insertion_auc"]["mean"] <= 1  # the model's own fill beside the blur
     csv_rows = (tmp_path / "one" / "tiny-sd3" / "results.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + 2 * len(DEFAULT_METHODS)
     per_step = unet["localisation"]["steps"]  # every step, the slow methods at the three phases only
@@ -69,6 +70,7 @@ def test_one_command_writes_both_families_side_by_side_and_two_processes_give_th
     comparison = (tmp_path / "one" / "comparison.md").read_text()
     assert "| shapes-ldm (UNet) insertion ↓ |" in comparison and "tiny-sd3 (MM-DiT) insertion ↓" in comparison
     assert "| ConceptAttention (output space) | — | — | — |" in comparison  # no row of numbers for the UNet
+    assert "filled by **inpaint** against **blur**" in comparison and "Kendall's tau (1: unchanged): shapes-ldm (UNet)" in comparison
     split = _run(SMALL, tmp_path / "two", processes=2)
     assert split == single  # prompts split across processes, gathered into the identical tables
 

@@ -44,6 +44,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--distances", nargs="+", choices=metrics.DISTANCES, default=["1-ssim", "mse"],
                         help="the first is the main table's; the others are scored from the same states at no cost")
+    parser.add_argument("--fills", nargs="+", choices=metrics.FILLS, default=list(metrics.FILLS),
+                        help="what stands in for removed pixels: the first is the main table's; the others are reported beside it")
     parser.add_argument("--methods", nargs="+", choices=list(dict.fromkeys([*MAP_METHODS, *VARIANTS])), default=list(DEFAULT_METHODS),
                         help="method variants (explainer.methods.VARIANTS) and the attention maps; default: one of each method")
     parser.add_argument("--every-step", nargs="*", choices=list(PHASES_ONLY), default=[],
@@ -77,7 +79,7 @@ def evaluate_model(args, model_id: str, state, progress) -> dict:
     protocol = Protocol(model=model_id, steps=args.steps, step=args.step, guidance=args.guidance or model.spec.guidance,
                         seed=args.seed, masks=args.masks, lime_samples=args.lime_samples, batch_size=args.batch_size,
                         distances=tuple(dict.fromkeys(args.distances)), methods=tuple(args.methods),
-                        every_step=tuple(args.every_step))
+                        every_step=tuple(args.every_step), fills=tuple(dict.fromkeys(args.fills)))
     prompts = args.prompts.read_text().splitlines() if args.prompts else default_prompts(model_id, args.num_prompts)
     prompts = [p.strip() for p in prompts if p.strip()][: args.num_prompts]
     with state.split_between_processes(list(enumerate(prompts))) as mine:

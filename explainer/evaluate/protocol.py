@@ -52,6 +52,7 @@ class Protocol:
     distances: tuple[str, ...] = ("1-ssim", "mse")  # the first is the main table's; all come from the same states
     methods: tuple[str, ...] = MAP_METHODS
     every_step: tuple[str, ...] = ()  # methods of PHASES_ONLY localised at every step all the same
+    fills: tuple[str, ...] = ("blur", "inpaint")  # insertion/deletion's fills: the first is the main table's
 
     @property
     def distance(self) -> str:
@@ -95,9 +96,13 @@ def evaluate_prompt(protocol: Protocol, model, index: int, prompt: str) -> dict:
     if config.MODELS[model.id].closed_vocabulary:
         scored_maps[REFERENCE] = make_map(REFERENCE, protocol, model, run, step)
     for name, saliency in scored_maps.items():
-        scored = metrics.insertion_deletion_by_distance(model, run, step, saliency, protocol.distances, protocol.batch_size)
+        scored = metrics.insertion_deletion_by_distance(model, run, step, saliency, protocol.distances, protocol.batch_size,
+                                                        protocol.fills[0])
         row["methods"][name] = scored[protocol.distance] | {
-            "other_distances": {d: scored[d] for d in protocol.distances[1:]}}
+            "other_distances": {d: scored[d] for d in protocol.distances[1:]}, "other_fills": {}}
+        for fill in protocol.fills[1:]:  # the same map, removed pixels filled otherwise (the main distance only)
+            other = metrics.insertion_deletion(model, run, step, saliency, protocol.distance, protocol.batch_size, fill)
+            row["methods"][name]["other_fills"][fill] = {key: other[key] for key in ("insertion_auc", "deletion_auc")}
     row["spearman"] = {f"{a} | {b}": metrics.spearman(maps[a], maps[b]) for a, b in combinations(maps, 2)}
     attention = [make_map("cross-attention", protocol, model, run, k) for k in range(1, len(run.records) + 1)]
     row["attention_consecutive_spearman"] = [metrics.spearman(a, b) for a, b in zip(attention, attention[1:])]

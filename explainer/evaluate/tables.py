@@ -42,10 +42,16 @@ def summarise(rows: list[dict], protocol: Protocol) -> dict:
                        for curve in ("insertion", "deletion")}
             for distance in protocol.distances[1:]
         }
+        entry["other_fills"] = {
+            fill: {f"{curve}_auc": mean_interval([r["methods"][name]["other_fills"][fill][f"{curve}_auc"] for r in rows])
+                   for curve in ("insertion", "deletion")}
+            for fill in protocol.fills[1:]
+        }
         table[name] = entry
     pairs = rows[0]["spearman"].keys() if rows else []
     summary = {
-        "protocol": vars(protocol) | {"methods": list(protocol.methods), "distances": list(protocol.distances)},
+        "protocol": vars(protocol) | {"methods": list(protocol.methods), "distances": list(protocol.distances),
+                                      "fills": list(protocol.fills)},
         "reference": REFERENCE if REFERENCE in table else None,
         "prompts": len(rows),
         "methods": table,
@@ -184,11 +190,56 @@ def format_comparison(summaries: dict[str, dict]) -> str:
                 cells.append(" / ".join("—" if table[p][name][key]["mean"] is None else f"{table[p][name][key]['mean']:.2f}"
                                         for p in table))
         lines.append(f"| {ROW_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    lines += fills_comparison(summaries)
     lines += ["", "The shape noun's map, mean of the last third of the steps, IoU with the drawn shape (mIoU, 95 % interval):", "",
               "| map | " + " | ".join(model_heading(m) for m in models) + " |", "|---|" + "---|" * len(models)]
     for key, label in (("noun_iou", "attention of the noun"), ("concept_noun_iou", "ConceptAttention of the noun")):
         lines.append(f"| {label} | " + " | ".join(_cell(summaries[m].get("localisation", {}).get(key), 2) for m in models) + " |")
     return "\n".join(lines)
+
+
+def fill_ranking(summary: dict, fill: str) -> dict[str, float]:
+    """Kendall's tau between the methods' order by the main fill's AUCs and by ``fill``'s, per curve (1: the
+    same order; the reference left out)."""
+    from scipy.stats import kendalltau
+
+    names = [n for n, e in summary["methods"].items() if n != REFERENCE and fill in e.get("other_fills", {})]
+    taus = {}
+    for curve in ("insertion", "deletion"):
+        main = [summary["methods"][n][f"{curve}_auc"]["mean"] for n in names]
+        other = [summary["methods"][n]["other_fills"][fill][f"{curve}_auc"]["mean"] for n in names]
+        taus[curve] = float(kendalltau(main, other).statistic) if len(names) > 2 else float("nan")
+    return taus
+
+
+def fills_comparison(summaries: dict[str, dict]) -> list[str]:
+    """Markdown lines: each other fill's AUCs beside the main one's, per model, and how far the methods'
+    order changes (Kendall's tau)."""
+    first = next(iter(summaries.values()))["protocol"]
+    fills, distance = first.get("fills", ["blur"]), first["distances"][0]
+    lines = []
+    for fill in fills[1:]:
+        models = list(summaries)
+        lines += ["", f"Insertion ↓ / deletion ↑ ({distance}) with removed pixels filled by **{fill}** against **{fills[0]}** "
+                      "(95 % intervals):", "",
+                  "| method | " + " | ".join(f"{model_heading(m)} {fills[0]} ins / del | {fill} ins / del" for m in models) + " |",
+                  "|---|" + "---|---|" * len(models)]
+        for name in _methods(summaries):
+            cells = []
+            for model in models:
+                entry = summaries[model]["methods"].get(name)
+                if entry is None or fill not in entry.get("other_fills", {}):
+                    cells += ["—", "—"]
+                    continue
+                other = entry["other_fills"][fill]
+                cells += [f"{_cell(entry['insertion_auc'])} / {_cell(entry['deletion_auc'])}",
+                          f"{_cell(other['insertion_auc'])} / {_cell(other['deletion_auc'])}"]
+            label = f"*{name} (reference)*" if name == REFERENCE else ROW_LABELS.get(name, name)
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        taus = {model: fill_ranking(summaries[model], fill) for model in models}
+        lines += ["", "The methods' order under both fills, Kendall's tau (1: unchanged): " + "; ".join(
+            f"{model_heading(m)} insertion {t['insertion']:.2f}, deletion {t['deletion']:.2f}" for m, t in taus.items()) + "."]
+    return lines
 
 
 def plot_timesteps(summaries: dict[str, dict]) -> Image.Image:
