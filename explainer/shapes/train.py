@@ -22,7 +22,7 @@ from explainer.shapes.grounding import cache_nouns, cache_outlines
 from explainer.shapes.tokenizer import write_tokenizer
 from explainer.shapes.train_unet import CHECKPOINTS, train_unet
 from explainer.shapes.train_vae import cache_latents, finetune_decoder, train_vae
-from explainer.shapes.training import log, save_checkpoint
+from explainer.shapes.training import log, save_checkpoint, shared_arguments
 
 
 def seed_work_folder(pipeline: Path, work: Path) -> None:
@@ -119,12 +119,7 @@ def save_loss_curve(losses: list[float], path: Path, ground_losses: list[float] 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="runs/shapes", help="scratch dir for caches/checkpoints")
-    parser.add_argument("--out", default="assets/shapes-ldm")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--export-only", action="store_true")
+    shared_arguments(parser, work="runs/shapes", out="assets/shapes-ldm")
     parser.add_argument("--vae-steps", type=int, default=1000)
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
@@ -132,16 +127,11 @@ def main(argv=None):
     parser.add_argument("--decoder-steps", type=int, default=600)
     parser.add_argument("--decoder-lr", type=float, default=3e-4)
     parser.add_argument("--decoder-only", action="store_true")
-    parser.add_argument("--scenes", type=int, default=20_000)
     parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--prediction-type", default="v_prediction",
                         choices=("v_prediction", "epsilon"),
                         help="v: the network predicts x0 directly at high noise, where an "
                              "epsilon network's x0 error is amplified by 1/sqrt(SNR) (~15x)")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=6e-4)
-    parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--min-snr", type=float, default=5.0)
     parser.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--high-t-from-step", type=int, default=None,
@@ -153,16 +143,11 @@ def main(argv=None):
     parser.add_argument("--refine-ema", type=float, default=0.999)
     parser.add_argument("--refine-high-t-fraction", type=float, default=0.0)
     parser.add_argument("--refine-max-weight", type=float, default=10.0)
-    parser.add_argument("--shape-steps", type=int, default=1500)
-    parser.add_argument("--shape-lr", type=float, default=2e-4)
     parser.add_argument("--shape-text-lr-scale", type=float, default=3.0)
-    parser.add_argument("--shape-outline-weight", type=float, default=8.0)
-    parser.add_argument("--shape-ema", type=float, default=0.995)
     parser.add_argument("--ground-steps", type=int, default=800)
     parser.add_argument("--ground-lr", type=float, default=1e-4)
     parser.add_argument("--ground-weight", type=float, default=0.1)
     parser.add_argument("--ground-ema", type=float, default=0.995)
-    parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--seed-from", help="a saved pipeline (e.g. assets/shapes-ldm) whose VAE, tokenizer and "
                         "weights stand in for the stages before the ground phase, which alone runs")
     args = parser.parse_args(argv)

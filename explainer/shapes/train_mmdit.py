@@ -26,7 +26,7 @@ import torch
 from explainer.shapes.architecture import make_flow_scheduler, make_mmdit, make_projected_text_encoder
 from explainer.shapes.grounding import cache_outlines
 from explainer.shapes.train_vae import cache_latents
-from explainer.shapes.training import CHECKPOINT_SECONDS, ema_update, log, save_checkpoint, warmup_cosine
+from explainer.shapes.training import CHECKPOINT_SECONDS, ema_update, log, save_checkpoint, shared_arguments, warmup_cosine
 
 CHECKPOINTS = {"base": "mmdit_base.pt", "shape": "mmdit_shape.pt"}
 T5_TOKENS = 1  # no T5: the pipeline appends this many zero tokens (the model card's max_sequence_length)
@@ -172,30 +172,15 @@ def export_pipeline(args, work: Path) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="runs/mmdit", help="scratch dir for caches and checkpoints")
-    parser.add_argument("--out", default="assets/shapes-mmdit")
+    shared_arguments(parser, work="runs/mmdit", out="assets/shapes-mmdit")
     parser.add_argument("--vae-from", default="assets/shapes-ldm", help="the pipeline whose VAE and tokenizer are reused")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--export-only", action="store_true")
-    parser.add_argument("--scenes", type=int, default=20_000)
     parser.add_argument("--patch-size", type=int, default=1)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=32)
     parser.add_argument("--shift", type=float, default=1.0, help="the sampling scheduler's sigma shift")
     parser.add_argument("--steps", type=int, default=6000)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=6e-4)
-    parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--uniform-sigma-fraction", type=float, default=0.3)
-    parser.add_argument("--caption-dropout", type=float, default=0.1)
-    parser.add_argument("--shape-steps", type=int, default=1500)
-    parser.add_argument("--shape-lr", type=float, default=2e-4)
-    parser.add_argument("--shape-outline-weight", type=float, default=8.0)
-    parser.add_argument("--shape-ema", type=float, default=0.995)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = Path(args.work)
