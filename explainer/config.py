@@ -107,6 +107,14 @@ def _stable_diffusion_1(repo_id: str, label: str) -> ModelSpec:
     )
 
 
+def _embedded_spec(model_id: str, folder: str, label: str, **changes) -> ModelSpec:
+    """An embedded model of the shapes world: its weights in assets/<folder>, 64x64 at 20 steps and guidance 5,
+    the world's closed vocabulary, prompts and shape nouns as concepts (the vocabulary has no "background")."""
+    fields = dict(id=model_id, source=str(ASSETS_DIR / folder), label=label, hub=False, width=64, height=64, steps=20,
+                  guidance=5.0, closed_vocabulary=True, examples=SHAPES_PROMPTS, concepts=("circle", "square", "triangle"))
+    return ModelSpec(**(fields | changes))
+
+
 def _tiny_spec(model_id: str, family: str, label: str, **changes) -> ModelSpec:
     """A tiny test model: built from configs by explainer.families.<family>_tiny with random weights
     (no source), left off the page's list, 64x64 at 10 steps and guidance 5 unless ``changes`` say otherwise."""
@@ -126,36 +134,11 @@ TINY_FLUX_MODEL_ID = "tiny-flux"
 MODELS: dict[str, ModelSpec] = {
     spec.id: spec
     for spec in (
-        ModelSpec(
-            id=EMBEDDED_MODEL_ID,
-            source=str(ASSETS_DIR / "shapes-ldm"),
-            label="Shapes world (embedded, runs on CPU)",
-            hub=False,
-            width=64,
-            height=64,
-            steps=20,
-            guidance=5.0,
-            closed_vocabulary=True,
-            examples=SHAPES_PROMPTS,
-            concepts=("circle", "square", "triangle"),  # its closed vocabulary has no "background"
-            trained_by="python -m explainer.shapes.train --resume",
-        ),
-        ModelSpec(
-            id=EMBEDDED_MMDIT_MODEL_ID,
-            source=str(ASSETS_DIR / "shapes-mmdit"),
-            label="Shapes world MM-DiT (embedded, SD 3's design, runs on CPU)",
-            hub=False,
-            width=64,
-            height=64,
-            steps=20,
-            guidance=5.0,
-            closed_vocabulary=True,
-            examples=SHAPES_PROMPTS,
-            family="sd3",
-            max_sequence_length=1,  # no T5 encoder: one zero token stands in for T5's (the model card)
-            concepts=("circle", "square", "triangle"),  # its closed vocabulary has no "background"
-            trained_by="python -m explainer.shapes.train_mmdit --resume, then --export-only",
-        ),
+        _embedded_spec(EMBEDDED_MODEL_ID, "shapes-ldm", "Shapes world (embedded, runs on CPU)",
+                       trained_by="python -m explainer.shapes.train --resume"),
+        _embedded_spec(EMBEDDED_MMDIT_MODEL_ID, "shapes-mmdit", "Shapes world MM-DiT (embedded, SD 3's design, runs on CPU)",
+                       trained_by="python -m explainer.shapes.train_mmdit --resume, then --export-only", family="sd3",
+                       max_sequence_length=1),  # no T5 encoder: one zero token stands in for T5's (the model card)
         _tiny_spec(TINY_RANDOM_MODEL_ID, "sd1", "Tiny random model (for tests; pictures mean nothing)"),
         _tiny_spec(
             TINY_SD3_MODEL_ID, "sd3", "Tiny random SD 3 model (for tests; pictures mean nothing)",

@@ -31,7 +31,7 @@ from explainer.render import views
 from explainer.run import RunData, RunSettings
 from explainer.shapes.world import COLOURS, SHAPES, generate_scene, render_scene
 
-from .tables import mean_interval
+from .tables import mean_interval, miou_panels
 
 SETS = ("one object", "two objects", "confusion")
 METHOD_NAMES = ("attention", "concept-attention", "relevance", "df-rise", "df-cam", "df-lime", "random", "centre")
@@ -252,26 +252,17 @@ def _cell(interval: dict) -> str:
 def plot_curves(results: dict[str, dict]) -> Image.Image:
     """mIoU at every step, one panel per model, one line per method (the sets pooled; dots alone where a
     method is scored at three steps only)."""
-    from explainer.render.charts import figure_to_image, new_figure
-
-    figure, axes = new_figure((5.2 * len(results), 3.6), columns=len(results))
-    axes = np.atleast_1d(axes)
-    for axis, (model_id, summary) in zip(axes, results.items()):
+    panels = {}
+    for model_id, summary in results.items():
         series: dict[str, dict[int, list[float]]] = {}
         for entry in summary.values():
             for name, scores in entry["methods"].items():
                 for step, value in scores["miou_by_step"].items():
                     series.setdefault(name, {}).setdefault(int(step), []).append(value)
-        for name, by_step in series.items():
-            steps = sorted(by_step)
-            style = dict(marker="o", linestyle="none") if name in PHASES_ONLY else dict(linewidth=1.4)
-            axis.plot(steps, [float(np.mean(by_step[s])) for s in steps], label=name, **style)
-        axis.set_title(f"{model_id}: segmentation mIoU", fontsize=10)
-        axis.set_xlabel("step (1 = the most noise)", fontsize=9)
-        axis.set_ylim(0, 1)
-        axis.grid(alpha=0.3)
-    axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    return figure_to_image(figure)
+        panels[f"{model_id}: segmentation mIoU"] = {
+            name: (sorted(by_step), [float(np.mean(by_step[s])) for s in sorted(by_step)], name in PHASES_ONLY)
+            for name, by_step in series.items()}
+    return miou_panels(panels, "step (1 = the most noise)")
 
 
 # --- the command

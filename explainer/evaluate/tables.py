@@ -245,17 +245,27 @@ def fills_comparison(summaries: dict[str, dict]) -> list[str]:
 def plot_timesteps(summaries: dict[str, dict]) -> Image.Image:
     """mIoU with the drawn shape at every step, one panel per model, one line per method (dots alone
     where a method is scored at the three phases only)."""
-    figure, axes = new_figure((5.2 * len(summaries), 3.6), columns=len(summaries))
-    axes = np.atleast_1d(axes)
-    for axis, (model, summary) in zip(axes, summaries.items()):
+    panels = {}
+    for model, summary in summaries.items():
+        lines = {}
         for name, scores in summary.get("localisation", {}).get("steps", {}).items():
             means = [s["mean"] for s in scores["iou"]]
-            steps = [k + 1 for k, m in enumerate(means) if m is not None]
-            values = [m for m in means if m is not None]
-            style = dict(marker="o", linestyle="none") if len(values) < len(means) else dict(linewidth=1.4)
-            axis.plot(steps, values, label=ROW_LABELS.get(name, name), **style)
-        axis.set_title(f"{model_heading(model)}: mIoU with the drawn shape", fontsize=10)
-        axis.set_xlabel("step (1 = pure noise)", fontsize=9)
+            lines[ROW_LABELS.get(name, name)] = ([k + 1 for k, m in enumerate(means) if m is not None],
+                                                 [m for m in means if m is not None], None in means)
+        panels[f"{model_heading(model)}: mIoU with the drawn shape"] = lines
+    return miou_panels(panels, "step (1 = pure noise)")
+
+
+def miou_panels(panels: dict[str, dict[str, tuple[list[int], list[float], bool]]], xlabel: str) -> Image.Image:
+    """One panel per title, one line per method: (steps, values, scored at a few steps only: dots alone)."""
+    figure, axes = new_figure((5.2 * len(panels), 3.6), columns=len(panels))
+    axes = np.atleast_1d(axes)
+    for axis, (title, lines) in zip(axes, panels.items()):
+        for name, (steps, values, sparse) in lines.items():
+            style = dict(marker="o", linestyle="none") if sparse else dict(linewidth=1.4)
+            axis.plot(steps, values, label=name, **style)
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel(xlabel, fontsize=9)
         axis.set_ylim(0, 1)
         axis.grid(alpha=0.3)
     axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
