@@ -47,6 +47,8 @@ def export_zip(run: RunData, path: Path) -> Path:
                 archive.writestr(f"{stem}/attention_{index:02d}_{_safe(label)}.png", _png(picture))
         if run.final_image is not None:
             archive.writestr("final.png", _png(run.final_image))
+        if run.source_image is not None:  # an image run: the picture it explains, at the run's size
+            archive.writestr("source.png", _png(run.source_image))
         record = {
             "reproduction": run.reproduction,
             "attention_rows": views.token_labels(run, include_special=True),

@@ -220,7 +220,6 @@ class InstrumentedRun:
     def steps(self) -> Iterator[StepRecord]:
         """Run the denoising loop, yielding a ``StepRecord`` after every step."""
         model, settings = self.model, self.settings
-        device, dtype = model.device, model.dtype
         with torch.inference_mode():
             conditioning = model.encode(settings.prompt, settings.negative_prompt, self.guided, guidance=settings.guidance)
             latents = self.initial_latents(conditioning)

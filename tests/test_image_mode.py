@@ -154,3 +154,15 @@ def test_on_the_noise_trajectory_the_model_finds_the_shape(embedded):
     else:
         values = np.mean([record.text_share.astype(np.float32) for record in late], axis=0)
     assert values[mask].mean() > 1.5 * values[~mask].mean()
+
+
+def test_an_image_runs_export_holds_the_picture_and_its_source(tiny_model, tmp_path):
+    import json
+    import zipfile
+
+    from explainer import export
+
+    data = ImageRun(tiny_model, tiny_settings(), SCENE.image, "noise").run_all().data
+    with zipfile.ZipFile(export.export_zip(data, tmp_path / "run.zip")) as opened:
+        assert np.array_equal(np.asarray(Image.open(opened.open("source.png"))), SCENE.image)
+        assert json.loads(opened.read("run.json"))["reproduction"]["source"]["mode"] == "noise"
