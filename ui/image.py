@@ -62,8 +62,9 @@ class ImageTab:
                 self.slider = step_slider(1, "Step (after the run)", interactive=False)
                 self.overlays = gr.Gallery(label="Where each word of the prompt is looked at, at this step", columns=4,
                                            format="jpeg", height="auto", object_fit="contain")
-                self.concept_maps = gr.Gallery(label="Where each concept is found, at this step", columns=4, format="jpeg", preview=False,
-                                               height="auto", object_fit="contain")
+                # a fixed height: one map alone would otherwise fill the row's width
+                self.concept_maps = gr.Gallery(label="Where each concept is found, at this step", columns=4, format="jpeg",
+                                               preview=False, allow_preview=False, height=240, object_fit="contain")
                 with gr.Accordion("Data", open=False):
                     self.data = gr.JSON(label="This step's numbers")
                     self.run_id = gr.Textbox(label="Run id", interactive=False, buttons=["copy"],
