@@ -84,3 +84,26 @@ def test_shape_mask_reference_is_the_drawn_shape(embedded_model):
     assert 0 < shape.sum() < shape.size
     reference = make_map(REFERENCE, Protocol(model=embedded_model.id), embedded_model, run, 8)
     assert np.array_equal(reference > 0.5, shape)  # the shape first, then the rest centre-first
+
+
+def test_a_stopped_evaluation_resumes_from_the_prompts_it_finished(tmp_path, monkeypatch):
+    """Each finished prompt is kept as it finishes; --resume keeps those of the same settings and runs the rest."""
+    import explainer.evaluate.__main__ as command
+
+    args = ["--model", "tiny-random", "--num-prompts", "2", "--steps", "3", "--step", "2", "--methods", "random", "centre",
+            "--fills", "blur", "--batch-size", "8", "--out", str(tmp_path)]
+    first = command.main(args)["tiny-random"]
+    assert not list(tmp_path.glob("*/rows.partial.*"))  # a finished run leaves no partial rows
+    rows = json.loads((tmp_path / "tiny-random" / "results.json").read_text())["prompts"]
+    partial = tmp_path / "tiny-random" / "rows.partial.0.jsonl"
+    key = command.protocol_key(command.Protocol(model="tiny-random", steps=3, step=2, guidance=5.0, batch_size=8,
+                                                methods=("random", "centre"), fills=("blur",)))
+    partial.write_text(json.dumps({"protocol": key, "row": rows[0]}) + "\n" + '{"protocol": "cut sh')  # stopped mid-line
+    evaluated = []
+    real = command.evaluate_prompt
+    monkeypatch.setattr(command, "evaluate_prompt", lambda *a: evaluated.append(a[2]) or real(*a))
+    again = command.main(args + ["--resume"])["tiny-random"]
+    assert evaluated == [1]  # the first prompt was kept, the second run again
+    assert again["methods"]["random"]["insertion_auc"] == first["methods"]["random"]["insertion_auc"]
+    command.main(args)  # without --resume every prompt runs again
+    assert evaluated == [1, 0, 1]

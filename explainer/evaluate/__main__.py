@@ -18,6 +18,7 @@ every step) to ``--out``.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from explainer import config, metrics
@@ -51,6 +52,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--every-step", nargs="*", choices=list(PHASES_ONLY), default=[],
                         help="also localise these slow methods at every step (default: at the three phases)")
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the prompts a stopped run of the same settings finished (its rows.partial files)")
     args = parser.parse_args(argv)
     from accelerate import PartialState
     from tqdm import tqdm
@@ -82,18 +85,51 @@ def evaluate_model(args, model_id: str, state, progress) -> dict:
                         every_step=tuple(args.every_step), fills=tuple(dict.fromkeys(args.fills)))
     prompts = args.prompts.read_text().splitlines() if args.prompts else default_prompts(model_id, args.num_prompts)
     prompts = [p.strip() for p in prompts if p.strip()][: args.num_prompts]
+    folder = args.out / model_id.rsplit("/", 1)[-1]
+    partial = folder / f"rows.partial.{state.process_index}.jsonl"  # each finished prompt, as it finishes
     with state.split_between_processes(list(enumerate(prompts))) as mine:
         progress.set_postfix_str(model_id)
+        done = finished_rows(partial, protocol, mine) if args.resume else {}
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        if not args.resume:
+            partial.unlink(missing_ok=True)
         rows = []
         for index, prompt in mine:
-            rows.append(evaluate_prompt(protocol, model, index, prompt))
+            row = done.get(index) or evaluate_prompt(protocol, model, index, prompt)
+            if index not in done:
+                with open(partial, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps({"protocol": protocol_key(protocol), "row": row}) + "\n")
+            rows.append(row)
             progress.update()
     rows = sorted(gather_object(rows), key=lambda row: row["index"])
     summary = summarise(rows, protocol)
+    state.wait_for_everyone()
+    partial.unlink(missing_ok=True)
     if state.is_main_process:
-        write_results(rows, summary, args.out / model_id.rsplit("/", 1)[-1])
+        write_results(rows, summary, folder)
         print(f"\n{model_id}\n{format_table(summary)}")
     return summary
+
+
+def protocol_key(protocol: Protocol) -> str:
+    """What a stopped run's rows must share with this one to be kept."""
+    return json.dumps(vars(protocol), sort_keys=True, default=list)
+
+
+def finished_rows(partial: Path, protocol: Protocol, planned) -> dict[int, dict]:
+    """The rows of ``planned`` (index, prompt) pairs that a stopped run with this protocol wrote to ``partial``."""
+    if not partial.is_file():
+        return {}
+    wanted, key, rows = dict(planned), protocol_key(protocol), {}
+    for line in partial.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short when the run was stopped
+            continue
+        row = entry["row"]
+        if entry["protocol"] == key and wanted.get(row["index"]) == row["prompt"]:
+            rows[row["index"]] = row
+    return rows
 
 
 if __name__ == "__main__":
