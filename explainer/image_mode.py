@@ -166,8 +166,8 @@ class ImageRun(InstrumentedRun):
         yield from super().steps()
         if self.mode == "invert":
             source = np.asarray(self.data.source_image, dtype=np.float32) / 255.0
+            # the reproduction record holds this same dict: it carries the error too
             self.data.source["reconstruction_error"] = float(np.abs(self.data.final_array - source).mean())
-            self.data.reproduction["source"] = self.data.source
 
 
 __all__ = ["MODES", "ImageRun", "encode_image", "invert", "read_image"]
@@ -181,8 +181,9 @@ def reconstruction_table(model_id: str, scenes: int = 10, refinements=(0, 1, 3),
 
     model = load_model(model_id)
     spec = model.spec
-    pictures = [read_image(generate_scene(seed, split="any").image, spec.width, spec.height)[0] for seed in range(scenes)]
-    captions = [generate_scene(seed, split="any").caption for seed in range(scenes)]
+    rendered = [generate_scene(seed, split="any") for seed in range(scenes)]
+    pictures = [read_image(scene.image, spec.width, spec.height)[0] for scene in rendered]
+    captions = [scene.caption for scene in rendered]
     with torch.inference_mode():
         floor = [float(np.abs(model.decode(encode_image(model, p).float(), output_type="np")[0]
                               - np.asarray(p, np.float32) / 255).mean()) for p in pictures]

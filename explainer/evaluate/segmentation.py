@@ -142,12 +142,12 @@ def folder_cases(images: Path, masks: Path, classes: Path) -> list[Case]:
 
 def concept_maps(name: str, model, run: RunData, step: int, concepts: list[str], settings: Settings) -> dict[str, np.ndarray]:
     """Method ``name``'s map of every concept at ``step`` (H_lat, W_lat)."""
-    words = [word.text.lower() for word in run.tokens.words]
+    words = {c: run.tokens.find(c) for c in concepts}  # each concept's word index in the prompt
     if name == "attention":  # the recorded maps, all layers and heads (DAAM's aggregate), the word's pieces summed
-        return {c: views.word_map(run, words.index(c.lower()), [run.records[step - 1]]) for c in concepts}
+        return {c: views.word_map(run, i, [run.records[step - 1]]) for c, i in words.items()}
     if name == "relevance":
         found = TokenRelevance().explain(model, run, step)
-        return {c: found.token_maps[f"{words.index(c.lower())}:{run.tokens.words[words.index(c.lower())].text}"] for c in concepts}
+        return {c: found.token_maps[f"{i}:{run.tokens.words[i].text}"] for c, i in words.items()}
     if name == "concept-attention":  # the concepts compete with the other words of their kind for every cell
         rivals = [w for w in (*SHAPES, *COLOURS) if w not in concepts] if config.MODELS[model.id].closed_vocabulary else []
         found = ConceptAttention(concepts=(*concepts, *rivals[:3])).explain(model, run, step)
@@ -179,8 +179,8 @@ def segment_case(model, case: Case, settings: Settings) -> dict:
     size = (spec.height, spec.width)
     masks = {c: _on_size(m, size) for c, m in case.concepts.items()}
     valid = None if case.valid is None else _on_size(case.valid, size)
-    concepts = [c for c, m in masks.items() if m[valid if valid is not None else ...].any()
-                and not m[valid if valid is not None else ...].all()]
+    counted = np.ones(size, bool) if valid is None else valid
+    concepts = [c for c, m in masks.items() if m[counted].any() and not m[counted].all()]
     scores: dict[str, dict] = {}
     for name in settings.methods:
         if not applies(name, model):
