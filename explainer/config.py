@@ -228,6 +228,10 @@ class Limits:
     max_rise_grid: int = 64  # the side of DF-RISE's coarse grid masks
     max_lime_samples: int = 100_000  # DF-LIME's on/off vectors
     max_batch_size: int = 4096  # inputs per denoiser call of a perturbation method or metric
+    # Token relevance keeps every attention map of a step for its backward pass: it stops, with a
+    # message, before they take more than this share of the accelerator memory free when it starts
+    # (the rest is for the backward pass itself; docs/design.md, "Token relevance at large sizes").
+    relevance_memory_share: float = 0.5
     # Per-group attention maps (block and resolution) are kept at their own resolution, pooled to
     # at most this side (why: docs/design.md, "Attention records by layer group").
     max_group_map_side: int = 32

@@ -153,6 +153,31 @@ class LoadedModel:
         return dataclasses.replace(randomised, spec=self.spec)
 
 
+class OutOfDeviceMemory(ValueError):
+    """What was asked does not fit the accelerator's memory; the message says what to ask instead. A
+    ValueError, so the app shows it as it shows any refusal and keeps serving."""
+
+
+@contextmanager
+def refusing_out_of_memory(what: str, advice: str) -> Iterator[None]:
+    """Turn the accelerator running out of memory while doing ``what`` into ``OutOfDeviceMemory``,
+    after freeing the allocator's cache, so that the next request starts from a clean device."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise OutOfDeviceMemory(f"{what} ran out of GPU memory. {advice}") from None
+
+
+def memory_budget(device: torch.device, share: float) -> int | None:
+    """``share`` of the accelerator memory free now, in bytes; None on a CPU (no budget is kept there)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * share)
+
+
 def preferred_device() -> tuple[torch.device, torch.dtype]:
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.float16

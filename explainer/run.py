@@ -29,7 +29,7 @@ from PIL import Image
 from . import config
 from .capture import capture_attention
 from .recorder import AttentionRecorder
-from .models import LoadedModel
+from .models import LoadedModel, refusing_out_of_memory
 from .replay import combine_guidance, model_input
 from .schedules import timesteps as schedule_timesteps
 from .tokens import PromptTokens
@@ -95,6 +95,8 @@ class RunSettings:
         else:
             steps = self.steps
         return dataclasses.replace(self, prompt=prompt, seed=seed, schedule=schedule, steps=steps)
+
+RUN_ADVICE = "Generate a smaller picture, or fewer runs at once."
 
 
 def check_int(name: str, value, low: int, high: int | float, hint: str = "") -> None:
@@ -233,18 +235,23 @@ class InstrumentedRun:
             sites=model.family.cross_attention_sites(model.denoiser),
         )
         self.data.attention_groups = recorder.groups  # filled by the first step
+
+        def refusing(what: str):
+            return refusing_out_of_memory(f"{what} of a {settings.width}×{settings.height} run on {model.id}", RUN_ADVICE)
+
         with capture_attention(model):
             for index, timestep in enumerate(self.scheduler.timesteps):
-                with torch.inference_mode():
+                with torch.inference_mode(), refusing(f"Step {index + 1}"):
                     latents = self.latents_at(timestep, latents)
                     noise_pred = self._denoise(latents, timestep, conditioning, recorder)
                     # deterministic: DDIM's eta defaults to 0; no solver used here draws noise
                     next_latents = self.scheduler.step(noise_pred, timestep, latents).prev_sample
-                record = self._record(index, timestep.item(), latents, next_latents, noise_pred, recorder)
+                with refusing(f"Recording step {index + 1}"):
+                    record = self._record(index, timestep.item(), latents, next_latents, noise_pred, recorder)
                 self.data.records.append(record)
                 latents = self._last_next_latents = next_latents
                 yield record
-        with torch.inference_mode():
+        with torch.inference_mode(), refusing("Decoding the last step"):
             final = model.decode(latents, output_type="np")[0]
         self.data.final_array = final
         self.data.final_image = Image.fromarray((final * 255).round().astype(np.uint8))

@@ -11,6 +11,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from explainer import config
+from explainer.methods import relevance as relevance_module
 
 from test_app import DATA, denoise_args
 
@@ -123,6 +124,17 @@ def test_an_unknown_rectifier_or_cam_option(client):
         client.predict("DF-CAM", 1, 8, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, "contrast", "relu",
                        "guidance", "layercam", "max", api_name="/saliency")
     assert client.predict("relu", api_name="/relevance")[2]["rectify"] == "relu"
+
+
+def test_running_out_of_gpu_memory(client, monkeypatch):
+    """The app serves in this process: the relevance budget is set below what the embedded model keeps."""
+    assert "| a method or a run that outgrows the GPU's memory" in TABLE
+    client.predict(*denoise_args(steps=2), api_name="/denoise")
+    monkeypatch.setattr(relevance_module, "memory_budget", lambda device, share: 1024)
+    with pytest.raises(Exception, match=r"Token relevance keeps every attention map of the step .* explain a run of a smaller picture"):
+        client.predict("abs", api_name="/relevance")
+    monkeypatch.undo()
+    assert client.predict("abs", api_name="/relevance")[2]["rectify"] == "abs"
 
 
 def test_bad_guidance_lists_and_concept_scores(client):

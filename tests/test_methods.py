@@ -13,8 +13,10 @@ from explainer import config
 from explainer.capture import capture_attention
 from explainer.methods import METHODS, CentreBaseline, DFCam, DFLime, DFRise, RandomBaseline, TokenRelevance, cam_layers
 from explainer.methods.cam import LAYER_SCALES, layer_map
+from explainer.methods import relevance as relevance_module
 from explainer.methods.relevance import RelevanceState, attention_scores, cheap_token_scores, relevance_hooks, relevance_series
 from explainer.methods.rise import default_similarity
+from explainer.models import OutOfDeviceMemory
 from explainer.metrics import insertion_deletion, inside_outside_ratio, spearman
 from explainer.render import pictures
 from explainer.replay import guided_prediction, step_from, step_inputs
@@ -128,6 +130,58 @@ def test_no_hook_or_processor_left_after_a_run_or_an_error(tiny_model, tiny_run,
             METHODS[name](**options).explain(tiny_model, tiny_run, STEP)
     monkeypatch.undo()
     assert unet.attn_processors == processors and hook_count(tiny_model) == hooks
+
+
+@pytest.mark.parametrize("name, options", [("df-rise", {"n_masks": 8, "batch_size": 3}), ("relevance", {})], ids=["df-rise", "relevance"])
+def test_running_out_of_gpu_memory_is_a_clear_refusal_and_the_model_still_works(tiny_model, tiny_run, monkeypatch, name,
+                                                                                options):
+    unet = tiny_model.pipe.unet
+    processors, hooks = unet.attn_processors, hook_count(tiny_model)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(unet.mid_block, "forward", out_of_memory)
+    with pytest.raises(OutOfDeviceMemory, match=rf"of step {STEP} of a 64×64 run on .* ran out of GPU memory\. .*smaller picture"):
+        METHODS[name](**options).explain(tiny_model, tiny_run, STEP)
+    monkeypatch.undo()
+    assert unet.attn_processors == processors and hook_count(tiny_model) == hooks
+    assert METHODS[name](**options).explain(tiny_model, tiny_run, STEP).saliency.shape == (8, 8)
+
+
+def test_token_relevance_stops_before_its_attention_maps_outgrow_the_budget(tiny_model, tiny_run, monkeypatch):
+    """On a GPU the budget is a share of the free memory; here it is set below what the tiny model keeps."""
+    kept = {}
+    original = RelevanceState.__init__
+
+    def remember(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        kept["state"] = self
+
+    monkeypatch.setattr(RelevanceState, "__init__", remember)
+    TokenRelevance().explain(tiny_model, tiny_run, STEP)
+    needed = kept["state"].kept_bytes  # every attention's probabilities, text encoder's and denoiser's
+    assert needed > 0 and kept["state"].budget is None  # no budget on a CPU
+    hooks = hook_count(tiny_model)
+    monkeypatch.setattr(relevance_module, "memory_budget", lambda device, share: needed // 2)
+    with pytest.raises(OutOfDeviceMemory, match=r"keeps every attention map of the step .* more than 0\.0 GiB, 50% of the GPU"):
+        TokenRelevance().explain(tiny_model, tiny_run, STEP)
+    assert hook_count(tiny_model) == hooks
+    monkeypatch.setattr(relevance_module, "memory_budget", lambda device, share: needed)
+    assert TokenRelevance().explain(tiny_model, tiny_run, STEP).token_maps  # exactly enough is enough
+
+
+def test_a_run_that_runs_out_of_gpu_memory_is_a_clear_refusal(tiny_model, monkeypatch):
+    settings = RunSettings(prompt="a dog", steps=3, guidance=5.0, width=64, height=64, seed=1)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(tiny_model.pipe.unet.mid_block, "forward", out_of_memory)
+    with pytest.raises(OutOfDeviceMemory, match=r"Step 1 of a 64×64 run on .* ran out of GPU memory\. Generate a smaller"):
+        InstrumentedRun(tiny_model, settings).run_all()
+    monkeypatch.undo()
+    assert len(InstrumentedRun(tiny_model, settings).run_all().data.records) == 3
 
 
 @pytest.mark.parametrize(

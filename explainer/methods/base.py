@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..config import LIMITS
 from ..maps import normalise
-from ..models import LoadedModel
+from ..models import LoadedModel, refusing_out_of_memory
 from ..run import RunData, check_int, check_number
 from .options import option
 
@@ -82,6 +82,7 @@ class Method:
     name = "method"  # the key of ``METHODS`` and ``VARIANTS``
     label = "method"  # what a person reads
     saliency_tab = True  # offered by the app's Saliency tab (a method with a tab of its own says False)
+    memory_advice = "Explain a run of a smaller picture, or give a smaller batch_size where the method has one."
 
     def __post_init__(self) -> None:
         self._check_options()
@@ -95,7 +96,8 @@ class Method:
 
         Raises:
             ValueError: ``step`` outside 1..len(run.records), an option out of range, or a run
-                whose latents do not fit the model.
+                whose latents do not fit the model; ``OutOfDeviceMemory`` (a ValueError) when the
+                accelerator runs out of memory, saying what to ask instead.
         """
         self._check_options()
         if not run.records:
@@ -106,7 +108,9 @@ class Method:
         if latents.shape[1] != channels:
             raise ValueError(f"run has {latents.shape[1]} latent channels but the model's denoiser takes {channels}.")
         start = time.perf_counter()
-        explanation = self._explain(model, run, step)
+        size = f"{run.settings.width}×{run.settings.height}"
+        with refusing_out_of_memory(f"{self.label} of step {step} of a {size} run on {model.id}", self.memory_advice):
+            explanation = self._explain(model, run, step)
         explanation.seconds = time.perf_counter() - start
         return explanation
 

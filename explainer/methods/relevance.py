@@ -27,8 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import LIMITS
 from ..families.base import call_argument
 from ..maps import normalise
+from ..models import OutOfDeviceMemory, memory_budget
 from ..replay import raw_prediction, step_inputs
 from ..run import RunData
 from .base import RECTIFIERS, GradientMethod
@@ -39,10 +41,14 @@ class RelevanceState:
 
     ``latent_size``: the explained step's latent grid (H_lat, W_lat), which a family whose attention
     calls do not carry their image token count needs (FLUX.1's single-stream blocks; see
-    ``Family.hooked_attention``); None where the family needs none.
+    ``Family.hooked_attention``); None where the family needs none. ``budget``: the bytes of attention
+    probabilities the forward pass may keep for the backward pass before it stops with
+    ``OutOfDeviceMemory`` (None: no limit).
     """
 
-    def __init__(self, conditional_index: int, batch_size: int, rectify: str, latent_size: tuple[int, int] | None = None):
+    def __init__(self, conditional_index: int, batch_size: int, rectify: str, latent_size: tuple[int, int] | None = None,
+                 budget: int | None = None):
+        self.budget, self.kept_bytes = budget, 0
         self.conditional_index = conditional_index
         self.batch_size = batch_size
         self.rectify = RECTIFIERS[rectify]
@@ -54,6 +60,12 @@ class RelevanceState:
 
     def _keep(self, entry: dict, probs: torch.Tensor, shape: tuple[int, ...], index: int) -> None:
         """Register a hook on ``probs`` that turns its gradient G into Abar; ``shape`` is (batch, heads, rows, keys)."""
+        self.kept_bytes += probs.numel() * probs.element_size()  # autograd keeps them until the backward pass
+        if self.budget is not None and self.kept_bytes > self.budget:
+            raise OutOfDeviceMemory(
+                f"Token relevance keeps every attention map of the step for one backward pass, and at this size they "
+                f"take more than {self.budget / 2**30:.1f} GiB, {LIMITS.relevance_memory_share:.0%} of the GPU memory "
+                f"free. {TokenRelevance.memory_advice}")
         values = probs.detach().view(shape)[index]  # (heads, rows, keys)
 
         def on_gradient(gradient):
@@ -234,6 +246,7 @@ class TokenRelevance(GradientMethod):
     rectify: str = "abs"
     name = "relevance"
     label = "token relevance"
+    memory_advice = "Its memory grows with the square of the picture's area: explain a run of a smaller picture."
     saliency_tab = False  # the Concepts tab's
 
     def _check_options(self) -> None:
@@ -266,7 +279,8 @@ class TokenRelevance(GradientMethod):
         """R_iq (N image tokens, L text positions) of ``step``, float32 on the model's device."""
         inputs = step_inputs(model, run, step)
         state = RelevanceState(inputs.conditional_index, batch_size=inputs.conditioning.halves, rectify=self.rectify,
-                               latent_size=tuple(inputs.latents.shape[-2:]))
+                               latent_size=tuple(inputs.latents.shape[-2:]),
+                               budget=memory_budget(model.device, LIMITS.relevance_memory_share))
         ids = torch.tensor([run.tokens.ids], device=model.device)
         with relevance_hooks(model, state), torch.enable_grad():
             conditioning = model.family.encode_ids(model.pipe, ids, inputs.conditioning)  # through the hooked text attention
