@@ -33,6 +33,8 @@ def test_pointing_game_and_iou_known_answers():
 def test_mean_interval():
     result = mean_interval([1.0, 2.0, 3.0, float("nan")])
     assert result["mean"] == 2.0 and result["n"] == 3 and result["low"] < 2.0 < result["high"]
+    skewed = mean_interval([0.0, 0.0, 0.0, 0.9], bounds=(0.0, 1.0))  # an IoU: the interval stays in its range
+    assert skewed["low"] == 0.0 and 0.225 < skewed["high"] < 1.0
 
 
 def _run(args, out, processes=1):

@@ -8,7 +8,9 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+from matplotlib.lines import Line2D
 from PIL import Image
 
 from explainer import config, metrics
@@ -17,13 +19,20 @@ from explainer.families import family
 from explainer.render.charts import figure_to_image, new_figure
 
 
-def mean_interval(values) -> dict:
-    """Mean and 95 % interval (normal approximation) of per-prompt values; NaNs left out."""
+UNIT = (0.0, 1.0)  # the range of an IoU, a pixel accuracy, an average precision
+
+
+def mean_interval(values, bounds: tuple[float, float] | None = None) -> dict:
+    """Mean and 95 % interval (normal approximation) of per-prompt values; NaNs left out. ``bounds``: the
+    measure's range (an IoU's (0, 1)), which the interval is clipped to."""
     values = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
     if values.size == 0:
         return {"mean": None, "low": None, "high": None, "n": 0}
     half = 1.96 * values.std(ddof=1) / math.sqrt(values.size) if values.size > 1 else 0.0
-    return {"mean": float(values.mean()), "low": float(values.mean() - half), "high": float(values.mean() + half), "n": int(values.size)}
+    low, high = values.mean() - half, values.mean() + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return {"mean": float(values.mean()), "low": float(low), "high": float(high), "n": int(values.size)}
 
 
 def summarise(rows: list[dict], protocol: Protocol) -> dict:
@@ -68,15 +77,15 @@ def localisation_summary(located: list[dict]) -> dict:
     """Pointing game and IoU per phase and at every step (each with its interval), and the shape
     noun's attention and ConceptAttention IoU, over the prompts where a shape was drawn."""
     first = located[0]
-    phase_table = {phase: {name: {key: mean_interval([loc["phases"][phase][name][key] for loc in located])
+    phase_table = {phase: {name: {key: mean_interval([loc["phases"][phase][name][key] for loc in located], UNIT)
                                   for key in ("pointing", "iou")}
                            for name in first["phases"][phase]} for phase in first["phases"]}
-    per_step = {name: {key: [mean_interval([loc["steps"][name][key][k] for loc in located]) for k in range(len(values))]
+    per_step = {name: {key: [mean_interval([loc["steps"][name][key][k] for loc in located], UNIT) for k in range(len(values))]
                        for key, values in scores.items()}
                 for name, scores in first["steps"].items()}
     return {"prompts_with_a_shape": len(located), "phases": phase_table, "steps": per_step,
-            "noun_iou": mean_interval([loc.get("noun_iou") for loc in located]),
-            "concept_noun_iou": mean_interval([loc.get("concept_noun_iou") for loc in located])}
+            "noun_iou": mean_interval([loc.get("noun_iou") for loc in located], UNIT),
+            "concept_noun_iou": mean_interval([loc.get("concept_noun_iou") for loc in located], UNIT)}
 
 
 def write_results(rows: list[dict], summary: dict, out: Path) -> None:
@@ -243,7 +252,7 @@ def fills_comparison(summaries: dict[str, dict]) -> list[str]:
 
 
 def plot_timesteps(summaries: dict[str, dict]) -> Image.Image:
-    """mIoU with the drawn shape at every step, one panel per model, one line per method (dots alone
+    """IoU with the drawn shape (the map above its mean) at every step, one panel per model, one line per method (dots alone
     where a method is scored at the three phases only)."""
     panels = {}
     for model, summary in summaries.items():
@@ -252,23 +261,30 @@ def plot_timesteps(summaries: dict[str, dict]) -> Image.Image:
             means = [s["mean"] for s in scores["iou"]]
             lines[ROW_LABELS.get(name, name)] = ([k + 1 for k, m in enumerate(means) if m is not None],
                                                  [m for m in means if m is not None], None in means)
-        panels[f"{model_heading(model)}: mIoU with the drawn shape"] = lines
-    return miou_panels(panels, "step (1 = pure noise)")
+        panels[model_heading(model)] = lines
+    return miou_panels(panels, "step (1 = pure noise)", "mean IoU with the drawn shape")
 
 
-def miou_panels(panels: dict[str, dict[str, tuple[list[int], list[float], bool]]], xlabel: str) -> Image.Image:
-    """One panel per title, one line per method: (steps, values, scored at a few steps only: dots alone)."""
+def miou_panels(panels: dict[str, dict[str, tuple[list[int], list[float], bool]]], xlabel: str, ylabel: str) -> Image.Image:
+    """One panel per title, one line per method: (steps, values, scored at a few steps only: dots alone).
+    A method keeps one colour in every panel, and the legend names every method of any panel."""
+    names = list(dict.fromkeys(name for lines in panels.values() for name in lines))
+    colours = dict(zip(names, matplotlib.colormaps["tab10"].colors * (1 + len(names) // 10)))
     figure, axes = new_figure((5.2 * len(panels), 3.6), columns=len(panels))
     axes = np.atleast_1d(axes)
     for axis, (title, lines) in zip(axes, panels.items()):
         for name, (steps, values, sparse) in lines.items():
             style = dict(marker="o", linestyle="none") if sparse else dict(linewidth=1.4)
-            axis.plot(steps, values, label=name, **style)
+            axis.plot(steps, values, color=colours[name], **style)
         axis.set_title(title, fontsize=10)
         axis.set_xlabel(xlabel, fontsize=9)
+        axis.set_ylabel(ylabel, fontsize=9)
         axis.set_ylim(0, 1)
         axis.grid(alpha=0.3)
-    axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    sparse_names = {name for lines in panels.values() for name, line in lines.items() if line[2]}
+    handles = [Line2D([], [], color=colours[name], **(dict(marker="o", linestyle="none") if name in sparse_names else {}))
+               for name in names]
+    axes[-1].legend(handles, names, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     return figure_to_image(figure)
 
 
