@@ -66,6 +66,10 @@ def test_the_published_protocol_runs_on_a_folder_of_images_with_masks(tmp_path):
     assert "**folder** (2 pictures, 2 concepts)" in table and "other data sets" in table
     assert json.loads((tmp_path / "out" / "results.json").read_text())["settings"]["steps"] == 2
     assert (tmp_path / "out" / "timesteps.png").is_file()
+    (tmp_path / "out" / "table.md").unlink()
+    again = segmentation.main(["--rewrite", "--out", str(tmp_path / "out")])  # from results.json, nothing run
+    assert again[config.TINY_RANDOM_MODEL_ID]["summary"]["folder"] == summary
+    assert (tmp_path / "out" / "table.md").read_text() == table
 
 
 def test_a_mask_without_its_image_or_with_an_unknown_class_is_refused(tmp_path):

@@ -31,7 +31,7 @@ from explainer.render import views
 from explainer.run import RunData, RunSettings
 from explainer.shapes.world import COLOURS, SHAPES, generate_scene, render_scene
 
-from .tables import mean_interval, miou_panels
+from .tables import UNIT, mean_interval, miou_panels
 
 SETS = ("one object", "two objects", "confusion")
 METHOD_NAMES = ("attention", "concept-attention", "relevance", "df-rise", "df-cam", "df-lime", "random", "centre")
@@ -218,8 +218,8 @@ def summarise(rows: list[dict], steps: int) -> dict:
                 return [s[measure] for row in chosen for s in row["scores"][name].get(step, {}).values()]
             curve = {step: float(np.mean(values(step, "miou"))) for step in scored_steps(name, steps) if values(step, "miou")}
             best = max(curve, key=curve.get)
-            methods[name] = {"late": {m: mean_interval(values(late, m)) for m in MEASURES}, "late_step": late,
-                             "best_step": best, "best": {m: mean_interval(values(best, m)) for m in MEASURES},
+            methods[name] = {"late": {m: mean_interval(values(late, m), UNIT) for m in MEASURES}, "late_step": late,
+                             "best_step": best, "best": {m: mean_interval(values(best, m), UNIT) for m in MEASURES},
                              "miou_by_step": curve}
         summary[set_name] = {"pictures": len(chosen), "concepts": sum(len(r["concepts"]) for r in chosen), "methods": methods}
     return summary
@@ -259,10 +259,10 @@ def plot_curves(results: dict[str, dict]) -> Image.Image:
             for name, scores in entry["methods"].items():
                 for step, value in scores["miou_by_step"].items():
                     series.setdefault(name, {}).setdefault(int(step), []).append(value)
-        panels[f"{model_id}: segmentation mIoU"] = {
+        panels[model_id] = {
             name: (sorted(by_step), [float(np.mean(by_step[s])) for s in sorted(by_step)], name in PHASES_ONLY)
             for name, by_step in series.items()}
-    return miou_panels(panels, "step (1 = the most noise)")
+    return miou_panels(panels, "step (1 = the most noise)", "segmentation mIoU")
 
 
 # --- the command
@@ -280,7 +280,7 @@ def run_model(model_id: str, cases: list[Case], settings: Settings, progress) ->
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+", default=None, help="model ids (default: every embedded model with weights)")
-    parser.add_argument("--per-set", type=int, default=8, help="rendered pictures per set (default 8)")
+    parser.add_argument("--per-set", type=int, default=16, help="rendered pictures per set (default 16)")
     parser.add_argument("--steps", type=int, default=Settings.steps)
     parser.add_argument("--masks", type=int, default=Settings.masks, help="DF-RISE masks")
     parser.add_argument("--lime-samples", type=int, default=Settings.lime_samples)
@@ -289,7 +289,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--masks-dir", "--mask-folder", dest="mask_folder", type=Path, help="... their masks (PNG) ...")
     parser.add_argument("--classes", type=Path, help="... and the class names, one per line (line 0: background)")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--rewrite", action="store_true",
+                        help="run nothing: summarise --out's results.json again and rewrite its table and plot")
     args = parser.parse_args(argv)
+    if args.rewrite:
+        return rewrite(args.out)
     models = args.model or config.embedded_models_present()
     for model_id in models:
         config.model_spec(model_id)  # only the models the config allows
@@ -304,14 +308,32 @@ def main(argv=None) -> dict:
     with tqdm(total=len(cases) * len(models), desc="segmenting", unit="picture") as progress:
         for model_id in models:
             results[model_id] = run_model(model_id, cases, settings, progress)
-    summaries = {model_id: result["summary"] for model_id, result in results.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"settings": vars(settings), "models": results}, indent=1, default=str))
-    table = format_table(summaries)
-    (args.out / "table.md").write_text(table, encoding="utf-8")
-    plot_curves(summaries).save(args.out / "timesteps.png")
-    print(table)
+    write_tables({model_id: result["summary"] for model_id, result in results.items()}, args.out)
     return results
+
+
+def write_tables(summaries: dict[str, dict], out: Path) -> None:
+    table = format_table(summaries)
+    (out / "table.md").write_text(table, encoding="utf-8")
+    plot_curves(summaries).save(out / "timesteps.png")
+    print(table)
+
+
+def rewrite(out: Path) -> dict:
+    """The summaries of ``out``/results.json computed again from its rows (JSON keys the steps as
+    strings), the table and the plot rewritten."""
+    stored = json.loads((out / "results.json").read_text())
+    steps = int(stored["settings"]["steps"])
+    for result in stored["models"].values():
+        for row in result["rows"]:
+            row["scores"] = {name: {int(step): scores for step, scores in per_step.items()}
+                             for name, per_step in row["scores"].items()}
+        result["summary"] = summarise(result["rows"], steps)
+    (out / "results.json").write_text(json.dumps(stored, indent=1, default=str))
+    write_tables({model_id: result["summary"] for model_id, result in stored["models"].items()}, out)
+    return stored["models"]
 
 
 if __name__ == "__main__":
