@@ -26,7 +26,9 @@ from .maps import normalise
 from .run import RunData
 
 DISTANCES = ("1-ssim", "mse")
-FILLS = ("blur", "inpaint")  # what stands in for removed latent pixels (docs/methods.md, Insertion and deletion)
+# What stands in for removed latent pixels (docs/methods.md, Insertion and deletion): a blur or zeros, the
+# model's own inpainting with the prompt, or with the empty prompt (which does not paint the prompt back).
+FILLS = ("blur", "inpaint", "inpaint-empty")
 BLUR_KERNEL = 11
 BLUR_SIGMA = 5.0
 
@@ -138,11 +140,13 @@ def blur_latents(latents: torch.Tensor, kernel: int = BLUR_KERNEL, sigma: float 
     return F.conv2d(padded, window, groups=latents.shape[1]).to(latents.dtype)
 
 
-def inpainted(model: LoadedModel, inputs, keep: torch.Tensor, batch_size: int = 8, seed: int = 0) -> torch.Tensor:
+def inpainted(model: LoadedModel, inputs, keep: torch.Tensor, batch_size: int = 8, seed: int = 0,
+              prompt: bool = True) -> torch.Tensor:
     """x_t of step ``inputs`` with the latent pixels outside each mask of ``keep`` (S, 1, h, w; 1 = keep)
     filled by the model's own inpainting: the region starts as noise at the run's first timestep and is
-    denoised with the prompt along the run's timesteps down to x_t's, the kept pixels re-imposed at every
-    level (RePaint's scheme, with deterministic steps). The kept content at each level is the real x_t's
+    denoised along the run's timesteps down to x_t's, with the prompt and the run's guidance (``prompt``)
+    or with the empty prompt alone, the kept pixels re-imposed at every level (RePaint's scheme, with
+    deterministic steps). The kept content at each level is the real x_t's
     clean and noise estimates renoised to that level, which is x_t itself at the step's own level. What
     fills the region is in distribution for the model, unlike a blur or zeros (Cohen, Chefer & Wolf, 2025).
     Costs 1 + (the step's index - 1) denoiser calls per ``batch_size`` masks."""
@@ -152,6 +156,8 @@ def inpainted(model: LoadedModel, inputs, keep: torch.Tensor, batch_size: int = 
     fresh = torch.randn((len(keep), *latents.shape[1:]), generator=torch.Generator().manual_seed(seed)).to(latents)
     filled = []
     with torch.no_grad():
+        filling = inputs if prompt else dataclasses.replace(
+            inputs, conditioning=model.encode("", "", False, guidance=inputs.guidance).detached(), guided=False)
         prediction = guided_prediction(model, inputs, latents)
         clean = family.clean_estimate(scheduler, latents, prediction, inputs.timestep)
         noise = family.noise_estimate(scheduler, latents, prediction, inputs.timestep)
@@ -161,7 +167,7 @@ def inpainted(model: LoadedModel, inputs, keep: torch.Tensor, batch_size: int = 
             region = family.noised(scheduler, torch.zeros_like(fresh[start:stop]), fresh[start:stop], timesteps[0]).to(latents.dtype)
             for level, below in zip(timesteps[:here], timesteps[1:here + 1]):
                 state = mask * known[level] + (1 - mask) * region
-                at_level = dataclasses.replace(inputs, timestep=level, next_timestep=below)
+                at_level = dataclasses.replace(filling, timestep=level, next_timestep=below)
                 region = step_from(model, at_level, state, guided_prediction(model, at_level, state)).to(latents.dtype)
             filled.append(mask * latents + (1 - mask) * region)
     return torch.cat(filled)
@@ -190,8 +196,9 @@ def insertion_deletion(
 
     Insertion starts from x_t blurred per channel (Gaussian, kernel 11, sigma 5) and reveals the
     real x_t; deletion starts from x_t and sets latent pixels to 0. With ``fill="inpaint"`` what is not
-    revealed, or is removed, is the model's own inpainting of it instead (``inpainted``: in distribution,
-    at the cost of up to ``step`` - 1 denoiser calls per batch of states). Each move changes W_lat latent
+    revealed, or is removed, is the model's own inpainting of it instead, with the prompt; with
+    ``"inpaint-empty"`` with the empty prompt (``inpainted``: in distribution, at the cost of up to
+    ``step`` - 1 denoiser calls per batch of states). Each move changes W_lat latent
     pixels in descending saliency, so each curve has H_lat + 1 states. A state's score is the
     distance between the decoded DDIM step from its guided prediction and the decoded real x_{t-1}.
     Distances fall along the insertion curve and rise along the deletion curve: a faithful map
@@ -201,7 +208,7 @@ def insertion_deletion(
         saliency: any 2-D map (resized to the latent grid when needed).
         distance: "1-ssim" (scikit-image SSIM on the decoded images) or "mse".
         batch_size: states per denoiser forward pass.
-        fill: "blur" (the paper's) or "inpaint".
+        fill: "blur" (the paper's), "inpaint" or "inpaint-empty".
     Returns:
         {"insertion": [H_lat + 1 floats], "deletion": [...], "insertion_auc", "deletion_auc",
         "distance", "denoiser_calls"}.
@@ -243,7 +250,7 @@ def insertion_deletion_by_distance(
         states = torch.cat([insertion, deletion])  # (2 (H + 1), C, h, w)
     else:
         keep = torch.cat([revealed, 1 - revealed])
-        states = inpainted(model, inputs, keep, batch_size)
+        states = inpainted(model, inputs, keep, batch_size, prompt=fill == "inpaint")
         fill_calls = 1 + (step - 1) * len(batches(len(keep), batch_size))
     target = model.decode(inputs.next_latents, output_type="np")[0]
     scores, chunks = {distance: [] for distance in distances}, batches(len(states), batch_size)

@@ -195,6 +195,26 @@ def test_inpainting_keeps_what_is_kept_and_fills_the_rest_by_denoising(tiny_mode
     assert 0.5 < float(filled[2].std() / inputs.latents.std()) < 2.0
 
 
+def test_the_empty_prompts_fill_denoises_with_the_unconditional_half_alone(tiny_model, ddim_run):
+    import dataclasses
+
+    from explainer.metrics import inpainted
+    from explainer.replay import step_inputs
+
+    inputs = step_inputs(tiny_model, ddim_run, 3)
+    keep = torch.zeros(2, 1, 8, 8)
+    keep[0, ..., :4] = 1
+    empty = inpainted(tiny_model, inputs, keep, batch_size=2, prompt=False)
+    with_prompt = inpainted(tiny_model, inputs, keep, batch_size=2)
+    torch.testing.assert_close(empty[0, ..., :4], inputs.latents[0, ..., :4])  # what is kept stays
+    assert not torch.allclose(empty, with_prompt, atol=1e-3)
+    # nothing kept: a sample of the unconditional half alone (the run is guided with the empty negative
+    # prompt, so that half is the empty prompt's); where something is kept, it comes from the real x_t
+    unconditional = {name: tensor[:1] for name, tensor in inputs.conditioning.tensors.items()}
+    alone = dataclasses.replace(inputs, conditioning=type(inputs.conditioning)(unconditional), guided=False)
+    torch.testing.assert_close(empty[1], inpainted(tiny_model, alone, keep, batch_size=2)[1], atol=1e-5, rtol=1e-4)
+
+
 def test_insertion_deletion_with_inpainting_has_known_ends_and_counts_its_calls(tiny_model, ddim_run):
     saliency = np.random.default_rng(0).random((8, 8))
     result = insertion_deletion(tiny_model, ddim_run, 3, saliency, distance="mse", batch_size=6, fill="inpaint")

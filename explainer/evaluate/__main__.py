@@ -45,8 +45,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--distances", nargs="+", choices=metrics.DISTANCES, default=["1-ssim", "mse"],
                         help="the first is the main table's; the others are scored from the same states at no cost")
-    parser.add_argument("--fills", nargs="+", choices=metrics.FILLS, default=list(metrics.FILLS),
-                        help="what stands in for removed pixels: the first is the main table's; the others are reported beside it")
+    parser.add_argument("--fills", nargs="+", choices=metrics.FILLS, default=list(Protocol.fills),
+                        help="what stands in for removed pixels: the first is the main table's; the others are reported "
+                             f"beside it (default: {' '.join(Protocol.fills)})")
     parser.add_argument("--methods", nargs="+", choices=list(dict.fromkeys([*MAP_METHODS, *VARIANTS])), default=list(DEFAULT_METHODS),
                         help="method variants (explainer.methods.VARIANTS) and the attention maps; default: one of each method")
     parser.add_argument("--every-step", nargs="*", choices=list(PHASES_ONLY), default=[],
