@@ -99,7 +99,7 @@ def save_loss_curve(losses: list[float], path: Path, ground_losses: list[float] 
     fig, ax = plt.subplots(figsize=(5, 3), dpi=80)
     ax.plot(values, alpha=0.25, lw=0.5, label="per step")
     ax.plot(np.arange(window - 1, len(values)), smooth, label=f"mean of {window}")
-    ax.set_xlabel("training step, every phase the checkpoint remembers (batch 64)")
+    ax.set_xlabel("training step (batch 64), every phase kept", fontsize=9)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, min(1.0, float(values.max())))
     handles = ax.get_legend_handles_labels()
