@@ -178,14 +178,14 @@ def concept_maps(run: RunData, step: int, concepts: tuple[str, ...]) -> tuple[li
         found = gpu.concept_maps_on_device(run.model_id, run.for_computing(), step, concepts, "all")
         return [(pictures.overlay(picture, values, scale=1.0), f"{key.split(':', 1)[1]} · {found.token_scores[key]:.0%}")
                 for key, values in found.token_maps.items()], []
-    words = [word.lower() for word in run.tokens.word_texts]
     record, shown, missing = run.records[step - 1], [], []
     for concept in concepts:
-        if concept.lower() in words:
-            values = views.word_map(run, words.index(concept.lower()), [record], False)
-            shown.append((pictures.overlay(picture, values), concept))
-        else:
+        try:
+            index = run.tokens.find(concept)
+        except ValueError:  # not a word of the prompt
             missing.append(concept)
+            continue
+        shown.append((pictures.overlay(picture, views.word_map(run, index, [record], False)), concept))
     notes = [f"Not in the prompt, so no map on this UNet model: {', '.join(missing)} (open-vocabulary concepts need a "
              "model with joint attention)."] if missing else []
     return shown, notes

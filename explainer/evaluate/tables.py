@@ -252,8 +252,8 @@ def fills_comparison(summaries: dict[str, dict]) -> list[str]:
 
 
 def plot_timesteps(summaries: dict[str, dict]) -> Image.Image:
-    """IoU with the drawn shape (the map above its mean) at every step, one panel per model, one line per method (dots alone
-    where a method is scored at the three phases only)."""
+    """IoU with the drawn shape (the map above its mean) at every step, one panel per model, one line
+    per method (dots alone where a method is scored at the three phases only)."""
     panels = {}
     for model, summary in summaries.items():
         lines = {}
