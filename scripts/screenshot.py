@@ -68,8 +68,7 @@ def main(url: str, folder: str) -> None:
         page.screenshot(path=out / "why-here-df-cam.png", full_page=True)
         page.get_by_role("tab", name="Image").click()
         page.get_by_role("button", name="Render a shapes scene").click()
-        page.wait_for_timeout(1500)
-        page.get_by_label("Prompt (optional: the concepts, when empty)").fill("a small green triangle at the top")
+        page.wait_for_timeout(1500)  # the scene and its caption, which becomes the prompt
         page.get_by_role("button", name="Explain this picture").click()
         page.get_by_text(f"step {steps} of {steps}, t = ").last.wait_for(timeout=180_000)
         page.get_by_text("trajectory: noise").wait_for(timeout=180_000)

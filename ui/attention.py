@@ -64,10 +64,11 @@ class AttentionTab:
             self.concept_button = gr.Button("Show concepts", scale=1)
         self.concept_notice = notice_line()
         with gr.Row():
+            # fit_columns=False: one or two concepts keep quarter-width cells, not the whole row
             self.concept_maps = gr.Gallery(label="Where each concept is drawn (shares of every spot)", columns=4,
-                                           height="auto", elem_id="concept-maps")
+                                           height="auto", elem_id="concept-maps", fit_columns=False)
             self.concept_raw = gr.Gallery(label="Where the picture looks for each concept (raw attention)", columns=4,
-                                          height="auto")
+                                          height="auto", fit_columns=False)
         with gr.Accordion("Data", open=False):
             with gr.Row():
                 self.npy = gr.File(label="The map as numbers (.npy, one value per latent cell)")

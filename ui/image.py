@@ -60,11 +60,11 @@ class ImageTab:
                                          height=240)
                     self.noisy = gr.Image(label="What it holds at this step", type="pil", format="png", height=240)
                 self.slider = step_slider(1, "Step (after the run)", interactive=False)
+                # fit_columns=False: a gallery of one or two maps keeps quarter-width cells, not the whole row
                 self.overlays = gr.Gallery(label="Where each word of the prompt is looked at, at this step", columns=4,
-                                           format="jpeg", height="auto", object_fit="contain")
-                # a fixed height: one map alone would otherwise fill the row's width
+                                           format="jpeg", height="auto", object_fit="contain", fit_columns=False)
                 self.concept_maps = gr.Gallery(label="Where each concept is found, at this step", columns=4, format="jpeg",
-                                               preview=False, allow_preview=False, height=240, object_fit="contain")
+                                               height=240, object_fit="contain", fit_columns=False)  # a row of four
                 with gr.Accordion("Data", open=False):
                     self.data = gr.JSON(label="This step's numbers")
                     self.run_id = gr.Textbox(label="Run id", interactive=False, buttons=["copy"],
