@@ -135,6 +135,8 @@ def main(argv=None) -> None:
     parser.add_argument("--pairs", type=int, default=40, help="prompt pairs of the words-or-pooled test")
     args = parser.parse_args(argv)
     model = load_model(args.model)
+    if model.family.name != "sd3":  # the swaps below follow SD 3's text layout: CLIP rows first, then T5's
+        raise SystemExit(f"{args.model} is of the {model.family.name!r} family; this script reads SD 3's (an MM-DiT with CLIP).")
     protocol = Protocol(args.model, guidance=model.spec.guidance)
     table = []
     for index, prompt in enumerate(default_prompts(args.model, args.prompts)):
