@@ -32,6 +32,7 @@ from explainer.models import load_model  # noqa: E402
 from explainer.replay import raw_prediction, step_inputs  # noqa: E402
 from explainer.run import InstrumentedRun, RunSettings  # noqa: E402
 from explainer.shapes.checker import detect  # noqa: E402
+from explainer.shapes.quality import DEFAULT_STEPS, FIRST_SEED  # noqa: E402
 from explainer.shapes.truth import shape_grid  # noqa: E402
 from explainer.shapes.world import SHAPES, evaluation_prompts  # noqa: E402
 
@@ -82,12 +83,7 @@ def which_channel(model, pairs: int) -> dict[str, dict[str, float]]:
         words = _encoded(model, words_prompt)
         for source, pooled_prompt, truth in (("another prompt", other_prompt, other_truth), ("the empty prompt", "", None)):
             pooled = _encoded(model, pooled_prompt)
-            with torch.no_grad():
-                image = model.pipe(prompt_embeds=words[0], negative_prompt_embeds=words[1], pooled_prompt_embeds=pooled[2],
-                                   negative_pooled_prompt_embeds=pooled[3], num_inference_steps=20,
-                                   guidance_scale=model.spec.guidance, generator=torch.Generator().manual_seed(1000 + index),
-                                   height=model.spec.height, width=model.spec.width, output_type="np").images[0]
-            found = detect(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
+            found = _drawn(model, index, words[0], words[1], pooled[2], pooled[3])
             for position, key in enumerate(keys):
                 said, other = words_truth[position], (truth or [None] * 3)[position]
                 if said == other:
@@ -113,19 +109,26 @@ def where_the_noun_is_read(model, prompts: int) -> dict[str, dict[str, float]]:
         for name, rows in (("the noun's row", list(noun)), ("the rows after the last word", list(after))):
             states = own[0].clone()
             states[:, rows] = swapped[0][:, rows]
-            with torch.no_grad():
-                image = model.pipe(prompt_embeds=states, negative_prompt_embeds=own[1], pooled_prompt_embeds=own[2],
-                                   negative_pooled_prompt_embeds=own[3], num_inference_steps=20,
-                                   guidance_scale=model.spec.guidance, generator=torch.Generator().manual_seed(1000 + index),
-                                   height=model.spec.height, width=model.spec.width, output_type="np").images[0]
-            found = detect(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
+            found = _drawn(model, index, states, *own[1:])
             drawn = found.shape if found else None
             counts[name]["the prompt's" if drawn == shape else "the other noun's" if drawn == other else "neither"] += 1
     return {name: {k: v / prompts for k, v in c.items()} for name, c in counts.items()}
 
 
 def _encoded(model, prompt: str):
+    """SD 3's (prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) of ``prompt``, the empty negative."""
     return model.pipe.encode_prompt(prompt, None, None, do_classifier_free_guidance=True, negative_prompt="")
+
+
+def _drawn(model, index: int, states, negative_states, pooled, negative_pooled):
+    """What the checker finds in the picture the pipeline makes from these text states (seed 1000 + index,
+    as the quality report's), or None."""
+    with torch.no_grad():
+        image = model.pipe(prompt_embeds=states, negative_prompt_embeds=negative_states, pooled_prompt_embeds=pooled,
+                           negative_pooled_prompt_embeds=negative_pooled, num_inference_steps=DEFAULT_STEPS,
+                           guidance_scale=model.spec.guidance, generator=torch.Generator().manual_seed(FIRST_SEED + index),
+                           height=model.spec.height, width=model.spec.width, output_type="np").images[0]
+    return detect(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
 
 
 def main(argv=None) -> None:

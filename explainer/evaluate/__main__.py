@@ -35,7 +35,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", nargs="+", default=config.embedded_models_present() or [config.default_model_id()],
                         choices=list(config.MODELS), help="one or more models (default: the embedded ones, both families)")
     parser.add_argument("--prompts", type=Path, help="a text file, one prompt per line (default: held-out shapes prompts or the paper's)")
-    parser.add_argument("--num-prompts", type=int, default=8, help="prompts per model (8: both embedded models in about 40 minutes on 2 cores)")
+    parser.add_argument("--num-prompts", type=int, default=8, help="prompts per model (8 keeps both embedded models within 45 minutes on 2 cores: docs/evaluation.md)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--step", type=int, default=15, help="the explained step (1-based)")
     parser.add_argument("--guidance", type=float, help="default: each model's own")
