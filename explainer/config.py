@@ -61,7 +61,6 @@ class ModelSpec:
     concepts: tuple[str, ...] = ("circle", "square", "background")
     trained_by: str = ""
     closed_vocabulary: bool = False  # every word must be one token of the tokenizer (the shapes model)
-    gpu_seconds_per_step: float = 0.05  # per 512x512 guided step on the Space GPU: an estimate, not yet measured
     latent_rgb: tuple[tuple[float, float, float], ...] | None = None
     examples: tuple[str, ...] = ()
     family: str = "sd1"
@@ -103,7 +102,7 @@ def _stable_diffusion_1(repo_id: str, label: str) -> ModelSpec:
     """A Stable Diffusion 1.x checkpoint of the Hub, with the paper's settings as its defaults."""
     return ModelSpec(
         id=repo_id, source=repo_id, label=label, hub=True, needs_gpu=True, width=512, height=512, steps=30,
-        guidance=7.5, vae_decode_every=5, gpu_seconds_per_step=0.12, latent_rgb=SD_V1_LATENT_RGB, examples=PAPER_PROMPTS,
+        guidance=7.5, vae_decode_every=5, latent_rgb=SD_V1_LATENT_RGB, examples=PAPER_PROMPTS,
     )
 
 
@@ -166,7 +165,6 @@ MODELS: dict[str, ModelSpec] = {
             steps=40,  # the model card's diffusers example: 40 steps, guidance 4.5
             guidance=4.5,
             vae_decode_every=5,
-            gpu_seconds_per_step=0.25,  # an estimate, not measured
             examples=PAPER_PROMPTS,
             preload=False,  # gated, and with T5 about 15 GB: loaded when first asked for
         ),
@@ -182,7 +180,6 @@ MODELS: dict[str, ModelSpec] = {
             steps=30,  # the model card's example calls the pipeline with its defaults: 50 steps, guidance 5.0
             guidance=5.0,
             vae_decode_every=5,
-            gpu_seconds_per_step=0.12,  # per 512x512 as SD 1.x's: an estimate, not measured
             # no fixed preview map: the family fits one to its VAE at load (fit_preview)
             examples=PAPER_PROMPTS,
         ),
@@ -199,7 +196,6 @@ MODELS: dict[str, ModelSpec] = {
             guidance=0.0,
             max_sequence_length=256,
             vae_decode_every=5,  # on a GPU; a step between is decoded when shown (28 steps at 1024²: docs/design.md)
-            gpu_seconds_per_step=0.5,  # per 512x512 step with every attention explicit: an estimate, not measured
             gpu_dtype="bfloat16",  # the model card's; float16 overflows in T5 and the transformer
             examples=PAPER_PROMPTS,
             preload=False,  # about 33 GB with T5: loaded when first asked for

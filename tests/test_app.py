@@ -358,30 +358,6 @@ def test_saliency_explains_a_step_of_the_session_run(url):
     assert paper["options"]["mode"] == "paper" and paper["options"]["estimator"] == "sum"
 
 
-def test_zerogpu_durations_come_from_the_work():
-    """Each @spaces.GPU function asks for a duration that grows with its work, never a constant."""
-    from types import SimpleNamespace
-
-    from ui import gpu
-
-    sd = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    base = {"steps": 30, "width": 512, "height": 512}
-    run_seconds = gpu.run_duration(sd, [base])
-    assert gpu.run_duration(sd, [base | {"steps": 60}]) > run_seconds
-    assert gpu.run_duration(sd, [base | {"width": 1024, "height": 1024}]) > run_seconds
-    assert gpu.run_duration(sd, [base, base]) > run_seconds  # a second prompt is a second run
-
-    def recorded(steps, side=512):
-        return SimpleNamespace(records=[None] * steps, latent_size=(side // 8, side // 8),
-                               settings=SimpleNamespace(width=side, height=side))
-
-    assert gpu.relevance_duration(sd, recorded(60)) > gpu.relevance_duration(sd, recorded(30))
-    rise = {name: gpu.explain_duration(sd, recorded(30), "df-rise", {"n_masks": n}, 20, False) for name, n in (("few", 200), ("many", 4000))}
-    assert rise["many"] > rise["few"]
-    assert gpu.explain_duration(sd, recorded(30), "df-rise", {"n_masks": 200}, 20, True) > rise["few"]  # + insertion/deletion
-    assert gpu.explain_duration(sd, recorded(30, 1024), "df-cam", {}, 20, False) > gpu.explain_duration(sd, recorded(30), "df-cam", {}, 20, False)
-
-
 def test_the_queue_polls_at_the_configured_intervals_not_every_millisecond(monkeypatch):
     """Gradio's queue loops sleep this long between looks while free; at their defaults (1 ms and
     10 ms) an idle server spends 8 % of a core on them, taking the GIL from a run each time."""

@@ -137,6 +137,25 @@ def test_running_out_of_gpu_memory(client, monkeypatch):
     assert client.predict("abs", api_name="/relevance")[2]["rectify"] == "abs"
 
 
+def test_work_longer_than_a_zerogpu_call(client, monkeypatch):
+    """On ZeroGPU, ``@spaces.GPU`` asks the call's duration function before the call; here a wrapper does
+    the same, and the longest call is set below what DF-RISE on the tiny model needs."""
+    import dataclasses
+
+    from ui import gpu, settings
+
+    assert "| work longer than one ZeroGPU call may take (" in TABLE
+    client.predict(*denoise_args(steps=2), api_name="/denoise")
+    explain = gpu.explain_on_device
+    monkeypatch.setattr(gpu, "explain_on_device", lambda *args: (gpu.explain_duration(*args), explain(*args))[1])
+    monkeypatch.setattr(settings, "APP", dataclasses.replace(settings.APP, max_gpu_seconds=10))
+    with pytest.raises(Exception, match=r"This needs about \d+ s of GPU time, more than one GPU call on this Space may take "
+                                        r"\(10 s\)\. Ask for fewer masks or samples"):
+        client.predict("DF-RISE", 1, 8, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, api_name="/saliency")
+    monkeypatch.undo()
+    assert client.predict("DF-RISE", 1, 8, 0.5, "next-latent", "pixel", 0, "sum of all layers", 0.8, False, api_name="/saliency")
+
+
 def test_bad_guidance_lists_and_concept_scores(client):
     guidance_args = ["tiny-random", "a cat", "", 1, 2, 64, 64, "uniform", 2.0, ""]
     for label, values, message in (("one guidance value, or five", "3", "give between 2 and 4 guidance values, got 1"),

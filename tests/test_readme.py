@@ -116,3 +116,43 @@ def test_the_library_example_runs_as_written():
     printed = run_printing(example(LIBRARY_MARKER))
     labels = [line for line in printed.splitlines() if line.startswith("step ")]
     assert len(labels) == STEPS and labels[-1].startswith(f"step {STEPS} of {STEPS}"), printed
+
+
+def front_matter() -> dict:
+    import yaml
+
+    return yaml.safe_load(README.read_text(encoding="utf-8").split("---\n")[1])
+
+
+SHARD = re.compile(r"^(.*)-(\d{5})-of-(\d{5})(\.safetensors)$")
+NOT_LOADED = {"safety_checker", "feature_extractor", "image_encoder"}  # pipeline parts the app never loads
+
+
+def test_the_space_preloads_whole_pipelines_of_allowed_ungated_models():
+    """Each ``preload_from_hub`` line names an ungated Hub model of the config and, for every part its
+    family's pipeline loads, a config and the weights (every shard of a sharded file, and its index):
+    a part left out would download on a visitor's first run; a gated repository would fail the build."""
+    import diffusers
+
+    from explainer import config
+    from explainer.families import family
+
+    front = front_matter()
+    lines = [line.split() for line in front["preload_from_hub"]]
+    assert {model_id for model_id, _ in lines} <= set(front["models"])
+    for model_id, listed in lines:
+        spec = config.model_spec(model_id)
+        assert spec.hub and not spec.gated, model_id
+        files = listed.split(",")
+        pipeline = getattr(diffusers, family(spec.family).pipeline_class)
+        parts = set(diffusers.DiffusionPipeline._get_signature_keys(pipeline)[0]) - NOT_LOADED
+        assert {name.split("/")[0] for name in files if "/" in name} == parts, model_id
+        assert "model_index.json" in files
+        for part in parts - {"scheduler"} - {name for name in parts if name.startswith("tokenizer")}:
+            assert f"{part}/config.json" in files and any(f.startswith(f"{part}/") and f.endswith(".safetensors") for f in files), part
+        for name in files:
+            shard = SHARD.match(name)
+            if shard:
+                stem, _, total, suffix = shard.groups()
+                assert {f"{stem}-{i:05d}-of-{total}{suffix}" for i in range(1, int(total) + 1)} <= set(files)
+                assert f"{stem}{suffix}.index.json" in files, name

@@ -73,6 +73,13 @@ class Family:
         """The same pipeline with another denoiser (the model randomisation test)."""
         raise NotImplementedError
 
+    def example_inputs(self, denoiser: torch.nn.Module, latent_size: tuple[int, int],
+                       max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Keyword inputs of one denoiser evaluation (one image, one guidance half) at ``latent_size``
+        with the prompt at the length a run encodes it, as zeros on the current default device: what
+        ``cost.step_cost`` counts the work of, on the meta device. Only their shapes matter."""
+        raise NotImplementedError
+
     # --- text
     def tokenize(self, pipe, prompt: str, max_sequence_length: int | None = None):
         """The prompt's ``PromptTokens`` (words and the positions the attention maps index), as ``encode``

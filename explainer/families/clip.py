@@ -8,6 +8,7 @@ import torch
 from ..tokens import PromptTokens, Word
 
 _WORD_END = "</w>"
+TOKENS = 77  # CLIP's sequence length: every prompt is padded to it
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -178,6 +178,18 @@ class Flux(Family):
     def rebuilt(self, pipe, denoiser):
         return type(pipe)(**{**pipe.components, "transformer": denoiser})
 
+    def example_inputs(self, denoiser, latent_size, max_sequence_length=None):
+        """T5's tokens (``max_sequence_length``, the pipeline's 512 by default), CLIP's pooled output, the
+        packed latent's tokens and both position ids; the guidance scale where the model takes one."""
+        transformer = denoiser.config
+        text_tokens = max_sequence_length or _PIPELINE_MAX_SEQUENCE_LENGTH
+        image_tokens = (latent_size[0] // 2) * (latent_size[1] // 2)
+        inputs = {"hidden_states": torch.zeros(1, image_tokens, transformer.in_channels), "timestep": torch.ones(1),
+                  _TEXT: torch.zeros(1, text_tokens, transformer.joint_attention_dim),
+                  _POOLED: torch.zeros(1, transformer.pooled_projection_dim),
+                  "img_ids": torch.zeros(image_tokens, 3), "txt_ids": torch.zeros(text_tokens, 3)}
+        return inputs | ({_GUIDANCE: torch.ones(1)} if transformer.guidance_embeds else {})
+
     # --- text: the prompt's tokens are T5's (the joint attention's text keys); CLIP gives the pooled part
     def tokenize(self, pipe, prompt, max_sequence_length=None):
         return t5_tokenize(pipe.tokenizer_2, prompt, max_sequence_length or _PIPELINE_MAX_SEQUENCE_LENGTH)

@@ -48,6 +48,11 @@ class StableDiffusion1(Family):
     def rebuilt(self, pipe, denoiser):
         return type(pipe)(**{**pipe.components, "unet": denoiser})
 
+    def example_inputs(self, denoiser, latent_size, max_sequence_length=None):  # CLIP's tokens: the length does not apply
+        unet = denoiser.config
+        return {"sample": torch.zeros(1, unet.in_channels, *latent_size), "timestep": torch.ones(1),
+                "encoder_hidden_states": torch.zeros(1, clip.TOKENS, unet.cross_attention_dim)}
+
     def tokenize(self, pipe, prompt, max_sequence_length=None):  # CLIP's 77 tokens: the length does not apply
         return clip.tokenize(pipe.tokenizer, prompt)
 

@@ -19,6 +19,7 @@ from .preview import fit_linear_preview
 _TEXT = "encoder_hidden_states"
 _POOLED = "pooled_projections"
 _PROCESSOR_SUFFIX = ".processor"
+_PIPELINE_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default T5 length
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)$")
 _SITE_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
 
@@ -78,6 +79,14 @@ class StableDiffusion3(Family):
 
     def rebuilt(self, pipe, denoiser):
         return type(pipe)(**{**pipe.components, "transformer": denoiser})
+
+    def example_inputs(self, denoiser, latent_size, max_sequence_length=None):
+        """CLIP's tokens then T5's (``max_sequence_length``, the pipeline's 256 by default) and the pooled projection."""
+        transformer = denoiser.config
+        tokens = clip.TOKENS + (max_sequence_length or _PIPELINE_MAX_SEQUENCE_LENGTH)
+        return {"hidden_states": torch.zeros(1, transformer.in_channels, *latent_size), "timestep": torch.ones(1),
+                "encoder_hidden_states": torch.zeros(1, tokens, transformer.joint_attention_dim),
+                "pooled_projections": torch.zeros(1, transformer.pooled_projection_dim)}
 
     # --- text: the prompt's tokens are CLIP-L's (the first encoder); CLIP-G's are the same words
     def tokenize(self, pipe, prompt, max_sequence_length=None):  # CLIP's 77 tokens: the length does not apply

@@ -93,6 +93,13 @@ class StableDiffusionXL(StableDiffusion1):
             raise ValueError(f"width and height must be multiples of {factor} for this model, got {width}x{height}.")
         return height // factor, width // factor
 
+    def example_inputs(self, denoiser, latent_size, max_sequence_length=None):
+        """SD 1.x's, with the pooled text embedding and the six time ids (``addition_embed_type="text_time"``)."""
+        unet = denoiser.config
+        pooled = unet.projection_class_embeddings_input_dim - 6 * unet.addition_time_embed_dim
+        added = {_POOLED: torch.zeros(1, pooled), "time_ids": torch.zeros(1, 6)}
+        return super().example_inputs(denoiser, latent_size) | {"added_cond_kwargs": added}
+
     def rebuilt(self, pipe, denoiser):
         return type(pipe)(
             **{**pipe.components, "unet": denoiser},
