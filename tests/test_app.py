@@ -108,8 +108,9 @@ def test_custom_schedule_through_the_api(client):
 NEWER_FAMILIES = [  # (model, prompt, its last word, concepts, the spot's row at the picture's middle)
     *((model_id, "a cat", "cat", "cat, dog", 4) for model_id in (config.TINY_SD3_MODEL_ID, config.TINY_SDXL_MODEL_ID, config.TINY_FLUX_MODEL_ID)),
     pytest.param(config.EMBEDDED_MMDIT_MODEL_ID, "a red circle", "circle", "circle, square", 8, id="embedded-mmdit",
-                 marks=pytest.mark.skipif(config.weights_missing(config.MODELS[config.EMBEDDED_MMDIT_MODEL_ID]),
-                                          reason="no shapes-mmdit in assets/")),
+                 marks=[pytest.mark.slow,  # 30 s (DF-LIME's 1000 samples on real weights): the tiny ones cover every change
+                        pytest.mark.skipif(config.weights_missing(config.MODELS[config.EMBEDDED_MMDIT_MODEL_ID]),
+                                           reason="no shapes-mmdit in assets/")]),
 ]
 
 

@@ -44,9 +44,9 @@ def test_every_hub_model_has_a_stored_architecture_of_its_published_size():
 
 
 def test_the_fit_gives_the_count_at_any_size():
-    """The quadratic in the pixels, fitted at three sizes, is what counting at another size gives."""
+    """The quadratic in the pixels, fitted at three square sizes, is what counting at another size gives."""
     cost = step_cost(SDXL)
-    for width, height in ((768, 768), (1024, 640)):
+    for width, height in ((1024, 640),):
         denoiser, decode = count_tflops(SDXL, width, height)
         assert cost.denoiser(width, height) == pytest.approx(denoiser, rel=0.005)
         assert cost.decode(width, height) == pytest.approx(decode, rel=0.005)
