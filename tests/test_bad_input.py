@@ -51,7 +51,7 @@ def client(url):
 
 
 @pytest.mark.parametrize("label, changes, message", DENOISE_ROWS, ids=[row[0] for row in DENOISE_ROWS])
-def test_denoise_bad_input(client, label, changes, message):
+def test_denoise_bad_input(client, label, changes, message, request):
     assert f"| {label} |" in TABLE, "the docs table must list every tested input"
     if message is None:
         updates = list(client.submit(*denoise_args(**({"steps": 2} | changes)), api_name="/denoise"))
@@ -61,7 +61,9 @@ def test_denoise_bad_input(client, label, changes, message):
         assert message in TABLE
         with pytest.raises(Exception, match=message.replace("[", r"\[").replace("^", r"\^")):
             client.predict(*denoise_args(**({"steps": 2} | changes)), api_name="/denoise")
-    assert client.predict(*denoise_args(steps=2), api_name="/denoise")[DATA]["step"] == 2
+    # The app keeps serving: after every refusal in the full suite; in the fast tier the next test's run shows it
+    if message is not None and request.config.getoption("--full"):
+        assert client.predict(*denoise_args(steps=2), api_name="/denoise")[DATA]["step"] == 2
 
 
 def test_a_word_not_in_the_prompt(client):
