@@ -12,6 +12,7 @@ from PIL import Image
 from explainer import capture
 from explainer.models import load_model
 from test_app import DATA, PRED_A, denoise_args
+from ui.settings import APP
 
 JOBS = [(f"a {word} on a red circle", seed) for word, seed in zip(["cat", "dog", "bird", "tree", "car", "sun", "boat", "fish"], range(8))]
 
@@ -21,9 +22,10 @@ def _final(client, prompt, seed):
     return last[DATA]["token_scores"], np.asarray(Image.open(last[PRED_A]))
 
 
-@pytest.mark.parametrize("count", [4, pytest.param(len(JOBS), marks=pytest.mark.slow)])
+# the fast tier: twice the runs the queue takes at once, so some wait; the full suite: all of JOBS
+@pytest.mark.parametrize("count", [2 * APP.max_concurrent_runs, pytest.param(len(JOBS), marks=pytest.mark.slow)])
 def test_simultaneous_jobs_equal_the_same_jobs_one_by_one(url, count):
-    jobs = JOBS[:count]  # more jobs than the queue runs at once, so some wait
+    jobs = JOBS[:count]
     clients = [Client(url, verbose=False) for _ in jobs]
     alone = [_final(clients[0], prompt, seed) for prompt, seed in jobs]
     with ThreadPoolExecutor(len(jobs)) as pool:
